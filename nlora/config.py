@@ -1,0 +1,263 @@
+"""The run configuration: one typed dataclass, the single source of the CLI options, the YAML keys and their
+validation. Every key of a YAML config file is a field name below (`lambda` for `lambda_`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import NloraError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
+PENALTY_FORMS = ("delta", "reference", "factors")
+
+# Field names that are Python keywords get a trailing underscore; users write them without it.
+_ALIASES = {"lambda": "lambda_"}
+_PUBLIC_NAMES = {v: k for k, v in _ALIASES.items()}
+
+
+def _opt(help: str, **kw) -> Any:
+    default = kw.pop("default", dataclasses.MISSING)
+    factory = kw.pop("default_factory", dataclasses.MISSING)
+    meta = {"help": help, **kw}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Build it with `RunConfig(...)`, `RunConfig.from_dict(...)` or
+    `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key."""
+
+    # what to train
+    model: str = _opt("hub name or local path of the base model, or a built-in tiny test model "
+                      "(tiny-t5, tiny-llama, tiny-bert)", default=DEFAULT_MODEL)
+    model_kind: str = _opt("seq2seq, decoder, encoder, or auto (from the model's config)", default="auto",
+                           choices=MODEL_KINDS)
+    method: str = _opt("continual-learning method (see `nlora methods`)", default="n-lora")
+    tasks: list[str] = _opt("dataset names in training order", default_factory=list)
+    data_dir: str | None = _opt("folder in the CL_Benchmark layout <group>/<dataset>/{train,test,labels}.json",
+                                default=None)
+    instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction",
+                                    default=None)
+    output_dir: str = _opt("run directory to write", default="runs/nlora")
+    overwrite: bool = _opt("replace an existing run in output_dir", default=False)
+
+    # data sizes
+    max_train_samples: int | None = _opt("training examples per task (random subset; all if unset)", default=None)
+    max_eval_samples: int | None = _opt("test examples per task (random subset; all if unset)", default=None)
+    max_source_length: int = _opt("prompt tokens kept", default=256)
+    max_target_length: int = _opt("answer tokens generated at evaluation", default=16)
+
+    # optimisation
+    epochs: int = _opt("epochs per task", default=1)
+    batch_size: int = _opt("training batch size", default=8)
+    eval_batch_size: int = _opt("evaluation batch size", default=32)
+    lr: float = _opt("learning rate (AdamW, constant after warm-up)", default=1e-3)
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    warmup_steps: int = _opt("linear warm-up steps at the start of each task", default=0)
+    max_grad_norm: float | None = _opt("gradient clipping norm (none if unset)", default=1.0)
+    seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42)
+    device: str = _opt("cpu, cuda, cuda:N, mps or auto", default="auto")
+
+    # LoRA
+    lora_r: int = _opt("LoRA rank of each task's adapter", default=8)
+    lora_alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=32.0)
+    lora_dropout: float = _opt("LoRA dropout", default=0.1)
+    target_modules: list[str] | None = _opt("module names to adapt (default: the attention query and value "
+                                            "projections of the architecture)", default=None)
+
+    # N-LoRA
+    lambda_: float = _opt("weight of N-LoRA's L1 penalty", default=0.4)
+    penalty_form: str = _opt("N-LoRA penalty: delta (paper: |scaling*B*A|_1), reference (the public code's "
+                             "r x r product |A*B|_1) or factors (|A|_1 + |B|_1)", default="delta",
+                             choices=PENALTY_FORMS)
+    penalty_chunk_size: int = _opt("rows of the update computed at once by the delta penalty", default=1024)
+
+    trust_remote_code: bool = _opt("allow the model's own code from the hub", default=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        """Build from user-facing keys, coercing strings (CLI) and checking names and types."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        unknown = []
+        for key, value in values.items():
+            name = _ALIASES.get(key, key).replace("-", "_")
+            if name not in known or name in _ALIASES:
+                unknown.append(key)
+                continue
+            kwargs[name] = _coerce(value, known[name], source)
+        if unknown:
+            valid = ", ".join(sorted(public_name(n) for n in known))
+            raise NloraError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {valid}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {public_name(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "RunConfig":
+        def bad(key: str, why: str):
+            raise NloraError(f"option '{public_name(key)}': {why}")
+
+        if not self.tasks:
+            bad("tasks", "no tasks given (comma-separated dataset names in training order)")
+        if len(set(self.tasks)) != len(self.tasks):
+            bad("tasks", f"a task appears twice in {self.tasks}")
+        for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
+                    "max_target_length", "penalty_chunk_size"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                bad(key, f"must be >= 1 when set, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", f"must be a positive number, got {self.lr}")
+        if not self.lambda_ >= 0:
+            bad("lambda_", f"must be >= 0, got {self.lambda_}")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "warmup_steps", "must be >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            bad("max_grad_norm", f"must be > 0 when set, got {self.max_grad_norm}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        from .methods import get_method  # late import: methods import this module
+
+        get_method(self.method)
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            bad("data_dir", f"folder {self.data_dir} does not exist")
+        if self.instructions is not None and not Path(self.instructions).is_file():
+            bad("instructions", f"file {self.instructions} does not exist")
+        return self
+
+
+def public_name(name: str) -> str:
+    return _PUBLIC_NAMES.get(name, name)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def base_type(f: dataclasses.Field) -> type:
+    """The non-None type of a field: int for `int | None`, list for `list[str]`."""
+    hints = typing.get_type_hints(RunConfig)
+    tp = hints[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def is_optional(f: dataclasses.Field) -> bool:
+    tp = typing.get_type_hints(RunConfig)[f.name]
+    return type(None) in typing.get_args(tp)
+
+
+def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
+    name = public_name(f.name)
+    tp = base_type(f)
+
+    def fail():
+        raise NloraError(f"{source}: key '{name}' must be {_type_name(tp, f)}, got {value!r}")
+
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and is_optional(f)):
+        if is_optional(f):
+            return None
+        fail()
+    if tp is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            fail()
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        fail()
+    if tp is int:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                fail()
+        fail()
+    if tp is float:
+        if isinstance(value, bool):
+            fail()
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            fail()
+        if math.isnan(out):
+            fail()
+        return out
+    if tp is str:
+        if isinstance(value, (str, os.PathLike)):
+            return str(value)
+        fail()
+    return value
+
+
+def _type_name(tp: type, f: dataclasses.Field) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             list: "a list of strings (or a comma-separated string)"}
+    text = names.get(tp, str(tp))
+    return text + " or null" if is_optional(f) else text
+
+
+def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NloraError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise NloraError(f"config file {path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise NloraError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig's defaults, then `defaults`, then the YAML file's keys, then `overrides` (e.g. the command
+    line)."""
+    values: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        file_values = load_yaml_file(path)
+        RunConfig.from_dict(file_values, source=f"config file {path}")  # names the file in errors
+        values.update(file_values)
+    values.update(overrides or {})
+    return RunConfig.from_dict(values, source="options")

@@ -1,0 +1,160 @@
+"""Task data in the CL_Benchmark layout and the instruction prompts built from it.
+
+A data folder holds `<group>/<dataset>/{train,dev,test,labels}.json` (or `<dataset>/...` directly); each split
+is a JSON array of {"label": str, "sentence": str} and labels.json a list of label strings. The group folder
+(TC, SC, NLI, ...) is the task family that picks the instruction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NloraError
+
+# Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
+DEFAULT_INSTRUCTIONS = {
+    "TC": "Classify the topic of the text.",
+    "SC": "Classify the sentiment of the text.",
+    "NLI": "Decide whether the premise entails the hypothesis, contradicts it, or neither.",
+    "QQP": "Decide whether the two questions ask the same thing.",
+    "BoolQA": "Answer the question about the passage with true or false.",
+    "COPA": "Pick the more plausible cause or effect for the premise.",
+    "MultiRC": "Decide whether the answer to the question about the passage is correct.",
+    "WiC": "Decide whether the word means the same in both sentences.",
+    "synthetic": "Classify the text by the rule of this task.",
+}
+GENERIC_INSTRUCTION = "Choose the correct label for the text."
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    sentence: str
+    label: str
+    options: tuple[str, ...]
+    prompt: str
+
+
+@dataclass
+class TaskData:
+    name: str
+    family: str
+    path: Path
+    labels: list[str]
+    instruction: str
+    train: list[Example]
+    test: list[Example]
+
+
+def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:
+    return f"{instruction}\nOptions: {', '.join(options)}\nText: {sentence}\nAnswer:"
+
+
+def find_task_dir(data_dir: str | Path, name: str) -> Path:
+    """`<data_dir>/<group>/<name>` or `<data_dir>/<name>`; a clear error listing what exists otherwise."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise NloraError(f"data folder {root} does not exist")
+    candidates = [root / name] + sorted(p / name for p in root.iterdir() if p.is_dir())
+    for c in candidates:
+        if (c / "labels.json").is_file() or (c / "train.json").is_file():
+            return c
+    available = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
+    available += sorted(p.name for p in root.glob("*") if (p / "labels.json").is_file())
+    raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
+
+
+def load_instructions(path: str | Path | None) -> dict[str, str]:
+    """The default instructions, updated with a user JSON file mapping family or dataset name to text."""
+    instructions = dict(DEFAULT_INSTRUCTIONS)
+    if path is None:
+        return instructions
+    user = _read_json(Path(path))
+    if not isinstance(user, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise NloraError(f"{path}: expected a JSON object mapping task family or dataset name to instruction text")
+    instructions.update(user)
+    return instructions
+
+
+def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
+              max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TaskData:
+    """Read and validate one task; subsample train/test deterministically from (seed, task name)."""
+    path = find_task_dir(data_dir, name)
+    family = path.parent.name if path.parent != Path(data_dir) else name
+    instructions = instructions if instructions is not None else DEFAULT_INSTRUCTIONS
+    instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    labels = _read_labels(path / "labels.json")
+    splits = {}
+    for split, limit in (("train", max_train), ("test", max_test)):
+        rows = _read_split(path / f"{split}.json", set(labels))
+        rows = _subsample(rows, limit, seed, f"{name}/{split}")
+        options = tuple(labels)
+        splits[split] = [Example(name, r["sentence"], r["label"], options,
+                                 format_prompt(instruction, options, r["sentence"])) for r in rows]
+    return TaskData(name, family, path, labels, instruction, splits["train"], splits["test"])
+
+
+def carve_dev(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split a held-out dev set off the training examples (the benchmark's dev.json is a copy of its test.json,
+    so it must never be used for selection)."""
+    if not 0 < fraction < 1:
+        raise NloraError(f"dev fraction must be in (0, 1), got {fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, round(fraction * len(examples)))
+    dev_idx = set(order[:n_dev])
+    return ([e for i, e in enumerate(examples) if i not in dev_idx],
+            [e for i, e in enumerate(examples) if i in dev_idx])
+
+
+def _subsample(rows: list[dict], limit: int | None, seed: int, key: str) -> list[dict]:
+    if limit is None or limit >= len(rows):
+        return rows
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(key.encode()))
+    keep = sorted(rng.sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise NloraError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NloraError(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NloraError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _read_labels(path: Path) -> list[str]:
+    labels = _read_json(path)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise NloraError(f"{path}: expected a non-empty JSON list of label strings")
+    if len(set(labels)) != len(labels):
+        raise NloraError(f"{path}: duplicate labels in {labels}")
+    return labels
+
+
+def _read_split(path: Path, labels: set[str]) -> list[dict]:
+    rows = _read_json(path)
+    if not isinstance(rows, list):
+        raise NloraError(f"{path}: expected a JSON array of {{\"label\", \"sentence\"}} objects")
+    if not rows:
+        raise NloraError(f"{path}: the split is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise NloraError(f"{path}: example {i} is not an object")
+        for key in ("label", "sentence"):
+            if not isinstance(row.get(key), str):
+                raise NloraError(f"{path}: example {i} has no string field '{key}'")
+        if row["label"] not in labels:
+            raise NloraError(f"{path}: example {i} has label {row['label']!r}, which is not in labels.json "
+                             f"({', '.join(sorted(labels))})")
+    return rows

@@ -1,0 +1,32 @@
+"""Evaluation of one task's test examples: batched predictions (greedy generation, or the best-scoring option
+for encoders) scored by exact match after whitespace/case normalisation, in percent."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example
+from .metrics import normalize_answer
+from .objectives import Objective
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, model, examples: list[Example], batch_size: int, device,
+             desc: str = "eval", progress: bool = True) -> tuple[float, list[dict]]:
+    """Returns (accuracy in percent, one record per example in input order)."""
+    model.eval()
+    # Batches of similar length waste less padding; records go back to input order afterwards.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    predictions: dict[int, str] = {}
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        idx = order[s: s + batch_size]
+        for i, p in zip(idx, objective.predict(model, [examples[i] for i in idx], device)):
+            predictions[i] = p
+    records = []
+    for i, e in enumerate(examples):
+        correct = normalize_answer(predictions[i]) == normalize_answer(e.label)
+        records.append({"input": e.prompt, "target": e.label, "prediction": predictions[i], "correct": correct})
+    accuracy = 100.0 * sum(r["correct"] for r in records) / max(len(records), 1)
+    return accuracy, records

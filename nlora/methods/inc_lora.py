@@ -1,0 +1,7 @@
+from .base import Method, register
+
+
+@register
+class IncLoRA(Method):
+    name = "inc-lora"
+    description = "a fresh LoRA adapter per task; earlier adapters frozen and summed; no penalty"
