@@ -96,7 +96,8 @@ def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
 
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, train_stats: list[dict],
                   eval_seconds: list[float]) -> dict:
-    summary = summarize(matrix)
+    done = len(train_stats)  # a partial run is summarised over the tasks trained so far
+    summary = summarize([row[:done] for row in matrix[:done]])
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,

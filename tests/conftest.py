@@ -1,0 +1,32 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from nlora.synthetic import write_synthetic_benchmark
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "CL_Benchmark"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """The demo's generated tasks, small."""
+    return write_synthetic_benchmark(tmp_path_factory.mktemp("synthetic"), n_train=40, n_test=12, seed=0)
+
+
+def write_task(root: Path, group: str, name: str, labels, train, test=None) -> Path:
+    folder = root / group / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.json").write_text(json.dumps(labels))
+    (folder / "train.json").write_text(json.dumps(train))
+    (folder / "test.json").write_text(json.dumps(test if test is not None else train))
+    return folder
+
+
+@pytest.fixture
+def make_task():
+    return write_task

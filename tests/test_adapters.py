@@ -1,0 +1,76 @@
+import torch
+from peft import PeftModel
+
+from nlora.adapters import ContinualAdapters
+from nlora.models import load_backbone
+
+
+def _adapters(kind_model="tiny-bert"):
+    bb = load_backbone(kind_model)
+    return bb, ContinualAdapters(bb.model, bb.kind, r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
+
+
+def _randomize(adapters, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f in adapters.factors(name):
+            f.B.copy_(torch.randn(f.B.shape, generator=g) * 0.1)
+
+
+def test_only_the_current_adapter_trains():
+    _, ad = _adapters()
+    ad.add("task0")
+    ad.add("task1")
+    trainable = {n for n, p in ad.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".task1." in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    assert all(not p.requires_grad for f in ad.factors("task0") for p in (f.A, f.B))
+
+
+def test_earlier_adapter_is_bit_identical_after_training_a_later_one():
+    bb, ad = _adapters()
+    ad.add("task0")
+    _randomize(ad, "task0", 0)
+    before = {n: p.detach().clone() for n, p in ad.model.named_parameters() if ".task0." in n}
+    ad.add("task1")
+    opt = torch.optim.AdamW(ad.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randint(3, 100, (4, 12))
+    for _ in range(3):
+        ad.model(input_ids=x).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = {n: p.detach() for n, p in ad.model.named_parameters() if ".task0." in n}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    moved = [f.B.detach().abs().sum().item() for f in ad.factors("task1")]
+    assert all(m > 0 for m in moved)  # B starts at zero: the new adapter did train
+
+
+def test_forward_sums_all_active_adapters():
+    bb, ad = _adapters()
+    ad.add("task0")
+    ad.add("task1")
+    _randomize(ad, "task0", 1)
+    _randomize(ad, "task1", 2)
+    ad.model.eval()
+    name, layer = ad.lora_layers()[0]
+    x = torch.randn(3, layer.base_layer.in_features)
+    expected = layer.base_layer(x)
+    for t in ("task0", "task1"):
+        expected = expected + layer.scaling[t] * x @ (layer.lora_B[t].weight @ layer.lora_A[t].weight).T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_saved_adapter_reloads_with_peft(tmp_path):
+    bb, ad = _adapters()
+    ad.add("task0")
+    _randomize(ad, "task0", 3)
+    ad.add("task1")
+    _randomize(ad, "task1", 4)
+    folder = ad.save("task1", tmp_path / "1-b")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ad.activate(["task1"])
+    ad.model.eval()
+    x = torch.randint(3, 100, (2, 9))
+    want = ad.model(input_ids=x).last_hidden_state
+    fresh = PeftModel.from_pretrained(load_backbone("tiny-bert").model, str(folder)).eval()
+    torch.testing.assert_close(fresh(input_ids=x).last_hidden_state, want)

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from nlora.data import (DEFAULT_INSTRUCTIONS, carve_dev, find_task_dir, format_prompt, load_instructions,
+                        load_task)
+from nlora.errors import NloraError
+from conftest import SHARED_DATA
+
+ROWS = [{"label": "pos", "sentence": "great film"}, {"label": "neg", "sentence": "dull plot"},
+        {"label": "pos", "sentence": "loved it"}]
+
+
+def test_prompt_has_instruction_options_sentence_and_cue():
+    p = format_prompt("Classify the sentiment of the text.", ["pos", "neg"], "great film")
+    assert p == "Classify the sentiment of the text.\nOptions: pos, neg\nText: great film\nAnswer:"
+
+
+def test_load_task_builds_examples_with_family_instruction(tmp_path, make_task):
+    make_task(tmp_path, "SC", "tiny", ["pos", "neg"], ROWS)
+    task = load_task(tmp_path, "tiny")
+    assert task.family == "SC" and task.instruction == DEFAULT_INSTRUCTIONS["SC"]
+    assert [e.label for e in task.train] == ["pos", "neg", "pos"]
+    assert task.train[1].options == ("pos", "neg")
+    assert task.train[1].prompt == format_prompt(DEFAULT_INSTRUCTIONS["SC"], ["pos", "neg"], "dull plot")
+
+
+def test_user_instructions_override_by_family_or_dataset(tmp_path, make_task):
+    make_task(tmp_path, "SC", "tiny", ["pos", "neg"], ROWS)
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps({"SC": "Is it good or bad?", "other": "x"}))
+    assert load_task(tmp_path, "tiny", load_instructions(f)).instruction == "Is it good or bad?"
+    f.write_text(json.dumps({"SC": "family", "tiny": "dataset wins"}))
+    assert load_task(tmp_path, "tiny", load_instructions(f)).instruction == "dataset wins"
+    f.write_text(json.dumps(["not", "a", "mapping"]))
+    with pytest.raises(NloraError, match="prompts.json: expected a JSON object"):
+        load_instructions(f)
+
+
+def test_task_directly_under_data_dir(tmp_path, make_task):
+    folder = tmp_path / "flat"
+    make_task(tmp_path, "", "flat", ["a", "b"], [{"label": "a", "sentence": "s"}])
+    assert find_task_dir(tmp_path, "flat") == folder
+
+
+def test_subsample_is_deterministic_and_seed_dependent(tmp_path, make_task):
+    rows = [{"label": "a" if i % 2 else "b", "sentence": f"s{i}"} for i in range(100)]
+    make_task(tmp_path, "G", "big", ["a", "b"], rows)
+    a = [e.sentence for e in load_task(tmp_path, "big", max_train=10, seed=1).train]
+    b = [e.sentence for e in load_task(tmp_path, "big", max_train=10, seed=1).train]
+    c = [e.sentence for e in load_task(tmp_path, "big", max_train=10, seed=2).train]
+    assert a == b and a != c and len(a) == 10 and len(set(a)) == 10
+
+
+def test_carve_dev_is_disjoint_from_train(tmp_path, make_task):
+    rows = [{"label": "a", "sentence": f"s{i}"} for i in range(20)]
+    make_task(tmp_path, "G", "t", ["a"], rows)
+    train = load_task(tmp_path, "t").train
+    rest, dev = carve_dev(train, 0.25, seed=0)
+    assert len(dev) == 5 and len(rest) == 15
+    assert not {e.sentence for e in dev} & {e.sentence for e in rest}
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda f: (f / "train.json").write_text('[{"label": "a", "sentence": "x"},\n  {"label": }]'),
+     r"train.json: malformed JSON at line 2, column 13"),
+    (lambda f: (f / "train.json").write_text("[]"), r"train.json: the split is empty"),
+    (lambda f: (f / "train.json").write_text('[{"label": "a"}]'),
+     r"train.json: example 0 has no string field 'sentence'"),
+    (lambda f: (f / "test.json").write_text('[{"label": "zzz", "sentence": "x"}]'),
+     r"test.json: example 0 has label 'zzz', which is not in labels.json"),
+    (lambda f: (f / "labels.json").write_text('{"a": 1}'), r"labels.json: expected a non-empty JSON list"),
+    (lambda f: (f / "test.json").unlink(), r"test.json: file not found"),
+    (lambda f: (f / "train.json").write_text('{"label": "a"}'), r"train.json: expected a JSON array"),
+])
+def test_bad_data_gives_one_clear_error_naming_the_file(tmp_path, make_task, breakage, message):
+    folder = make_task(tmp_path, "G", "t", ["a", "b"], [{"label": "a", "sentence": "x"}])
+    breakage(folder)
+    with pytest.raises(NloraError, match=message):
+        load_task(tmp_path, "t")
+
+
+def test_unknown_task_lists_available(tmp_path, make_task):
+    make_task(tmp_path, "G", "known", ["a"], [{"label": "a", "sentence": "x"}])
+    with pytest.raises(NloraError, match=r"task 'nope' not found in data folder .*available: G/known"):
+        load_task(tmp_path, "nope")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark data not present")
+def test_reads_the_real_benchmark_layout():
+    task = load_task(SHARED_DATA, "CB", max_train=20, max_test=10, seed=0)
+    assert task.family == "NLI" and len(task.train) == 20 and len(task.test) == 10
+    assert set(e.label for e in task.train) <= set(task.labels)
+    agnews = load_task(SHARED_DATA, "agnews", max_train=5, max_test=5)
+    assert agnews.family == "TC" and agnews.instruction == DEFAULT_INSTRUCTIONS["TC"]
