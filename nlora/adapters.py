@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .errors import NloraError
 from .io import replace_dir_atomic, staging_dir
@@ -64,7 +64,11 @@ class ContinualAdapters:
         return name
 
     def activate(self, names: list[str], trainable: str | None = None) -> None:
-        """Make `names` the summed active adapters; freeze all but `trainable`."""
+        """Make `names` the summed active adapters (none: the bare base model); freeze all but `trainable`."""
+        if not names:
+            self.peft_model.base_model.disable_adapter_layers()
+            return
+        self.peft_model.base_model.enable_adapter_layers()
         self.peft_model.base_model.set_adapter(list(names), inference_mode=True)
         if trainable is not None:
             for p in self.adapter_parameters(trainable):
@@ -98,3 +102,16 @@ class ContinualAdapters:
         self.peft_model.peft_config[name].save_pretrained(str(tmp))
         replace_dir_atomic(tmp, folder)
         return folder
+
+    def load(self, name: str, folder: str | Path) -> None:
+        """Load weights saved by `save` into the existing adapter `name`."""
+        path = Path(folder) / "adapter_model.safetensors"
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise NloraError(f"adapter file {path} is unreadable: {e}") from None
+        result = set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise NloraError(f"adapter file {path} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {list(result.unexpected_keys)[:3]}")

@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="train a model on a sequence of tasks and write a run directory")
     _add_config_options(p_run)
+    p_run.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from where it stopped (same configuration)")
     p_run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p_resume = sub.add_parser("resume", help="continue a stopped run with the configuration saved in it")
+    p_resume.add_argument("run_dir", help="the run directory")
+    p_resume.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
     _add_config_options(p_demo, skip=("method",))
@@ -50,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command in ("run", "resume"):
             from .runner import run
-
-            config = load_config(args.config, _overrides(args))
-            metrics = run(config, progress=not args.quiet)
             from .summary import format_run
 
+            if args.command == "run":
+                config, resume = load_config(args.config, _overrides(args)), args.resume
+            else:
+                config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir})
+                resume = True
+            metrics = run(config, progress=not args.quiet, resume=resume)
             print(format_run(metrics))
             print(f"run directory: {Path(config.output_dir).resolve()}")
         elif args.command == "demo":

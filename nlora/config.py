@@ -82,7 +82,29 @@ class RunConfig:
     penalty_form: str = _opt("N-LoRA penalty: delta (paper: |scaling*B*A|_1), reference (the public code's "
                              "r x r product |A*B|_1) or factors (|A|_1 + |B|_1)", default="delta",
                              choices=PENALTY_FORMS)
+    lambda_per_task: list[float] | None = _opt("N-LoRA: one lambda per task in training order (overrides lambda)",
+                                               default=None)
     penalty_chunk_size: int = _opt("rows of the update computed at once by the delta penalty", default=1024)
+
+    # O-LoRA
+    orth_lambda: float = _opt("O-LoRA: weight of the orthogonality loss |A_s A_t^T|", default=0.5)
+    l2_lambda: float = _opt("O-LoRA: weight of the L2 loss on the current adapter", default=0.0)
+
+    # replay
+    replay_per_task: int = _opt("replay: stored training examples of each earlier task", default=50)
+    replay_base: str = _opt("replay: seq-lora (one shared adapter) or inc-lora (one adapter per task)",
+                            default="seq-lora", choices=("seq-lora", "inc-lora"))
+
+    # evaluation
+    eval_future: bool = _opt("also evaluate tasks not trained yet and the base model before training "
+                             "(needed for forward transfer)", default=False)
+
+    # reliability and scale
+    checkpoint_steps: int = _opt("save the current adapter and optimizer every N steps within a task "
+                                 "(0: only at task ends)", default=200)
+    gradient_accumulation_steps: int = _opt("micro-batches per optimizer step", default=1)
+    mixed_precision: str = _opt("no, fp16 or bf16 (passed to accelerate)", default="no",
+                                choices=("no", "fp16", "bf16"))
 
     trust_remote_code: bool = _opt("allow the model's own code from the hub", default=False)
 
@@ -120,7 +142,7 @@ class RunConfig:
         if len(set(self.tasks)) != len(self.tasks):
             bad("tasks", f"a task appears twice in {self.tasks}")
         for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
-                    "max_target_length", "penalty_chunk_size"):
+                    "max_target_length", "penalty_chunk_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("max_train_samples", "max_eval_samples"):
@@ -131,6 +153,14 @@ class RunConfig:
             bad("lr", f"must be a positive number, got {self.lr}")
         if not self.lambda_ >= 0:
             bad("lambda_", f"must be >= 0, got {self.lambda_}")
+        if self.lambda_per_task is not None:
+            if len(self.lambda_per_task) != len(self.tasks):
+                bad("lambda_per_task", f"has {len(self.lambda_per_task)} values for {len(self.tasks)} tasks")
+            if any(not x >= 0 for x in self.lambda_per_task):
+                bad("lambda_per_task", f"values must be >= 0, got {self.lambda_per_task}")
+        for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
+            if not getattr(self, key) >= 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.lora_alpha <= 0:
             bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -170,6 +200,13 @@ def base_type(f: dataclasses.Field) -> type:
     return typing.get_origin(tp) or tp
 
 
+def list_item_type(f: dataclasses.Field) -> type:
+    tp = typing.get_type_hints(RunConfig)[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_args(tp)[0]
+
+
 def is_optional(f: dataclasses.Field) -> bool:
     tp = typing.get_type_hints(RunConfig)[f.name]
     return type(None) in typing.get_args(tp)
@@ -187,9 +224,19 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
             return None
         fail()
     if tp is list:
+        item = list_item_type(f)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        if item is float:
+            if any(isinstance(v, bool) for v in value):
+                fail()
+            try:
+                return [float(v) for v in value]
+            except (TypeError, ValueError):
+                fail()
+        if not all(isinstance(v, str) for v in value):
             fail()
         return list(value)
     if tp is bool:
@@ -232,6 +279,8 @@ def _type_name(tp: type, f: dataclasses.Field) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
              list: "a list of strings (or a comma-separated string)"}
     text = names.get(tp, str(tp))
+    if tp is list and list_item_type(f) is float:
+        text = "a list of numbers (or a comma-separated string)"
     return text + " or null" if is_optional(f) else text
 
 

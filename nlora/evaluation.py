@@ -1,29 +1,35 @@
 """Evaluation of one task's test examples: batched predictions (greedy generation, or the best-scoring option
-for encoders) scored by exact match after whitespace/case normalisation, in percent."""
+for encoders) scored by exact match after whitespace/case normalisation, in percent. With several processes,
+each predicts a shard and the predictions are gathered."""
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import Example
+from .faults import fault_point
 from .metrics import normalize_answer
 from .objectives import Objective
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, model, examples: list[Example], batch_size: int, device,
+def evaluate(objective: Objective, model, examples: list[Example], batch_size: int, accelerator=None,
              desc: str = "eval", progress: bool = True) -> tuple[float, list[dict]]:
     """Returns (accuracy in percent, one record per example in input order)."""
     model.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
     # Batches of similar length waste less padding; records go back to input order afterwards.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
-    predictions: dict[int, str] = {}
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))[rank::world]
+    local: list[tuple[int, str]] = []
     starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for s in tqdm(starts, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
         idx = order[s: s + batch_size]
-        for i, p in zip(idx, objective.predict(model, [examples[i] for i in idx], device)):
-            predictions[i] = p
+        local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
+        fault_point("eval_batch")
+    predictions = dict(gather_object(local) if world > 1 else local)
     records = []
     for i, e in enumerate(examples):
         correct = normalize_answer(predictions[i]) == normalize_answer(e.label)

@@ -1,29 +1,34 @@
-"""A continual-learning run: train the tasks one after another, evaluate every task seen so far after each, and
-write the run directory.
+"""A continual-learning run: train the tasks one after another, evaluate after each, and write the run directory.
 
-Run directory (the contract every feature writes into):
-    config.yaml                         the fully resolved configuration
-    metrics.json                        accuracy matrix and summary metrics, rewritten after each task
-    adapters/<k>-<task>/                task k's adapter (PEFT format)
-    predictions/<k>-<task>/<task>.jsonl predictions on each evaluated task after training task k
-Every file is written atomically.
+Run directory (the contract every feature writes into; every file is written atomically):
+    config.yaml                          the fully resolved configuration
+    metrics.json                         accuracy matrix and summary metrics, rewritten after each task
+    adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
+    predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
+    checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
+
+The run directory is also the checkpoint: `run(config, resume=True)` reloads what is finished (adapters of
+trained phases, matrix rows of evaluated ones), continues a phase from its last checkpoint, and ends with the
+same metrics.json as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 
 from .adapters import ContinualAdapters
-from .config import RunConfig
+from .checkpoint import CHECKPOINT_DIR, load_checkpoint, remove_checkpoint
+from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
 from .errors import NloraError
 from .evaluation import evaluate
+from .faults import fault_point
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .methods import Method, get_method
 from .metrics import summarize
@@ -32,20 +37,17 @@ from .objectives import make_objective
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
-RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report")
+RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
+               CHECKPOINT_DIR)
+# Keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = ("overwrite", "output_dir")
 
 
-@dataclass
 class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.json"
 
     def adapter(self, k: int, task: str) -> Path:
         return self.root / "adapters" / f"{k}-{task}"
@@ -63,23 +65,29 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
                       config.seed) for name in config.tasks]
 
 
-def prepare_output_dir(config: RunConfig) -> RunPaths:
-    root = Path(config.output_dir)
+def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
+    paths = RunPaths(config.output_dir)
+    root = paths.root
     existing = [e for e in RUN_ENTRIES if (root / e).exists()]
-    if existing and not config.overwrite:
-        raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); choose another "
-                         "'output_dir' or pass --overwrite to replace it")
+    if resume and config.overwrite:
+        raise NloraError("options 'resume' and 'overwrite' exclude each other")
+    if resume and not paths.config.is_file():
+        raise NloraError(f"cannot resume: {root} holds no run (no config.yaml)")
+    if existing and not (config.overwrite or resume):
+        raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
+                         "continue it, --overwrite to replace it, or choose another 'output_dir'")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / ".nlora-write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise NloraError(f"output dir {root} is not writable: {e.strerror}") from None
-    for entry in existing:  # --overwrite: remove only what a run writes
-        path = root / entry
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return RunPaths(root)
+        raise NloraError(f"output dir {root} is not writable: {e.strerror or e}") from None
+    if config.overwrite:  # remove only what a run writes
+        for entry in existing:
+            path = root / entry
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return paths
 
 
 def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
@@ -94,10 +102,30 @@ def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
     return list(targets)
 
 
-def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, train_stats: list[dict],
-                  eval_seconds: list[float]) -> dict:
-    done = len(train_stats)  # a partial run is summarised over the tasks trained so far
-    summary = summarize([row[:done] for row in matrix[:done]])
+def check_same_config(saved: dict, current: dict, path: Path) -> None:
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in differ)
+        raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). Resume with the "
+                         "saved configuration (`nlora resume RUN_DIR`), or pass --overwrite to start over")
+
+
+def _read_metrics(paths: RunPaths) -> dict | None:
+    if not paths.metrics.is_file():
+        return None
+    try:
+        return json.loads(paths.metrics.read_text())
+    except json.JSONDecodeError as e:
+        raise NloraError(f"{paths.metrics} is corrupt ({e}); it is written atomically, so it was changed "
+                         "outside nlora") from None
+
+
+def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
+                  baseline, train_stats: dict, eval_seconds: dict) -> dict:
+    last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
+    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None) \
+        if last else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
@@ -105,61 +133,105 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "seed": config.seed,
         "tasks": [t.name for t in tasks],
         "accuracy_matrix": matrix,
-        "average_accuracy": summary["average_accuracy"],
-        "bwt": summary["bwt"],
+        "average_accuracy": summary.get("average_accuracy"),
+        "bwt": summary.get("bwt"),
+        "fwt": summary.get("fwt"),
         "forgetting": summary.get("forgetting"),
-        "tasks_completed": len(train_stats),
+        "baseline_accuracy": baseline,
+        "phases": method.phases(len(tasks)),
+        "phases_completed": phases_done,
+        "complete": phases_done == method.phases(len(tasks)),
         "adapter_layout": method.adapter_layout,
         "train": train_stats,
         "eval_seconds": eval_seconds,
+        "n_train": [len(t.train) for t in tasks],
+        "n_test": [len(t.test) for t in tasks],
     }
 
 
-def run(config: RunConfig, progress: bool = True) -> dict:
-    """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json)."""
+def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json).
+    With `resume`, continue the run in `config.output_dir` from where it stopped."""
     config.validate()
     tasks = load_tasks(config)
     method = get_method(config.method)(config)
-    paths = prepare_output_dir(config)
+    paths = prepare_output_dir(config, resume)
 
     set_seed(config.seed)
     backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
-    target_modules = resolve_target_modules(config, backbone)
-    resolved = config.replace(model_kind=backbone.kind, target_modules=target_modules)
-    write_yaml_atomic(paths.config, resolved.to_dict())
-
+    resolved = config.replace(model_kind=backbone.kind, target_modules=resolve_target_modules(config, backbone))
+    previous = _read_metrics(paths) if resume else None
+    if resume:
+        check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
     accelerator = make_accelerator(config)
+    if accelerator.is_main_process and not resume:
+        write_yaml_atomic(paths.config, resolved.to_dict())
+
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, target_modules)
+                                 config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length)
+    backbone.model.to(accelerator.device)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
-    train_stats: list[dict] = []
-    eval_seconds: list[float] = []
-    metrics: dict = {}
-    for k, task in enumerate(tasks):
-        set_seed(config.seed + k)
-        name = method.adapter_name(k)
-        if name in adapters.names:
-            adapters.activate(adapters.names, trainable=name)
-        else:
-            adapters.add(name)
-        stats = train_task(adapters, objective, method, task.train, config, k, accelerator,
-                           desc=f"[{k + 1}/{n}] train {task.name}", progress=progress)
-        train_stats.append({"task": task.name, **stats.to_dict()})
-        if accelerator.is_main_process:
-            adapters.save(name, paths.adapter(k, task.name))
-        start = time.perf_counter()
-        for j in range(k + 1):
-            acc, records = evaluate(objective, adapters.model, tasks[j].test, config.eval_batch_size,
-                                    accelerator.device, desc=f"[{k + 1}/{n}] eval {tasks[j].name}",
-                                    progress=progress)
-            matrix[k][j] = round(acc, 4)
-            if accelerator.is_main_process:
-                write_jsonl_atomic(paths.predictions(k, task.name, tasks[j].name), records)
-        eval_seconds.append(round(time.perf_counter() - start, 3))
-        metrics = build_metrics(config, method, tasks, matrix, train_stats, eval_seconds)
+    phases_done: list[int] = []
+    train_stats: dict[str, dict] = {}
+    eval_seconds: dict[str, float] = {}
+    baseline = None
+    if previous:
+        matrix = previous["accuracy_matrix"]
+        phases_done = list(previous["phases_completed"])
+        train_stats, eval_seconds = previous["train"], previous["eval_seconds"]
+        baseline = previous.get("baseline_accuracy")
+
+    def save_metrics() -> dict:
+        metrics = build_metrics(config, method, tasks, matrix, phases_done, baseline, train_stats, eval_seconds)
         if accelerator.is_main_process:
             write_json_atomic(paths.metrics, metrics)
-    return metrics
+        return metrics
+
+    def evaluate_into(k: int, j: int, names: list[str], label: str) -> float:
+        adapters.activate(method.active_for_eval(k, j, names)) if adapters.peft_model else None
+        acc, records = evaluate(objective, adapters.model, tasks[j].test, config.eval_batch_size, accelerator,
+                                desc=f"{label} eval {tasks[j].name}", progress=progress)
+        if accelerator.is_main_process and k >= 0:
+            write_jsonl_atomic(paths.predictions(k, tasks[k].name, tasks[j].name), records)
+        return round(acc, 4)
+
+    if config.eval_future and baseline is None:  # the base model's score: the reference of forward transfer
+        baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
+        save_metrics()
+
+    for k in method.phases(n):
+        label = f"[{k + 1}/{n}]"
+        set_seed(config.seed + k)
+        name = method.adapter_name(k)
+        if name not in adapters.names:
+            adapters.add(name)
+        adapter_dir = paths.adapter(k, tasks[k].name)
+        if adapter_dir.is_dir():  # trained before the run stopped
+            adapters.load(name, adapter_dir)
+        else:
+            adapters.activate(method.active_for_training(k, adapters.names), trainable=name)
+            checkpoint = load_checkpoint(paths.root) if resume else None
+            if checkpoint is not None and checkpoint[0].phase != k:
+                checkpoint = None
+            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), config, k,
+                               accelerator, run_dir=paths.root, resume=checkpoint,
+                               desc=f"{label} train {tasks[k].name}", progress=progress)
+            train_stats[tasks[k].name] = stats.to_dict()
+            if accelerator.is_main_process:
+                adapters.save(name, adapter_dir)
+                remove_checkpoint(paths.root)
+            accelerator.wait_for_everyone()
+            fault_point("task_trained")
+        if k in phases_done:
+            continue
+        start = time.perf_counter()
+        columns = range(n) if config.eval_future else range(k + 1)
+        for j in columns:
+            matrix[k][j] = evaluate_into(k, j, adapters.names, label)
+        eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
+        phases_done.append(k)
+        save_metrics()
+    return save_metrics()

@@ -1,7 +1,7 @@
 """The method registry: `get_method(name)` returns a Method class; each method is one small module."""
 
 from ..errors import NloraError
-from . import inc_lora, n_lora  # noqa: F401  (registers the methods)
+from . import bounds, inc_lora, n_lora, o_lora, replay, seq_lora  # noqa: F401  (registers the methods)
 from .base import METHODS, Method, register
 
 __all__ = ["METHODS", "Method", "register", "get_method"]

@@ -1,5 +1,6 @@
-"""What a continual-learning method is: a small plug-in that decides how adapters are laid out across tasks
-and what it adds to the task loss."""
+"""What a continual-learning method is: a small plug-in that decides, for each training phase, which adapter
+trains on which examples with which adapters active, how each task is evaluated, and what is added to the loss.
+The defaults give IncLoRA."""
 
 from __future__ import annotations
 
@@ -10,25 +11,41 @@ import torch
 if TYPE_CHECKING:
     from ..adapters import ContinualAdapters
     from ..config import RunConfig
+    from ..data import Example, TaskData
 
 
 class Method:
-    """Base class. The defaults give IncLoRA: a fresh adapter per task, earlier adapters frozen and summed,
-    nothing added to the loss."""
-
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    # "stacked": a new adapter per task, all summed; "snapshot": one adapter trained through every task.
+    # "stacked": a new adapter per task, all summed at inference; "snapshot": one adapter trained through every
+    # phase (adapters/<k>-<task>/ then holds its state after phase k).
     adapter_layout: ClassVar[str] = "stacked"
+    # The config keys this method reads besides the common ones (documentation and `nlora methods`).
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: "RunConfig"):
         self.config = config
 
-    def adapter_name(self, task_index: int) -> str:
-        return f"task{task_index}" if self.adapter_layout == "stacked" else "shared"
+    def phases(self, n_tasks: int) -> list[int]:
+        """Indices of the tasks after which the model trains and is evaluated (one phase per task)."""
+        return list(range(n_tasks))
 
-    def regularizer(self, adapters: "ContinualAdapters", task_index: int) -> torch.Tensor | None:
-        """Added to the task loss at every step of task `task_index`; None adds nothing."""
+    def adapter_name(self, k: int) -> str:
+        return f"task{k}" if self.adapter_layout == "stacked" else "shared"
+
+    def training_examples(self, tasks: list["TaskData"], k: int) -> list["Example"]:
+        return list(tasks[k].train)
+
+    def active_for_training(self, k: int, names: list[str]) -> list[str]:
+        """Adapters in the forward pass while phase k trains (`names`: those created so far, in order)."""
+        return names
+
+    def active_for_eval(self, k: int, j: int, names: list[str]) -> list[str]:
+        """Adapters in the forward pass when task j is evaluated after phase k; no task id by default."""
+        return names
+
+    def regularizer(self, adapters: "ContinualAdapters", k: int) -> torch.Tensor | None:
+        """Added to the task loss at every step of phase k; None adds nothing."""
         return None
 
 

@@ -1,0 +1,64 @@
+"""Mid-task checkpoints: the current adapter's weights (safetensors), the optimizer/scheduler/RNG state
+(`torch.load(weights_only=True)`, no pickled code), and the position in the data, in one folder that is replaced
+atomically, so a resumed task continues exactly where the last checkpoint left it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import NloraError
+from .io import replace_dir_atomic, staging_dir
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class Progress:
+    phase: int  # index of the task being trained
+    epoch: int
+    batch: int  # micro-batches of this epoch already consumed
+    step: int  # optimizer steps taken in this phase
+    loss_sum: float
+    reg_sum: float
+
+
+def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.Tensor], optimizer, scheduler,
+                    ) -> Path:
+    final = Path(run_dir) / CHECKPOINT_DIR
+    tmp = staging_dir(final)
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "adapter.safetensors"))
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    replace_dir_atomic(tmp, final)
+    return final
+
+
+def load_checkpoint(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor], dict] | None:
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not (folder / "progress.json").is_file():
+        return None
+    try:
+        progress = Progress(**json.loads((folder / "progress.json").read_text()))
+        params = load_file(str(folder / "adapter.safetensors"))
+        state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:  # the folder is replaced atomically, so this means outside damage
+        raise NloraError(f"checkpoint {folder} is unreadable ({e}); delete it to redo the task from its "
+                         "start") from None
+    return progress, params, state
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    import shutil
+
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
