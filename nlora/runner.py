@@ -83,6 +83,9 @@ def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
         probe.unlink()
     except OSError as e:
         raise NloraError(f"output dir {root} is not writable: {e.strerror or e}") from None
+    if resume:  # temporary files of writes a crash interrupted; never read, so safe to drop
+        for stale in sorted(root.rglob(".*.tmp"), reverse=True):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if config.overwrite:  # remove only what a run writes
         for entry in existing:
             path = root / entry
@@ -222,6 +225,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             train_stats[tasks[k].name] = stats.to_dict()
             if accelerator.is_main_process:
                 adapters.save(name, adapter_dir)
+                save_metrics()  # the training stats, before the evaluation
                 remove_checkpoint(paths.root)
             accelerator.wait_for_everyone()
             fault_point("task_trained")

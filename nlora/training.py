@@ -91,8 +91,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
             order = epoch_order(len(examples), config.seed, phase, epoch)
             first = pos.batch if epoch == pos.epoch else 0
             subset = [examples[i] for i in order[first * config.batch_size:]]
+            # Its own generator: a loader drawing its seed from the global RNG would shift dropout on resume.
             loader = accelerator.prepare_data_loader(
-                DataLoader(subset, batch_size=config.batch_size, shuffle=False, collate_fn=objective.collate))
+                DataLoader(subset, batch_size=config.batch_size, shuffle=False, collate_fn=objective.collate,
+                           generator=torch.Generator().manual_seed(0)))
             for b, batch in enumerate(loader, start=first):
                 group_end = min((b // accum + 1) * accum, n_batches)
                 boundary = b + 1 == group_end

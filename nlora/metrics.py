@@ -1,0 +1,95 @@
+"""Continual-learning metrics over the accuracy matrix R (T × T, percent).
+
+R[i][j] is the accuracy on task j after training task i; entries never evaluated are None (e.g. future tasks
+without `eval_future`, or the intermediate rows of the multi-task bound). A metric whose inputs are all missing
+is None rather than a number made up from nothing.
+
+    AP          = mean_j R[T-1][j]
+    BWT         = mean_{j<T-1} (R[T-1][j] − R[j][j])                     (Lopez-Paz & Ranzato, 2017)
+    FWT         = mean_{j≥1} (R[j-1][j] − b_j), b_j a reference score,   (ibid.; here b_j is the base model's)
+    forgetting  = mean_{j<T-1} (max_{j≤i≤T-1} R[i][j] − R[T-1][j])       (Chaudhry et al., 2018, clipped at 0)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+Matrix = Sequence[Sequence[float | None]]
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_answer(text: str) -> str:
+    """Case- and whitespace-insensitive form of an answer: exact match compares these."""
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """Exact-match accuracy in percent after `normalize_answer`."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+    if not targets:
+        raise ValueError("accuracy of an empty set of examples")
+    hits = sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets))
+    return 100.0 * hits / len(targets)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _check_square(R: Matrix) -> int:
+    T = len(R)
+    if any(len(row) != T for row in R):
+        raise ValueError(f"the accuracy matrix must be square (T × T), got rows of lengths {[len(r) for r in R]}")
+    return T
+
+
+def average_accuracy(R: Matrix) -> float | None:
+    """Mean of the last row over the tasks evaluated there."""
+    T = _check_square(R)
+    return _mean([x for x in R[T - 1] if x is not None]) if T else None
+
+
+def backward_transfer(R: Matrix) -> float | None:
+    """Mean over j < T-1 of R[T-1][j] − R[j][j] (negative = forgetting); pairs with a missing entry are skipped."""
+    T = _check_square(R)
+    diffs = [R[T - 1][j] - R[j][j] for j in range(T - 1) if R[T - 1][j] is not None and R[j][j] is not None]
+    return _mean(diffs)
+
+
+def forward_transfer(R: Matrix, baseline: Sequence[float | None] | None) -> float | None:
+    """Mean over j ≥ 1 of R[j-1][j] − b_j: how much training tasks < j helps task j before it is trained.
+    Needs the row before each task (`eval_future`) and a reference score per task."""
+    T = _check_square(R)
+    if baseline is None:
+        return None
+    if len(baseline) != T:
+        raise ValueError(f"{len(baseline)} reference scores for {T} tasks")
+    diffs = [R[j - 1][j] - baseline[j] for j in range(1, T)
+             if R[j - 1][j] is not None and baseline[j] is not None]
+    return _mean(diffs)
+
+
+def average_forgetting(R: Matrix) -> float | None:
+    """Mean over j < T-1 of the drop from task j's best accuracy since it was trained to its final accuracy.
+    A task counts only if it was evaluated after training and before the end."""
+    T = _check_square(R)
+    drops = []
+    for j in range(T - 1):
+        final = R[T - 1][j]
+        earlier = [R[i][j] for i in range(j, T - 1) if R[i][j] is not None]
+        if final is not None and earlier:
+            drops.append(max(max(earlier), final) - final)
+    return _mean(drops)
+
+
+def summarize(R: Matrix, baseline: Sequence[float | None] | None = None) -> dict[str, float | None]:
+    """The summary metrics of a run (None where not computable)."""
+    return {
+        "average_accuracy": average_accuracy(R),
+        "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R, baseline),
+        "forgetting": average_forgetting(R),
+    }

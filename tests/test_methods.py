@@ -1,0 +1,116 @@
+"""Every method end to end on a tiny model: what trains in each phase, that frozen adapters never change, on
+which examples each phase trains, and that metrics.json is complete."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nlora.runner as runner
+from nlora import RunConfig
+from nlora.methods import METHODS
+
+TASKS = ["harbor", "orchard", "library"]
+
+
+def _lora_state(adapters):
+    return {n: p.detach().clone() for n, p in adapters.model.named_parameters() if "lora_" in n}
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Wraps the training of each phase to record what was trainable, active and changed."""
+    phases = []
+    real = runner.train_task
+
+    def wrapper(adapters, objective, method, examples, config, k, *args, **kwargs):
+        before = _lora_state(adapters)
+        trainable = {n for n, p in adapters.model.named_parameters() if p.requires_grad}
+        active = list(adapters.peft_model.base_model.active_adapters)
+        stats = real(adapters, objective, method, examples, config, k, *args, **kwargs)
+        after = _lora_state(adapters)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        phases.append({"k": k, "trainable": trainable, "changed": changed, "active": active,
+                       "n_examples": len(examples), "stats": stats, "adapters": adapters})
+        return stats
+
+    monkeypatch.setattr(runner, "train_task", wrapper)
+    return phases
+
+
+def _config(tmp_path, synthetic_dir, method, **kw):
+    return RunConfig(model="tiny-bert", method=method, tasks=TASKS, data_dir=str(synthetic_dir),
+                     output_dir=str(tmp_path / method), max_train_samples=8, max_eval_samples=4, batch_size=4,
+                     eval_batch_size=8, epochs=1, lr=5e-3, device="cpu", lambda_=0.01, l2_lambda=0.01,
+                     replay_per_task=3, **kw)
+
+
+def _adapter_of(name):
+    return lambda n: f".{name}." in n
+
+
+@pytest.mark.parametrize("method,trained_adapter,active", [
+    ("inc-lora", lambda k: f"task{k}", lambda k: [f"task{i}" for i in range(k + 1)]),
+    ("n-lora", lambda k: f"task{k}", lambda k: [f"task{i}" for i in range(k + 1)]),
+    ("o-lora", lambda k: f"task{k}", lambda k: [f"task{i}" for i in range(k + 1)]),
+    ("per-task", lambda k: f"task{k}", lambda k: [f"task{k}"]),
+    ("seq-lora", lambda k: "shared", lambda k: ["shared"]),
+    ("replay", lambda k: "shared", lambda k: ["shared"]),
+])
+def test_sequential_methods(tmp_path, synthetic_dir, traced, method, trained_adapter, active):
+    metrics = runner.run(_config(tmp_path, synthetic_dir, method), progress=False)
+    assert [p["k"] for p in traced] == [0, 1, 2]
+    for p in traced:
+        name = trained_adapter(p["k"])
+        assert p["trainable"] and all(_adapter_of(name)(n) for n in p["trainable"])
+        assert p["changed"] and p["changed"] <= p["trainable"], "only the current adapter may change"
+        assert p["active"] == active(p["k"])
+    # frozen adapters at the end of the run are bit-identical to what was saved after their own phase
+    adapters = traced[-1]["adapters"]
+    if METHODS[method].adapter_layout == "stacked" and method != "replay":
+        final = _lora_state(adapters)
+        for k, task in enumerate(TASKS):
+            saved = load_file(str(tmp_path / method / "adapters" / f"{k}-{task}" / "adapter_model.safetensors"))
+            for key, value in saved.items():
+                assert torch.equal(final[key.replace(".weight", f".task{k}.weight")], value)
+    replayed = [p["n_examples"] for p in traced]
+    assert replayed == ([8, 11, 14] if method == "replay" else [8, 8, 8])
+    _check_metrics(tmp_path / method, metrics, full_rows=True)
+    regs = [p["stats"].mean_regularizer for p in traced]
+    if method == "n-lora":
+        assert all(r > 0 for r in regs)
+    elif method == "o-lora":
+        assert all(r > 0 for r in regs)  # the L2 term from phase 0, orthogonality from phase 1
+    else:
+        assert regs == [0.0, 0.0, 0.0]
+
+
+def test_olora_orthogonality_enters_from_the_second_task(tmp_path, synthetic_dir, traced):
+    runner.run(_config(tmp_path, synthetic_dir, "o-lora").replace(l2_lambda=0.0), progress=False)
+    regs = [p["stats"].mean_regularizer for p in traced]
+    assert regs[0] == 0.0 and regs[1] > 0 and regs[2] > 0
+
+
+def test_multitask_trains_once_on_the_union(tmp_path, synthetic_dir, traced):
+    metrics = runner.run(_config(tmp_path, synthetic_dir, "mtl"), progress=False)
+    assert [p["k"] for p in traced] == [2] and traced[0]["n_examples"] == 24
+    assert all(_adapter_of("shared")(n) for n in traced[0]["trainable"])
+    R = metrics["accuracy_matrix"]
+    assert R[0] == [None] * 3 and R[1] == [None] * 3 and all(x is not None for x in R[2])
+    assert metrics["bwt"] is None and metrics["complete"] is True
+    assert metrics["average_accuracy"] == pytest.approx(sum(R[2]) / 3)
+    assert sorted(p.name for p in (tmp_path / "mtl" / "adapters").iterdir()) == ["2-library"]
+
+
+def _check_metrics(run_dir, metrics, full_rows):
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("schema_version", "method", "model", "seed", "tasks", "accuracy_matrix", "average_accuracy",
+                "bwt", "forgetting", "adapter_layout", "phases_completed", "complete"):
+        assert key in on_disk, key
+    assert on_disk["complete"] and on_disk["phases_completed"] == [0, 1, 2]
+    R = on_disk["accuracy_matrix"]
+    for i in range(3):
+        for j in range(3):
+            assert (R[i][j] is None) == (j > i)
