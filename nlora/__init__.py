@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 __all__ = ["RunConfig", "load_config", "run", "NloraError", "METHODS", "Method", "register", "__version__"]
 
 
-def run(config: RunConfig, progress: bool = True) -> dict:
-    """Train `config.tasks` in order with `config.method`; returns metrics.json's content."""
+def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Train `config.tasks` in order with `config.method`; returns metrics.json's content. With `resume`,
+    continue the run in `config.output_dir` from where it stopped."""
     from .runner import run as _run
 
-    return _run(config, progress=progress)
+    return _run(config, progress=progress, resume=resume)
