@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,11 +15,13 @@ from typing import Any
 
 import yaml
 
+from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .errors import NloraError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
 PENALTY_FORMS = ("delta", "reference", "factors")
+EVAL_MODES = ("generate", "score")
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -38,6 +41,11 @@ def _opt(help: str, **kw) -> Any:
 class RunConfig:
     """Everything a run needs. Build it with `RunConfig(...)`, `RunConfig.from_dict(...)` or
     `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key."""
+
+    # a preset of the papers' benchmarks (see `nlora presets`); its keys sit under the config file and the flags
+    benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6); none: no preset",
+                          default="none", choices=BENCHMARK_CHOICES)
+    order: int | None = _opt("task order of the benchmark preset (standard: 1, 2, 3; long: 4, 5, 6)", default=None)
 
     # what to train
     model: str = _opt("hub name or local path of the base model, or a built-in tiny test model "
@@ -96,6 +104,9 @@ class RunConfig:
                             default="seq-lora", choices=("seq-lora", "inc-lora"))
 
     # evaluation
+    eval_mode: str = _opt("generate: greedy generation scored by exact match (the papers' protocol); score: the "
+                          "label option with the highest log-likelihood, one batched pass (encoders always score)",
+                          default="generate", choices=EVAL_MODES)
     eval_future: bool = _opt("also evaluate tasks not trained yet and the base model before training "
                              "(needed for forward transfer)", default=False)
 
@@ -151,13 +162,13 @@ class RunConfig:
                 bad(key, f"must be >= 1 when set, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", f"must be a positive number, got {self.lr}")
-        if not self.lambda_ >= 0:
-            bad("lambda_", f"must be >= 0, got {self.lambda_}")
+        if not (self.lambda_ >= 0 and math.isfinite(self.lambda_)):
+            bad("lambda_", f"must be >= 0 and finite, got {self.lambda_}")
         if self.lambda_per_task is not None:
             if len(self.lambda_per_task) != len(self.tasks):
                 bad("lambda_per_task", f"has {len(self.lambda_per_task)} values for {len(self.tasks)} tasks")
-            if any(not x >= 0 for x in self.lambda_per_task):
-                bad("lambda_per_task", f"values must be >= 0, got {self.lambda_per_task}")
+            if any(not (x >= 0 and math.isfinite(x)) for x in self.lambda_per_task):
+                bad("lambda_per_task", f"values must be >= 0 and finite, got {self.lambda_per_task}")
         for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
             if not getattr(self, key) >= 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
@@ -169,6 +180,8 @@ class RunConfig:
             bad("weight_decay" if self.weight_decay < 0 else "warmup_steps", "must be >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             bad("max_grad_norm", f"must be > 0 when set, got {self.max_grad_norm}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            bad("device", f"{self.device!r} is not one of cpu, cuda, cuda:N, mps, auto")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -176,8 +189,10 @@ class RunConfig:
         from .methods import get_method  # late import: methods import this module
 
         get_method(self.method)
+        check_benchmark_order(self.benchmark, self.order)
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            bad("data_dir", f"folder {self.data_dir} does not exist")
+            bad("data_dir", f"{self.data_dir} is a file, not a folder" if Path(self.data_dir).exists()
+                else f"folder {self.data_dir} does not exist")
         if self.instructions is not None and not Path(self.instructions).is_file():
             bad("instructions", f"file {self.instructions} does not exist")
         return self
@@ -301,12 +316,28 @@ def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
                 defaults: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig's defaults, then `defaults`, then the YAML file's keys, then `overrides` (e.g. the command
-    line)."""
+    """RunConfig's defaults, then `defaults`, then the benchmark preset named by `benchmark`/`order` (wherever
+    they are set), then the YAML file's keys, then `overrides` (e.g. the command line)."""
     values: dict[str, Any] = dict(defaults or {})
+    user: dict[str, Any] = {}
     if path is not None:
         file_values = load_yaml_file(path)
         RunConfig.from_dict(file_values, source=f"config file {path}")  # names the file in errors
-        values.update(file_values)
-    values.update(overrides or {})
+        user.update(file_values)
+    user.update(overrides or {})
+    values.update(_resolve_preset({**values, **user}, user))
+    values.update(user)
     return RunConfig.from_dict(values, source="options")
+
+
+def _resolve_preset(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` the
+    user sets replaces the preset's per-task list, unless the user sets that list too."""
+    probe = RunConfig.from_dict({k: merged[k] for k in ("benchmark", "order") if k in merged}, source="options")
+    if probe.benchmark == "none" and probe.order is None:
+        return {}
+    check_benchmark_order(probe.benchmark, probe.order)
+    preset = load_preset(probe.benchmark, probe.order)
+    if "lambda" in user and "lambda_per_task" not in user:
+        preset.pop("lambda_per_task", None)
+    return {**preset, "benchmark": probe.benchmark, "order": probe.order}

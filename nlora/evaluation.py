@@ -1,6 +1,7 @@
-"""Evaluation of one task's test examples: batched predictions (greedy generation, or the best-scoring option
-for encoders) scored by exact match after whitespace/case normalisation, in percent. With several processes,
-each predicts a shard and the predictions are gathered."""
+"""Evaluation of one task's test examples: batched predictions (the objective's eval_mode: greedy generation, or
+the label option of highest log-likelihood; encoders always pick the best-scoring option) scored by exact match
+after whitespace/case normalisation, in percent. With several processes, each predicts a shard and the
+predictions are gathered."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ def evaluate(objective: Objective, model, examples: list[Example], batch_size: i
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
-    # Batches of similar length waste less padding; records go back to input order afterwards.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))[rank::world]
+    # Batches of similar length waste less padding; records go back to input order afterwards. Processes take
+    # whole batches in turn, so each batch (and its padding) is the one a single process would predict.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
     local: list[tuple[int, str]] = []
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
-        idx = order[s: s + batch_size]
+    for idx in tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
         local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
         fault_point("eval_batch")
     predictions = dict(gather_object(local) if world > 1 else local)

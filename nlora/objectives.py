@@ -6,27 +6,44 @@ how a prediction is made.
 - encoder (BERT): prompt and each label option are embedded by the same encoder (mean pooling), scored by scaled
   cosine similarity and trained with cross-entropy over the task's options; the head has no weights of its own,
   so all task learning stays in the LoRA adapters. Prediction is the best-scoring option.
+
+Evaluation modes (`eval_mode`) of seq2seq and decoder models:
+- generate (default, the papers' protocol): greedy generation; the text is compared with the label.
+- score: each label option is scored by the summed log-likelihood of its tokens, end-of-sequence included, given
+  the prompt: log P(option, then stop | prompt), the probability of generating exactly that option. Not length
+  normalised, so a longer option is not favoured for having confident continuation tokens. The prompt is encoded
+  once per batch (seq2seq: the encoder states; decoder: the key/value cache) and each option slot is one batched
+  pass over the option tokens only. The prediction is always one of the options.
+The encoder objective always scores its options with its similarity head, so both modes are the same for it.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
 
 from .data import Example
 
 IGNORE = -100
+EVAL_MODES = ("generate", "score")
 
 
 class Objective:
     kind: str
 
-    def __init__(self, tokenizer, max_source_length: int = 256, max_target_length: int = 16):
+    def __init__(self, tokenizer, max_source_length: int = 256, max_target_length: int = 16,
+                 eval_mode: str = "generate"):
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
+        self.eval_mode = eval_mode
 
     def collate(self, examples: list[Example]) -> dict[str, Any]:
         raise NotImplementedError
@@ -34,13 +51,59 @@ class Objective:
     def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def count_terms(self, batch: dict[str, Any]) -> int:
+        """How many terms `loss` averages over for this batch (training normalises by the count of a whole
+        optimizer step, so that any split of the step across processes or micro-batches gives the same gradient)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def predict(self, model, examples: list[Example], device) -> list[str]:
+        if self.eval_mode == "score":
+            return self.predict_by_score(model, examples, device)
+        return self.generate(model, examples, device)
+
+    @torch.no_grad()
+    def generate(self, model, examples: list[Example], device) -> list[str]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def option_log_likelihoods(self, model, examples: list[Example], device) -> list[list[float]]:
+        """log P(option | prompt) of each example's options, in the order of `example.options`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_by_score(self, model, examples: list[Example], device) -> list[str]:
+        scores = self.option_log_likelihoods(model, examples, device)
+        return [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(examples, scores)]
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over positions where `mask` is set of log softmax(logits)[target]: (N, T, V), (N, T), (N, T) -> (N,)."""
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def cache_keyword(model) -> str:
+    """The forward() keyword of the key/value cache: `cache` in recent transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def option_slots(examples: list[Example]) -> range:
+    return range(max(len(e.options) for e in examples))
+
+
+def option_at(example: Example, slot: int) -> str:
+    """The example's option in `slot`; examples with fewer options repeat their first (scored, then ignored)."""
+    return example.options[slot] if slot < len(example.options) else example.options[0]
+
+
+def collect_scores(examples: list[Example], per_slot: list[list[float]]) -> list[list[float]]:
+    return [[per_slot[s][i] for s in range(len(e.options))] for i, e in enumerate(examples)]
 
 
 class Seq2SeqObjective(Objective):
@@ -57,8 +120,28 @@ class Seq2SeqObjective(Objective):
     def loss(self, model, batch):
         return model(**batch).loss
 
+    def count_terms(self, batch):
+        return int((batch["labels"] != IGNORE).sum())
+
     @torch.no_grad()
-    def predict(self, model, examples, device):
+    def option_log_likelihoods(self, model, examples, device):
+        enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
+                             padding=True, return_tensors="pt").to(device)
+        encoded = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        encoded = BaseModelOutput(last_hidden_state=encoded.last_hidden_state)
+        per_slot = []
+        for slot in option_slots(examples):
+            tgt = self.tokenizer(text_target=[option_at(e, slot) for e in examples],
+                                 max_length=self.max_target_length, truncation=True, padding=True,
+                                 return_tensors="pt").to(device)
+            labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, IGNORE)
+            logits = model(encoder_outputs=encoded, attention_mask=enc["attention_mask"], labels=labels,
+                           use_cache=False).logits
+            per_slot.append(token_log_likelihood(logits, labels, tgt["attention_mask"]).tolist())
+        return collect_scores(examples, per_slot)
+
+    @torch.no_grad()
+    def generate(self, model, examples, device):
         enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
                              padding=True, return_tensors="pt").to(device)
         out = model.generate(**enc, max_new_tokens=self.max_target_length, do_sample=False, num_beams=1)
@@ -100,16 +183,52 @@ class DecoderObjective(Objective):
     def loss(self, model, batch):
         return model(**batch).loss
 
-    @torch.no_grad()
-    def predict(self, model, examples, device):
+    def count_terms(self, batch):
+        return int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels: token t predicts t+1
+
+    def _left_padded_prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor, int]:
         prompts = [self._prompt_ids(e.prompt) for e in examples]
         width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding, so every answer starts at column `width`
             input_ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        return input_ids, mask, width
+
+    @torch.no_grad()
+    def option_log_likelihoods(self, model, examples, device):
+        input_ids, mask, width = self._left_padded_prompts(examples)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        # Positions count real tokens only, as in generation, so padding changes no score.
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                    use_cache=True)
+        prompt_cache = out["cache"] if "cache" in out else out["past_key_values"]
+        first_logits, cache_kw = out.logits[:, -1:], cache_keyword(model)
+        lengths = mask.sum(-1, keepdim=True)
+        per_slot = []
+        for slot in option_slots(examples):
+            answers = [self._answer_ids(option_at(e, slot)) for e in examples]
+            steps = max(map(len, answers))
+            answer_ids = torch.full((len(answers), steps), self.tokenizer.pad_token_id, dtype=torch.long)
+            answer_mask = torch.zeros((len(answers), steps), dtype=torch.long)
+            for i, a in enumerate(answers):
+                answer_ids[i, : len(a)] = torch.tensor(a)
+                answer_mask[i, : len(a)] = 1
+            answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+            # The forward pass appends to the cache it is given, so each slot continues from a copy.
+            cont = model(input_ids=answer_ids, attention_mask=torch.cat([mask, answer_mask], -1),
+                         position_ids=lengths + torch.arange(steps, device=device),
+                         use_cache=True, **{cache_kw: copy.deepcopy(prompt_cache)})
+            # The first answer token is predicted by the prompt's last position, token t by answer token t-1.
+            logits = torch.cat([first_logits, cont.logits[:, :-1]], 1)
+            per_slot.append(token_log_likelihood(logits, answer_ids, answer_mask).tolist())
+        return collect_scores(examples, per_slot)
+
+    @torch.no_grad()
+    def generate(self, model, examples, device):
+        input_ids, mask, width = self._left_padded_prompts(examples)
+        pad = self.tokenizer.pad_token_id
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=self.max_target_length + 1, do_sample=False, num_beams=1,
                              pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
@@ -151,8 +270,19 @@ class EncoderScoringObjective(Objective):
     def loss(self, model, batch):
         return F.cross_entropy(self.scores(model, batch), batch["target"])
 
+    def count_terms(self, batch):
+        return len(batch["target"])
+
     @torch.no_grad()
-    def predict(self, model, examples, device):
+    def option_log_likelihoods(self, model, examples, device):
+        """Log-softmax of the similarity scores over each example's options."""
+        batch = to_device(self.collate(examples), device)
+        logp = self.scores(model, batch).log_softmax(-1)
+        index = {t: i for i, t in enumerate(batch["option_texts"])}
+        return [[logp[i, index[o]].item() for o in e.options] for i, e in enumerate(examples)]
+
+    @torch.no_grad()
+    def predict(self, model, examples, device):  # both eval modes: the scoring head is the only predictor
         batch = to_device(self.collate(examples), device)
         best = self.scores(model, batch).argmax(-1).tolist()
         return [batch["option_texts"][i] for i in best]
@@ -161,5 +291,6 @@ class EncoderScoringObjective(Objective):
 OBJECTIVES = {o.kind: o for o in (Seq2SeqObjective, DecoderObjective, EncoderScoringObjective)}
 
 
-def make_objective(kind: str, tokenizer, max_source_length: int, max_target_length: int) -> Objective:
-    return OBJECTIVES[kind](tokenizer, max_source_length, max_target_length)
+def make_objective(kind: str, tokenizer, max_source_length: int, max_target_length: int,
+                   eval_mode: str = "generate") -> Objective:
+    return OBJECTIVES[kind](tokenizer, max_source_length, max_target_length, eval_mode)

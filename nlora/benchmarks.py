@@ -1,0 +1,77 @@
+"""The papers' benchmarks as presets, and the numbers the papers published.
+
+`--benchmark standard --order {1,2,3}` and `--benchmark long --order {4,5,6}` read the YAML file
+`nlora/presets/<benchmark>-order<k>.yaml`: the task sequence and the training protocol of the N-LoRA paper's
+T5-large experiments, with the public scripts each value comes from cited in the file. A preset sits between
+RunConfig's defaults and the user's config file: defaults < preset < --config FILE < command-line flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import NloraError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+BENCHMARK_ORDERS: dict[str, tuple[int, ...]] = {"standard": (1, 2, 3), "long": (4, 5, 6)}
+BENCHMARK_CHOICES = ("none", *BENCHMARK_ORDERS)
+
+# Average accuracy (AP, %) after the last task, averaged over the benchmark's task orders, T5-large.
+# Source: N-LoRA, "Is Parameter Collision Hindering Continual Learning in LLMs?" (arXiv 2410.10179, COLING 2025),
+# Table 1 (the O-LoRA and MTL rows are the baselines as that table reports them; O-LoRA's own paper,
+# arXiv 2310.14152, Table 1, gives the same O-LoRA and MTL values).
+PUBLISHED: dict[str, dict[str, float]] = {
+    "standard": {"o-lora": 75.8, "n-lora": 78.8, "mtl": 80.0},
+    "long": {"o-lora": 69.6, "n-lora": 72.4, "mtl": 76.5},
+}
+PUBLISHED_SOURCE = "N-LoRA (arXiv 2410.10179) Table 1: AP (%) of T5-large, mean over the benchmark's task orders"
+
+
+def preset_name(benchmark: str, order: int) -> str:
+    return f"{benchmark}-order{order}"
+
+
+def check_benchmark_order(benchmark: str | None, order: int | None) -> None:
+    """A clear error for any combination that names no preset."""
+    pairs = "; ".join(f"--benchmark {b} --order {{{','.join(map(str, o))}}}" for b, o in BENCHMARK_ORDERS.items())
+    if benchmark in (None, "none"):
+        if order is not None:
+            raise NloraError(f"option 'order': order {order} needs option 'benchmark' ({pairs})")
+        return
+    if benchmark not in BENCHMARK_ORDERS:
+        raise NloraError(f"option 'benchmark': {benchmark!r} is not one of {', '.join(BENCHMARK_CHOICES)}")
+    orders = BENCHMARK_ORDERS[benchmark]
+    if order is None:
+        raise NloraError(f"option 'order': benchmark '{benchmark}' needs an order, one of "
+                         f"{', '.join(map(str, orders))} ({pairs})")
+    if order not in orders:
+        raise NloraError(f"option 'order': benchmark '{benchmark}' has orders {', '.join(map(str, orders))}, "
+                         f"not {order} ({pairs})")
+
+
+def preset_path(benchmark: str, order: int) -> Path:
+    check_benchmark_order(benchmark, order)
+    return PRESET_DIR / f"{preset_name(benchmark, order)}.yaml"
+
+
+def load_preset(benchmark: str, order: int) -> dict[str, Any]:
+    """The keys a preset sets (the user-facing names, as in a config file)."""
+    path = preset_path(benchmark, order)
+    if not path.is_file():
+        raise NloraError(f"preset file {path} is missing from the installation")
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(values, dict):
+        raise NloraError(f"preset file {path}: expected a mapping of keys to values")
+    return values
+
+
+def list_presets() -> list[tuple[str, int, Path]]:
+    return [(b, o, preset_path(b, o)) for b, orders in BENCHMARK_ORDERS.items() for o in orders]
+
+
+def published_ap(benchmark: str, method: str) -> float | None:
+    """The published AP of `method` on `benchmark` (None where the papers give none)."""
+    return PUBLISHED.get(benchmark, {}).get(method)
