@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, load_config
+from .report import write_report
 from .runner import run
 from .summary import format_comparison, format_run
 from .synthetic import TASK_NAMES, write_synthetic_benchmark
@@ -42,4 +43,6 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
     print("\nFinal accuracy (%) on each task after the whole sequence:")
     print(format_comparison(results))
     print(f"\nrun directories: {', '.join(str((root / m).resolve()) for m in DEMO_METHODS)}")
+    report = write_report([root / m for m in DEMO_METHODS], output_dir=root / "report")
+    print(f"report (plots, tables, parameter diagnostics): {(report / 'report.md').resolve()}")
     return results

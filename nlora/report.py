@@ -1,0 +1,499 @@
+"""Reports of runs: PNG plots and report.md with the tables, for one run (written to RUN_DIR/report/) or a
+comparison of several (one table and overlaid plots, written to a folder of the caller's choice).
+
+Everything is read from the run directories: metrics.json for the accuracies and continual-learning metrics,
+diagnostics.json (recomputed from the saved adapters when missing or stale) for the parameter diagnostics.
+Plots use matplotlib's object API with the Agg canvas, so no display and no global pyplot state is involved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .diagnostics import diagnose_run, load_or_diagnose, natural_key
+from .errors import NloraError
+from .io import write_bytes_atomic, write_text_atomic
+
+__all__ = ["write_report", "PLOTS"]
+
+PLOTS = {
+    "accuracy_matrix.png": "Accuracy matrix",
+    "accuracy_over_sequence.png": "Accuracy on each task along the sequence",
+    "collision_heatmap.png": "Pairwise collision rate",
+    "layer_sparsity_collision.png": "Sparsity and collision per layer",
+    "nuclear_norms.png": "Nuclear norms of the task updates",
+}
+_NO_VALUE = "–"
+
+
+@dataclass
+class RunData:
+    path: Path
+    label: str
+    metrics: dict
+    diagnostics: dict
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.metrics["tasks"]
+
+
+def _load_run(path: Path, rediagnose: bool, rel_eps: float | None, eps_scale: str | None) -> RunData:
+    metrics_path = path / "metrics.json"
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except FileNotFoundError:
+        raise NloraError(f"{path} is not a run directory (no metrics.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NloraError(f"{metrics_path} is corrupt ({e})") from None
+    if rediagnose:
+        kwargs = {k: v for k, v in (("rel_eps", rel_eps), ("eps_scale", eps_scale)) if v is not None}
+        diagnostics = diagnose_run(path, **kwargs)
+    else:
+        diagnostics = load_or_diagnose(path, rel_eps, eps_scale)
+    return RunData(path, str(metrics.get("method", path.name)), metrics, diagnostics)
+
+
+def _label_runs(runs: list[RunData]) -> None:
+    """Name each run by its method, and by its folder where two runs share a method."""
+    for make in (lambda r: r.label, lambda r: f"{r.metrics.get('method')} ({r.path.name})",
+                 lambda r: f"{r.metrics.get('method')} ({r.path.parent.name}/{r.path.name})", lambda r: str(r.path)):
+        labels = [make(r) for r in runs]
+        if len(set(labels)) == len(labels):
+            break
+    for r, label in zip(runs, labels):
+        r.label = label
+
+
+def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: float | None = None,
+                 eps_scale: str | None = None) -> Path:
+    """Write the report of one run (default folder RUN_DIR/report) or the comparison of several runs (into
+    `output_dir`, required then); returns the report folder. `rediagnose` recomputes diagnostics.json first."""
+    paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if not paths:
+        raise NloraError("no run directory given")
+    if output_dir is None:
+        if len(paths) > 1:
+            raise NloraError(f"{len(paths)} runs to compare: give the folder of the comparison report "
+                             "(--output-dir DIR)")
+        output_dir = paths[0] / "report"
+    out = Path(output_dir)
+    runs = [_load_run(p, rediagnose, rel_eps, eps_scale) for p in paths]
+    _label_runs(runs)
+    figures = {
+        "accuracy_matrix.png": plot_accuracy_matrices(runs),
+        "accuracy_over_sequence.png": plot_accuracy_over_sequence(runs),
+        "collision_heatmap.png": plot_collision_heatmaps(runs),
+        "layer_sparsity_collision.png": plot_layer_bars(runs),
+        "nuclear_norms.png": plot_nuclear_norms(runs),
+    }
+    try:
+        for name, fig in figures.items():
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            write_bytes_atomic(out / name, buffer.getvalue())
+        write_text_atomic(out / "report.md", report_markdown(runs))
+    except OSError as e:
+        raise NloraError(f"cannot write the report into {out}: {e.strerror or e}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------- numbers and tables
+
+def fmt_accuracy(x) -> str:
+    """Accuracies and the metrics derived from them (percent points): two decimals."""
+    return f"{x:.2f}" if isinstance(x, (int, float)) else _NO_VALUE
+
+
+def fmt_value(x) -> str:
+    """Diagnostics: four significant digits."""
+    return f"{x:.4g}" if isinstance(x, (int, float)) else _NO_VALUE
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+METRIC_COLUMNS = [("AP", "average_accuracy"), ("BWT", "bwt"), ("FWT", "fwt"), ("forgetting", "forgetting")]
+DIAGNOSTIC_COLUMNS = [
+    ("collision rate", "mean_collision_rate"),
+    ("collision (Jaccard)", "mean_collision_jaccard"),
+    ("ΔW cosine", "mean_delta_cosine"),
+    ("O-LoRA ‖A_s A_tᵀ‖_F", "mean_olora_overlap"),
+    ("subspace overlap", "mean_subspace_overlap"),
+    ("sparsity", "mean_sparsity"),
+    ("nuclear norm", "mean_nuclear_norm"),
+    ("L1 norm", "mean_l1_norm"),
+]
+PAIR_COLUMNS = [("collision rate", "collision_rate"), ("collision (Jaccard)", "collision_jaccard"),
+                ("ΔW cosine", "delta_cosine"), ("O-LoRA ‖A_s A_tᵀ‖_F", "olora_overlap"),
+                ("O-LoRA Σ|A_s A_tᵀ|", "olora_l1"), ("subspace overlap", "subspace_overlap")]
+TASK_COLUMNS = [("sparsity", "sparsity"), ("L1 norm", "l1_norm"), ("nuclear norm", "nuclear_norm"),
+                ("Frobenius norm", "frobenius_norm")]
+
+
+def _images(*names: str) -> list[str]:
+    return [line for name in names for line in (f"![{PLOTS[name]}]({name})", "")]
+
+
+def report_markdown(runs: list[RunData]) -> str:
+    title = runs[0].label if len(runs) == 1 else " vs ".join(r.label for r in runs)
+    eps = runs[0].diagnostics["epsilon"]
+    parts = [f"# Report: {title}", ""]
+    parts += [_table(["run", "method", "model", "seed", "tasks", "phases completed", "directory"],
+                     [[r.label, r.metrics.get("method"), r.metrics.get("model"), r.metrics.get("seed"),
+                       ", ".join(r.tasks), f"{len(r.metrics.get('phases_completed', []))}/"
+                       f"{len(r.metrics.get('phases', r.tasks))}", str(r.path.resolve())] for r in runs]), ""]
+
+    parts += ["## Continual-learning metrics", "",
+              "From the accuracy matrix R (R[i][j]: accuracy in % on task j after training task i): "
+              "AP = mean of the last row; BWT = mean over j < T of R[T][j] − R[j][j]; "
+              "FWT = mean over j > 1 of R[j−1][j] − the base model's accuracy on j (needs `eval_future`); "
+              "forgetting = mean over j < T of the drop from task j's best accuracy to its final one.", "",
+              _table(["run"] + [c for c, _ in METRIC_COLUMNS],
+                     [[r.label] + [fmt_accuracy(r.metrics.get(k)) for _, k in METRIC_COLUMNS] for r in runs]), ""]
+    parts += ["## Accuracy matrices", ""]
+    for r in runs:
+        R = r.metrics["accuracy_matrix"]
+        parts += [f"### {r.label}", "",
+                  _table(["after \\ on"] + r.tasks,
+                         [[t] + [fmt_accuracy(x) for x in row] for t, row in zip(r.tasks, R)]), ""]
+    parts += _images("accuracy_matrix.png", "accuracy_over_sequence.png")
+
+    parts += ["## Parameter diagnostics", "",
+              f"Computed from the saved adapters. An entry of an update ΔW_t is non-zero when "
+              f"|x| > {eps['value']:g} · {'max|ΔW_t|' if eps['scale'] == 'max' else 'RMS(ΔW_t)'} "
+              f"(per layer and task). Pairwise columns are means over task pairs; the others means over tasks "
+              f"(nuclear and L1 norms summed over the adapted layers).", ""]
+    thresholds = {(r.diagnostics["epsilon"]["value"], r.diagnostics["epsilon"]["scale"]) for r in runs}
+    if len(thresholds) > 1:
+        parts += ["Note: the runs' diagnostics use different thresholds: " + "; ".join(
+            f"{r.label}: {r.diagnostics['epsilon']['rule']}" for r in runs) + ".", ""]
+    for r in runs:
+        if r.diagnostics["adapter_layout"] == "snapshot":
+            parts += [f"{r.label} keeps one adapter (snapshot layout): the update of a task is the change of that "
+                      "adapter over the task's phase, the first one measured from ΔW = 0; the O-LoRA measure "
+                      "(between separate adapters' A matrices) does not apply.", ""]
+    parts += [_table(["run"] + [c for c, _ in DIAGNOSTIC_COLUMNS],
+                     [[r.label] + [fmt_value(r.diagnostics["summary"].get(k)) for _, k in DIAGNOSTIC_COLUMNS]
+                      for r in runs]), ""]
+    for r in runs:
+        d = r.diagnostics
+        parts += [f"### {r.label}", ""]
+        if not d["per_task"]:
+            parts += ["No adapter saved yet.", ""]
+            continue
+        parts += [_table(["task"] + [c for c, _ in TASK_COLUMNS],
+                         [[t["task"]] + [fmt_value(t.get(k)) for _, k in TASK_COLUMNS] for t in d["per_task"]]), ""]
+        if d["pairs"]:
+            parts += [_table(["pair"] + [c for c, _ in PAIR_COLUMNS],
+                             [[" – ".join(p["tasks"])] + [fmt_value(p.get(k)) for _, k in PAIR_COLUMNS]
+                              for p in d["pairs"]]), ""]
+        else:
+            parts += ["Fewer than two task updates: no pairwise diagnostics.", ""]
+    parts += _images("collision_heatmap.png", "layer_sparsity_collision.png", "nuclear_norms.png")
+
+    parts += ["## Definitions", "",
+              "- **collision rate**: fraction of the positions of a layer's weight matrix where both ΔW_s and ΔW_t "
+              "are non-zero, pooled over layers (N-LoRA, arXiv 2410.10179: a parameter collision is two tasks "
+              "updating the same parameter; here with the explicit threshold above). **Jaccard**: the same count "
+              "over the positions where either is non-zero.",
+              "- **ΔW cosine**: |⟨ΔW_s, ΔW_t⟩_F| / (‖ΔW_s‖_F ‖ΔW_t‖_F), the orthogonality of the updates "
+              "themselves, which non-colliding updates satisfy exactly (0 = orthogonal).",
+              "- **O-LoRA ‖A_s A_tᵀ‖_F** and **Σ|A_s A_tᵀ|**: the overlap that O-LoRA (arXiv 2310.14152) "
+              "penalises, on the adapters' A matrices; depends on their scale.",
+              "- **subspace overlap**: mean squared cosine of the principal angles between the row spaces of ΔW_s "
+              "and ΔW_t (0 = orthogonal, 1 = one contains the other); scale-free.",
+              "- **sparsity**: fraction of the entries of ΔW_t at or below the threshold; **L1**, **nuclear** "
+              "and **Frobenius norm** of ΔW_t.", ""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------- plots
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _tick_font(n: int) -> float:
+    return max(5.0, 10.0 - n / 4)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.35")
+    ax.set_axis_off()
+
+
+def _heatmap(ax, values: list[list[float | None]], labels: list[str], vmax: float, fmt: str, cmap: str):
+    import numpy as np
+    from matplotlib import colormaps
+
+    data = np.array([[np.nan if x is None else x for x in row] for row in values], dtype=float)
+    colormap = colormaps[cmap].with_extremes(bad="0.92")
+    image = ax.imshow(data, cmap=colormap, vmin=0, vmax=vmax)
+    n = len(labels)
+    size = _tick_font(n)
+    ax.set_xticks(range(n), labels, rotation=40 if max(map(len, labels)) > 4 else 0, ha="right", fontsize=size)
+    ax.set_yticks(range(n), labels, fontsize=size)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            x = data[i, j]
+            text = _NO_VALUE if math.isnan(x) else format(x, fmt)
+            red, green, blue, _ = colormap(min(max(x / vmax, 0.0), 1.0)) if not math.isnan(x) else (1, 1, 1, 1)
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(j, i, text, ha="center", va="center", fontsize=max(5.0, size - 1),
+                    color="white" if dark else "black")
+    return image
+
+
+def plot_accuracy_matrices(runs: list[RunData]) -> Figure:
+    n_tasks = max(len(r.tasks) for r in runs)
+    side = 1.6 + 0.55 * n_tasks
+    fig = Figure(figsize=(max(6.0, side * len(runs) + 1.2), side + 1.0), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, r in zip(axes, runs):
+        image = _heatmap(ax, r.metrics["accuracy_matrix"], r.tasks, 100.0, ".1f", "viridis")
+        ax.set_title(r.label)
+        ax.set_xlabel("evaluated on task")
+        ax.set_ylabel("after training task")
+    fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
+    fig.suptitle("Accuracy (%) on each task after training each task\n(grey: not evaluated)", fontsize=11)
+    return fig
+
+
+MARKERS = "osD^vP*Xhp<>"
+
+
+def _seen_mean(R: list[list], i: int) -> float | None:
+    seen = [x for x in R[i][: i + 1] if x is not None]
+    return sum(seen) / len(seen) if seen else None
+
+
+def _task_curve(ax, R: list[list], j: int, label: str, color, marker: str = "o", size: float = 6.0) -> None:
+    """Accuracy on task j after each phase: solid from the phase that trains it, dotted before (eval_future)."""
+    before = [(i, R[i][j]) for i in range(min(j, len(R))) if R[i][j] is not None]
+    after = [(i, R[i][j]) for i in range(j, len(R)) if R[i][j] is not None]
+    style = dict(color=color, marker=marker, markersize=size)
+    if after:
+        ax.plot(*zip(*after), label=label, **style)
+    if before:
+        ax.plot(*zip(*(before + after[:1])), linestyle=":", alpha=0.6, markerfacecolor="none",
+                **({} if after else {"label": label}), **style)
+
+
+def _mean_curve(ax, R: list[list], **style) -> None:
+    mean = [(i, _seen_mean(R, i)) for i in range(len(R)) if _seen_mean(R, i) is not None]
+    if mean:
+        ax.plot(*zip(*mean), **style)
+
+
+def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
+    if len(runs) == 1:
+        r = runs[0]
+        T = len(r.tasks)
+        R = r.metrics["accuracy_matrix"]
+        fig = Figure(figsize=(max(6.0, 1.0 + 0.7 * T) + 2.0, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for j, (task, color) in enumerate(zip(r.tasks, _colors(T))):
+            _task_curve(ax, R, j, task, color, MARKERS[j % len(MARKERS)])
+        _mean_curve(ax, R, color="black", linestyle="--", linewidth=2, label="mean of tasks trained")
+        ax.set_xticks(range(T), r.tasks, rotation=30 if T > 5 else 0, ha="right" if T > 5 else "center",
+                      fontsize=_tick_font(T) + 1)
+        ax.set_xlabel("after training task")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="evaluated on", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+        ax.set_title(f"{r.label}: accuracy on each task along the sequence\n(dotted: before the task is trained)",
+                     fontsize=10)
+        return fig
+
+    tasks = []
+    for r in runs:
+        tasks += [t for t in r.tasks if t not in tasks]
+    panels = tasks + ["mean of tasks trained"]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    T = max(len(r.tasks) for r in runs)
+    same_order = all(r.tasks == runs[0].tasks for r in runs)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    # later runs get smaller markers, so that runs with equal values stay visible on top of each other
+    styles = [dict(color=c, marker=MARKERS[k % len(MARKERS)], size=max(3.0, 8.0 - 1.2 * k))
+              for k, c in enumerate(_colors(len(runs)))]
+    for ax, panel in zip(axes, panels):
+        for r, style in zip(runs, styles):
+            R = r.metrics["accuracy_matrix"]
+            if panel in r.tasks:
+                _task_curve(ax, R, r.tasks.index(panel), r.label, style["color"], style["marker"], style["size"])
+            elif panel == panels[-1]:
+                _mean_curve(ax, R, color=style["color"], marker=style["marker"], markersize=style["size"],
+                            label=r.label)
+        ax.set_title(panel if panel == panels[-1] else f"task {panel}", fontsize=10)
+        if same_order:
+            ax.set_xticks(range(T), runs[0].tasks, rotation=30, ha="right", fontsize=_tick_font(T))
+        else:
+            ax.set_xticks(range(T), [str(i + 1) for i in range(T)])
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    for ax in axes[::cols]:
+        ax.set_ylabel("accuracy (%)")
+    fig.supxlabel("after training task" if same_order else "after training the k-th task of the run's order")
+    handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=len(runs))
+    fig.suptitle("Accuracy on each task along the sequence (dotted: before the task is trained)", x=0.02,
+                 ha="left", fontsize=11)
+    return fig
+
+
+def _collision_matrix(d: dict) -> list[list[float | None]]:
+    """Off-diagonal: pairwise collision rate; diagonal: fraction of non-zero entries of ΔW_t."""
+    tasks = d["tasks"]
+    index = {t: i for i, t in enumerate(tasks)}
+    M: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+    for i, row in enumerate(d["per_task"]):
+        M[i][i] = None if row["sparsity"] is None else 1.0 - row["sparsity"]
+    for p in d["pairs"]:
+        s, t = (index[x] for x in p["tasks"])
+        M[s][t] = M[t][s] = p["collision_rate"]
+    return M
+
+
+def plot_collision_heatmaps(runs: list[RunData]) -> Figure:
+    n_tasks = max(len(r.diagnostics["tasks"]) for r in runs) or 1
+    side = 1.6 + 0.55 * n_tasks
+    fig = Figure(figsize=(max(7.0, side * len(runs) + 1.2), side + 1.3), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    image = None
+    for ax, r in zip(axes, runs):
+        d = r.diagnostics
+        ax.set_title(r.label)
+        if len(d["tasks"]) < 2:
+            _empty(ax, "fewer than two task updates:\nno pairs")
+            continue
+        image = _heatmap(ax, _collision_matrix(d), d["tasks"], 1.0, ".2f", "magma_r")
+        ax.set_xlabel("task")
+        ax.set_ylabel("task")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="fraction of positions", shrink=0.8)
+    eps = runs[0].diagnostics["epsilon"]
+    fig.suptitle(r"Collision rate: fraction of positions where both $\Delta W_s$ and $\Delta W_t$ are non-zero" "\n"
+                 r"(diagonal: non-zero fraction of $\Delta W_t$); "
+                 rf"non-zero: $|x| > {eps['value']:g} \cdot$ {'max' if eps['scale'] == 'max' else 'RMS'} "
+                 r"of the layer's $|\Delta W_t|$", fontsize=10)
+    return fig
+
+
+def _short_names(layers: list[str]) -> list[str]:
+    """Layer names without the dotted prefix they all share."""
+    split = [name.split(".") for name in layers]
+    common = 0
+    while split and all(len(s) > common + 1 and s[common] == split[0][common] for s in split):
+        common += 1
+    if common and split and split[0][common].isdigit():  # keep "layers.3", not a bare "3"
+        common -= 1
+    return [".".join(s[common:]) for s in split]
+
+
+def _layer_means(d: dict) -> dict[str, tuple[float | None, float | None]]:
+    out = {}
+    for layer in d["layers"]:
+        sparsity = [t["sparsity"] for t in layer["tasks"] if t["sparsity"] is not None]
+        collision = [p["collision_rate"] for p in layer["pairs"] if p["collision_rate"] is not None]
+        out[layer["layer"]] = (sum(sparsity) / len(sparsity) if sparsity else None,
+                               sum(collision) / len(collision) if collision else None)
+    return out
+
+
+def plot_layer_bars(runs: list[RunData]) -> Figure:
+    means = [_layer_means(r.diagnostics) for r in runs]
+    layers = sorted({name for m in means for name in m}, key=natural_key)
+    n = max(1, len(layers))
+    fig = Figure(figsize=(min(30.0, max(9.0, 1.5 + n * (0.16 + 0.1 * len(runs)))), 7.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    if not layers:
+        _empty(top, "no adapter saved")
+        _empty(bottom, "no adapter saved")
+        return fig
+    width = 0.8 / len(runs)
+    for k, (r, m, color) in enumerate(zip(runs, means, _colors(len(runs)))):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(layers))]
+        for ax, which in ((top, 0), (bottom, 1)):
+            values = [m.get(name, (None, None))[which] for name in layers]
+            ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
+                   width=width, color=color, label=r.label)
+    top.set_ylabel("sparsity\n(mean over tasks)")
+    top.set_title(r"Sparsity of $\Delta W_t$ per adapted layer (fraction of entries at or below the threshold)",
+                  fontsize=11)
+    bottom.set_ylabel("collision rate\n(mean over task pairs)")
+    bottom.set_title(r"Collision rate of $\Delta W_s$, $\Delta W_t$ per adapted layer", fontsize=11)
+    if not any(m[name][1] is not None for m in means for name in m):
+        bottom.text(0.5, 0.5, "fewer than two task updates: no pairs", ha="center", va="center",
+                    transform=bottom.transAxes, color="0.35")
+    for ax in (top, bottom):
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    bottom.set_xticks(range(len(layers)), _short_names(layers), rotation=90, fontsize=_tick_font(len(layers) / 3))
+    bottom.set_xlabel("adapted layer")
+    if len(runs) > 1:
+        fig.legend(*top.get_legend_handles_labels(), loc="outside upper center", ncols=len(runs))
+    return fig
+
+
+def plot_nuclear_norms(runs: list[RunData]) -> Figure:
+    tasks = []
+    for r in runs:
+        tasks += [t for t in r.diagnostics["tasks"] if t not in tasks]
+    fig = Figure(figsize=(max(6.5, 1.5 + len(tasks) * (0.5 + 0.45 * len(runs))), 4.5), layout="constrained")
+    ax = fig.subplots()
+    if not tasks:
+        _empty(ax, "no adapter saved")
+        return fig
+    width = 0.8 / len(runs)
+    values_all = []
+    for k, (r, color) in enumerate(zip(runs, _colors(len(runs)))):
+        d = r.diagnostics
+        per_task = {t: [layer["tasks"][i]["nuclear_norm"] for layer in d["layers"]]
+                    for i, t in enumerate(d["tasks"])}
+        positions, data = [], []
+        for i, t in enumerate(tasks):
+            if t in per_task and per_task[t]:
+                positions.append(i - 0.4 + width * (k + 0.5))
+                data.append(per_task[t])
+                values_all += per_task[t]
+        if data:
+            parts = ax.boxplot(data, positions=positions, widths=width * 0.85, patch_artist=True,
+                               manage_ticks=False, flierprops={"markersize": 3})
+            for box in parts["boxes"]:
+                box.set(facecolor=color, alpha=0.75)
+            for median in parts["medians"]:
+                median.set(color="black")
+        ax.plot([], [], color=color, linewidth=8, alpha=0.75, label=r.label)
+    positive = [v for v in values_all if v and v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 5 else 0, fontsize=_tick_font(len(tasks)) + 1)
+    ax.set_xlabel(r"task update $\Delta W_t$")
+    ax.set_ylabel("nuclear norm per adapted layer")
+    ax.set_title(r"Nuclear norm $\|\Delta W_t\|_*$ of each adapted layer (box: quartiles over layers)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
