@@ -152,8 +152,11 @@ def _read_split(path: Path, labels: set[str]) -> list[dict]:
         if not isinstance(row, dict):
             raise NloraError(f"{path}: example {i} is not an object")
         for key in ("label", "sentence"):
-            if not isinstance(row.get(key), str):
+            if key not in row:
                 raise NloraError(f"{path}: example {i} has no string field '{key}'")
+            if not isinstance(row[key], str):
+                raise NloraError(f"{path}: example {i} has no string field '{key}' (its '{key}' is "
+                                 f"{type(row[key]).__name__} {row[key]!r}, not a string)")
         if row["label"] not in labels:
             raise NloraError(f"{path}: example {i} has label {row['label']!r}, which is not in labels.json "
                              f"({', '.join(sorted(labels))})")

@@ -6,6 +6,8 @@ Run directory (the contract every feature writes into; every file is written ato
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
     predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
     checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
+    diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
+    report/                              plots and report.md, written by `nlora report RUN_DIR`
 
 The run directory is also the checkpoint: `run(config, resume=True)` reloads what is finished (adapters of
 trained phases, matrix rows of evaluated ones), continues a phase from its last checkpoint, and ends with the
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +69,8 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
                       config.seed) for name in config.tasks]
 
 
-def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
+def check_output_dir(config: RunConfig, resume: bool) -> RunPaths:
+    """Everything `prepare_output_dir` would refuse, checked without changing anything on disk."""
     paths = RunPaths(config.output_dir)
     root = paths.root
     existing = [e for e in RUN_ENTRIES if (root / e).exists()]
@@ -76,13 +81,26 @@ def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
     if existing and not (config.overwrite or resume):
         raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
                          "continue it, --overwrite to replace it, or choose another 'output_dir'")
+    nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
+    if not nearest.is_dir():
+        raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest) as probe:  # nameless on Linux, removed on close
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as e:
+        raise NloraError(f"output dir {root} is not writable ({nearest}: {e.strerror or e})") from None
+    return paths
+
+
+def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
+    paths = check_output_dir(config, resume)
+    root = paths.root
+    existing = [e for e in RUN_ENTRIES if (root / e).exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".nlora-write-test"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
-        raise NloraError(f"output dir {root} is not writable: {e.strerror or e}") from None
+        raise NloraError(f"output dir {root} cannot be created: {e.strerror or e}") from None
     if resume:  # temporary files of writes a crash interrupted; never read, so safe to drop
         for stale in sorted(root.rglob(".*.tmp"), reverse=True):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -147,6 +165,7 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "adapter_layout": method.adapter_layout,
         "train": train_stats,
         "eval_seconds": eval_seconds,
+        "eval_mode": config.eval_mode,
         "n_train": [len(t.train) for t in tasks],
         "n_test": [len(t.test) for t in tasks],
     }
@@ -158,7 +177,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     config.validate()
     tasks = load_tasks(config)
     method = get_method(config.method)(config)
-    paths = prepare_output_dir(config, resume)
+    paths = check_output_dir(config, resume)
 
     set_seed(config.seed)
     backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
@@ -167,13 +186,19 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if resume:
         check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
     accelerator = make_accelerator(config)
+    # Every process has checked the output dir above; one changes it, once everything above has passed.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_output_dir(config, resume)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not resume:
-        write_yaml_atomic(paths.config, resolved.to_dict())
+        # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
+        write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
 
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
                                  config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
-                               config.max_target_length)
+                               config.max_target_length, config.eval_mode)
     backbone.model.to(accelerator.device)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
@@ -238,4 +263,18 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
         phases_done.append(k)
         save_metrics()
-    return save_metrics()
+    metrics = save_metrics()
+    if accelerator.is_main_process and metrics["complete"]:
+        write_diagnostics(paths.root)
+    return metrics
+
+
+def write_diagnostics(root: Path) -> None:
+    """diagnostics.json of a complete run. The run itself is already on disk, so a failure here only warns."""
+    from .diagnostics import diagnose_run
+
+    try:
+        diagnose_run(root)
+    except (NloraError, OSError) as e:
+        print(f"nlora: warning: parameter diagnostics not written ({e}); retry with `nlora diagnose {root}`",
+              file=sys.stderr)
