@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from .config import RunConfig, base_type, config_fields, load_config, public_name
 from .errors import NloraError
@@ -40,38 +43,158 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--resume", action="store_true",
                        help="continue the run in --output-dir from where it stopped (same configuration)")
     p_run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_launch_option(p_run)
+    p_run.add_argument("--dry-run", action="store_true",
+                       help="print the resolved configuration (preset, config file and flags applied) and exit")
 
     p_resume = sub.add_parser("resume", help="continue a stopped run with the configuration saved in it")
     p_resume.add_argument("run_dir", help="the run directory")
     p_resume.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_launch_option(p_resume)
 
     p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
-    _add_config_options(p_demo, skip=("method",))
+    _add_config_options(p_demo, skip=("method", "benchmark", "order"))
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the available methods")
+    p_presets = sub.add_parser("presets", help="list the benchmark presets, or print one (a YAML file to copy)")
+    p_presets.add_argument("benchmark", nargs="?", help="standard or long")
+    p_presets.add_argument("order", nargs="?", type=int, help="the task order (standard: 1-3, long: 4-6)")
+
+    p_report = sub.add_parser("report", help="plots and report.md of a run, or a comparison of several runs")
+    p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p_report.add_argument("--output-dir", metavar="DIR",
+                          help="where to write (default for one run: RUN_DIR/report; required for several)")
+    p_report.add_argument("--rediagnose", action="store_true",
+                          help="recompute each run's diagnostics.json from its saved adapters first")
+    _add_threshold_options(p_report, "that of the run's diagnostics.json, else 0.01")
+
+    p_diagnose = sub.add_parser("diagnose", help="recompute RUN_DIR/diagnostics.json from the saved adapters "
+                                "(collision, orthogonality, sparsity, norms of the task updates)")
+    p_diagnose.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    _add_threshold_options(p_diagnose, "0.01")
     return parser
 
 
+def _add_launch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N",
+                        help="data-parallel processes (one per GPU), started through accelerate's launcher: the "
+                             "same as `accelerate launch --multi_gpu --num_processes N -m nlora ...`; results do "
+                             "not depend on N (batch_size is the global batch)")
+
+
+def _launch(argv: list[str], num_processes: int) -> int | None:
+    """Start `num_processes` copies of this command through accelerate's launcher and wait for them; None when
+    this process should simply run (one process, or already one of the launched processes)."""
+    if num_processes < 1:
+        raise NloraError(f"option --num-processes: must be >= 1, got {num_processes}")
+    if "WORLD_SIZE" in os.environ:  # started by a launcher already
+        if int(os.environ["WORLD_SIZE"]) != num_processes:
+            raise NloraError(f"option --num-processes is {num_processes}, but this process was launched as one "
+                             f"of {os.environ['WORLD_SIZE']}")
+        return None
+    if num_processes == 1:
+        return None
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--num-processes="):
+            skip = False
+            continue
+        skip = arg == "--num-processes"
+        if not skip:
+            rest.append(arg)
+    launch_args = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--module", "nlora", *rest])
+    try:
+        launch_command(launch_args)
+    except ChildFailedError as e:  # each process has printed its own error
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        return codes[0] if codes else 1
+    return 0
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--rel-eps", type=float, metavar="X",
+                        help=f"an entry of a task update counts as non-zero when |x| > X * the layer's scale "
+                             f"(default: {default})")
+    parser.add_argument("--eps-scale", default=None, metavar="max|rms",
+                        help="the layer's scale: max|dW| or RMS(dW) (default: max)")
+
+
+def print_presets(benchmark: str | None, order: int | None) -> None:
+    from .benchmarks import PUBLISHED, PUBLISHED_SOURCE, list_presets, load_preset, preset_path
+
+    if benchmark is not None:
+        if order is None:
+            raise NloraError(f"nlora presets {benchmark}: give the order too, e.g. `nlora presets {benchmark} "
+                             f"{1 if benchmark == 'standard' else 4}`")
+        print(preset_path(benchmark, order).read_text(encoding="utf-8"), end="")
+        return
+    print(f"{'preset':<31} {'tasks':>5} {'lr':>7} {'epochs':>6} {'batch':>5}  lambda")
+    for b, o, _ in list_presets():
+        p = load_preset(b, o)
+        lam = "per task " + "/".join(sorted({f"{x:g}" for x in p["lambda_per_task"]})) \
+            if p.get("lambda_per_task") else f"{p['lambda']:g}"
+        print(f"{'--benchmark ' + b + ' --order ' + str(o):<31} {len(p['tasks']):>5} {float(p['lr']):>7.0e} "
+              f"{p['epochs']:>6} {p['batch_size']:>5}  {lam}")
+    print(f"\npublished AP (%), {PUBLISHED_SOURCE}:")
+    for b, scores in PUBLISHED.items():
+        print(f"  {b:<9} " + "  ".join(f"{m} {v:.1f}" for m, v in scores.items()))
+    print("\n`nlora presets BENCHMARK ORDER` prints a preset's file; "
+          "`nlora run --benchmark B --order K --dry-run` shows the resolved configuration.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "resume") and args.num_processes is not None \
+                and not getattr(args, "dry_run", False):
+            code = _launch(argv, args.num_processes)
+            if code is not None:
+                return code
         if args.command in ("run", "resume"):
+            from accelerate import PartialState
+
             from .runner import run
             from .summary import format_run
 
             if args.command == "run":
                 config, resume = load_config(args.config, _overrides(args)), args.resume
+                if args.dry_run:
+                    print(yaml.safe_dump(config.validate().to_dict(), sort_keys=False), end="")
+                    return 0
             else:
                 config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir})
                 resume = True
             metrics = run(config, progress=not args.quiet, resume=resume)
-            print(format_run(metrics))
-            print(f"run directory: {Path(config.output_dir).resolve()}")
+            if PartialState().is_main_process:
+                print(format_run(metrics))
+                print(f"run directory: {Path(config.output_dir).resolve()}")
         elif args.command == "demo":
             from .demo import run_demo
 
             run_demo(args.config, _overrides(args), progress=not args.quiet)
+        elif args.command == "presets":
+            print_presets(args.benchmark, args.order)
+        elif args.command == "report":
+            from .report import write_report
+
+            folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
+                                  rel_eps=args.rel_eps, eps_scale=args.eps_scale)
+            print(f"report: {(folder / 'report.md').resolve()}")
+        elif args.command == "diagnose":
+            from .diagnostics import DIAGNOSTICS_FILE, diagnose_run, format_diagnostics
+
+            for run_dir in args.run_dirs:
+                options = {k: v for k, v in (("rel_eps", args.rel_eps), ("eps_scale", args.eps_scale)) if v is not None}
+                diagnostics = diagnose_run(run_dir, **options)
+                print(format_diagnostics(diagnostics))
+                print(f"written: {(Path(run_dir) / DIAGNOSTICS_FILE).resolve()}")
         elif args.command == "methods":
             from .methods import METHODS
 

@@ -2,19 +2,26 @@
 `accelerate` (device placement, mixed precision, data parallelism across processes).
 
 Data order is a fixed permutation per (seed, phase, epoch), so a run resumed from a checkpoint sees exactly the
-batches it would have seen. `batch_size` is the global batch: accelerate splits it across processes
-(split_batches), so 1 and N processes take the same optimizer steps."""
+batches it would have seen. `batch_size` is the global batch: each process trains on its part of it (`shard`),
+and the task loss is normalised by the term count of the whole optimizer step (all processes and accumulated
+micro-batches), so 1 and N processes, and accumulation k x b versus one batch of k*b, compute the same gradient.
+The loss a model returns is a mean over its own batch's terms (answer tokens for generative models, examples for
+the encoder), so a process scales it by (its terms x processes / step's terms): DDP averages over processes, and
+a mean over uneven token counts per process would otherwise weigh tokens unequally. The regulariser is the same
+on every process and is added once per optimizer step (averaged over the accumulated micro-batches)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from torch.utils.data import DataLoader
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from .adapters import ContinualAdapters
@@ -24,7 +31,7 @@ from .data import Example
 from .errors import NloraError
 from .faults import fault_point
 from .methods import Method
-from .objectives import Objective
+from .objectives import Objective, to_device
 
 
 @dataclass
@@ -40,8 +47,56 @@ class TrainStats:
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    """The run's Accelerator: mixed precision and gradient accumulation come from the run's options (recorded in
+    config.yaml); the distributed engine (DDP, DeepSpeed) and the process count come from `accelerate launch`."""
+    for option, variable, neutral in (("mixed_precision", "ACCELERATE_MIXED_PRECISION", "no"),
+                                      ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")):
+        launched = os.environ.get(variable, neutral)
+        if launched not in (neutral, str(getattr(config, option))):
+            raise NloraError(f"the accelerate launch configuration sets {option} {launched}, but option "
+                             f"'{option}' is {getattr(config, option)}; set it through nlora "
+                             f"(--{option.replace('_', '-')} {launched}) so that the run directory records it")
+    # A previous run in this process may have used another precision; the process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer step.
+    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    _check_engine(accelerator, config)
+    return accelerator
+
+
+def _check_engine(accelerator: Accelerator, config: RunConfig) -> None:
+    """Refuse the engines that shard the LoRA factors themselves, and fill DeepSpeed's batch settings from the
+    run's options. nlora reads each adapter's A and B whole (penalties, saving, evaluation) and adds a new adapter
+    to the same model at every task, so the parameters must stay whole on every process: DDP, or DeepSpeed ZeRO
+    stage 1/2, which shard optimizer states and gradients but keep parameters replicated."""
+    engine = accelerator.distributed_type
+    if engine == DistributedType.FSDP:
+        raise NloraError("FSDP is not supported: it flattens and shards the LoRA factors outside the forward pass, "
+                         "so the penalties, adapter saving and evaluation would not see them whole. Use DDP, or "
+                         "DeepSpeed ZeRO stage 2 (examples/accelerate/deepspeed_zero2.yaml), which shards the "
+                         "gradients and optimizer states and keeps the parameters replicated")
+    if engine != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage == 3:
+        raise NloraError("DeepSpeed ZeRO stage 3 partitions the parameters, LoRA factors included, so the "
+                         "penalties would be computed on partitions; use ZeRO stage 2 "
+                         "(examples/accelerate/deepspeed_zero2.yaml), where the LoRA factors stay whole")
+    if config.batch_size % accelerator.num_processes:
+        raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
+                         f"{accelerator.num_processes} processes")
+    ds = plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": config.batch_size // accelerator.num_processes,
+              "gradient_accumulation_steps": config.gradient_accumulation_steps,
+              "gradient_clipping": config.max_grad_norm or 0.0}  # DeepSpeed: 0 turns clipping off
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise NloraError(f"the DeepSpeed configuration sets {key} {ds[key]}, but nlora's options give "
+                             f"{value}; set it to auto (nlora fills it from batch_size, "
+                             "gradient_accumulation_steps and max_grad_norm)")
+        ds[key] = value
 
 
 def epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
@@ -49,8 +104,22 @@ def epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def shard(batch: list, rank: int, world: int) -> list:
+    """This process's contiguous part of a global batch; part sizes differ by at most one (the last batch of an
+    epoch may be smaller than the process count, leaving some parts empty)."""
+    return batch[rank * len(batch) // world: (rank + 1) * len(batch) // world]
+
+
 def trainable_state(adapters: ContinualAdapters) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in adapters.model.named_parameters() if p.requires_grad}
+
+
+def _check_finite(named: dict[str, torch.nn.Parameter], phase: int, step: int, desc: str) -> None:
+    """A finite loss can still come with an update that overflows the weights; catch it before they are saved."""
+    bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise NloraError(f"task {phase} ({desc}): non-finite adapter weights after step {step} ({len(bad)} "
+                         f"tensors, e.g. {bad[0]}); lower option 'lr' or 'lambda'. The last checkpoint is kept.")
 
 
 def train_task(adapters: ContinualAdapters, objective: Objective, method: Method, examples: list[Example],
@@ -67,6 +136,9 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # a DeepSpeed optimizer keeps its own (partitioned) state: redo the task from its start
+        resume = None
     pos = Progress(phase, 0, 0, 0, 0.0, 0.0)
     if resume is not None:
         pos, saved, state = resume
@@ -82,6 +154,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     model, optimizer, scheduler = accelerator.prepare(adapters.model, optimizer, scheduler)
     model.train()
     accum = config.gradient_accumulation_steps
+    rank, world = accelerator.process_index, accelerator.num_processes
     n_batches = -(-len(examples) // config.batch_size)
     bar = tqdm(total=config.epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=desc,
                disable=not (progress and accelerator.is_local_main_process), leave=False, dynamic_ncols=True)
@@ -90,34 +163,52 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
         for epoch in range(pos.epoch, config.epochs):
             order = epoch_order(len(examples), config.seed, phase, epoch)
             first = pos.batch if epoch == pos.epoch else 0
-            subset = [examples[i] for i in order[first * config.batch_size:]]
-            # Its own generator: a loader drawing its seed from the global RNG would shift dropout on resume.
-            loader = accelerator.prepare_data_loader(
-                DataLoader(subset, batch_size=config.batch_size, shuffle=False, collate_fn=objective.collate,
-                           generator=torch.Generator().manual_seed(0)))
-            for b, batch in enumerate(loader, start=first):
-                group_end = min((b // accum + 1) * accum, n_batches)
+            size = config.batch_size
+            batches = [[examples[i] for i in order[s: s + size]] for s in range(0, len(order), size)]
+            for b in range(first, n_batches):
+                group_start = b // accum * accum
+                group_end = min(group_start + accum, n_batches)
                 boundary = b + 1 == group_end
-                in_group = group_end - (b // accum) * accum
+                in_group = group_end - group_start
+                if b == group_start or b == first:
+                    step_terms = objective.count_terms(
+                        objective.collate([e for batch in batches[group_start:group_end] for e in batch]))
+                local = shard(batches[b], rank, world)
+                # A process without examples (a short last batch) still runs forward and backward, weighted 0,
+                # so that every process takes part in the gradient all-reduce.
+                weight = 1.0 if local else 0.0
+                batch = objective.collate(local or batches[b][:1])
+                terms = objective.count_terms(batch) * weight
+                batch = to_device(batch, accelerator.device)
+                accelerator.sync_gradients = boundary  # DeepSpeed steps its engine inside backward at a boundary
                 sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
                 with sync:
                     loss = objective.loss(model, batch)
+                    share = loss * (terms / step_terms)  # this process's part of the step's mean task loss
+                    step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
                     reg = method.regularizer(adapters, phase)
-                    total = loss if reg is None else loss + reg
-                    if not torch.isfinite(total):
+                    if not (torch.isfinite(step_loss) and (reg is None or torch.isfinite(reg))):
                         raise NloraError(
                             f"task {phase} ({desc}): non-finite loss at step {pos.step} (task loss "
-                            f"{loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
+                            f"{step_loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
                             "lower option 'lr' or 'lambda'. The last checkpoint is kept.")
-                    accelerator.backward(total / in_group)
-                pos.loss_sum += loss.item() / in_group
+                    total = share * world if reg is None else share * world + reg / in_group
+                    # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
+                    accelerator.backward(total * accelerator.gradient_accumulation_steps)
+                pos.loss_sum += step_loss.item()
                 pos.reg_sum += 0.0 if reg is None else reg.item() / in_group
                 bar.update(1)
                 if not boundary:
                     continue
                 if config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:
+                    if "overflow" not in str(e):
+                        raise
+                    raise NloraError(f"task {phase} ({desc}): the optimizer step overflowed at step {pos.step} "
+                                     f"({e}); lower option 'lr'. The last checkpoint is kept.") from None
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pos.step += 1
@@ -125,13 +216,16 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.step:.4f}", reg=f"{pos.reg_sum / pos.step:.4g}")
                 fault_point("train_step")
                 if (run_dir is not None and config.checkpoint_steps and pos.step % config.checkpoint_steps == 0
-                        and pos.epoch < config.epochs):
+                        and pos.epoch < config.epochs and not deepspeed):
+                    _check_finite(named, phase, pos.step, desc)  # never replace a good checkpoint by a bad one
                     if accelerator.is_main_process:
                         save_checkpoint(run_dir, pos, named, optimizer, scheduler)
                     accelerator.wait_for_everyone()
     finally:
         bar.close()
         model.eval()
+        accelerator.sync_gradients = True
         accelerator.free_memory()
+    _check_finite(named, phase, pos.step, desc)
     steps = max(pos.step, 1)
     return TrainStats(pos.step, pos.loss_sum / steps, pos.reg_sum / steps, time.perf_counter() - start)

@@ -1,0 +1,222 @@
+"""Data parallelism through accelerate: 2 CPU processes (gloo) give the same run as 1 process, only the main
+process writes, gradient accumulation k x b equals one batch of k*b, and the engines that would shard the LoRA
+factors are refused. The multi-process test is marked `distributed` (deselect with -m "not distributed")."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+
+from nlora import cli
+from nlora.cli import main
+from nlora.config import RunConfig
+from nlora.errors import NloraError
+from nlora.training import _check_engine, make_accelerator, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "accelerate"
+ADAPTER_ATOL = 1e-5
+
+# 9 training examples in batches of 4 with 2 accumulation steps: groups of 2 batches and a last group of one
+# batch of one example, so one of the 2 processes has nothing of it (the weight-0 stand-in path). 7 test
+# examples in batches of 2 split unevenly across processes. Answers of 4 to 6 tokens: averaging each process's
+# own token mean (instead of normalising by the step's token count) moves the adapters by ~4e-3, far above the
+# tolerance. Dropout 0: each process draws its own dropout masks, so with dropout the runs agree only in
+# distribution.
+RUN = ["run", "--model", "tiny-llama", "--method", "n-lora", "--lambda", "0.01", "--tasks", "harbor,orchard",
+       "--max-train-samples", "9", "--max-eval-samples", "7", "--batch-size", "4",
+       "--gradient-accumulation-steps", "2", "--eval-batch-size", "2", "--epochs", "2", "--lora-dropout", "0",
+       "--max-target-length", "8", "--device", "cpu", "--quiet"]
+
+# Installed as sitecustomize in the launched processes: logs every file-system change under the run directory
+# (an audit hook sees opens for writing, renames, removals and new folders, whoever makes them).
+WATCH = '''
+import atexit, json, os, sys
+_root = os.path.realpath(os.environ["NLORA_TEST_WATCH"])
+_seen = []
+def _hook(event, args):
+    if event not in ("open", "os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree"):
+        return
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \\
+            (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if not writing or isinstance(path, int):
+            return
+    else:
+        path = args[0]
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.realpath(os.fsdecode(path))
+        if path.startswith(_root + os.sep):
+            _seen.append([event, path])
+sys.addaudithook(_hook)
+def _dump():
+    name = f"writes-{os.environ.get('RANK', 'launcher')}-{os.getpid()}.json"
+    with open(os.path.join(os.environ["NLORA_TEST_LOG"], name), "w") as f:
+        json.dump(_seen, f)
+atexit.register(_dump)
+'''
+
+
+def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(run)): load_file(str(p)) for p in sorted(run.rglob("*.safetensors"))}
+
+
+def _assert_same_adapters(a: Path, b: Path) -> None:
+    left, right = _adapters(a), _adapters(b)
+    assert left.keys() == right.keys() and left
+    for name, tensors in left.items():
+        assert tensors.keys() == right[name].keys()
+        for key, value in tensors.items():
+            torch.testing.assert_close(right[name][key], value, rtol=0, atol=ADAPTER_ATOL, msg=f"{name} {key}")
+    moved = [v for t in left.values() for k, v in t.items() if "lora_B" in k]
+    assert max(v.abs().max().item() for v in moved) > 100 * ADAPTER_ATOL, "the adapters barely trained"
+
+
+def _same_training(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for task in a:
+        assert a[task]["steps"] == b[task]["steps"]
+        for key in ("mean_loss", "mean_regularizer"):
+            assert b[task][key] == pytest.approx(a[task][key], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
+    single, multi, logs, site = tmp_path / "single", tmp_path / "multi", tmp_path / "logs", tmp_path / "site"
+    logs.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WATCH)
+    env = dict(os.environ, NLORA_TEST_WATCH=str(multi), NLORA_TEST_LOG=str(logs),
+               PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("WORLD_SIZE", None)
+    launched = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp.yaml"),
+         "--num_processes", "2", "-m", "nlora", *RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(multi)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(single)]) == 0  # meanwhile
+    out, err = launched.communicate(timeout=600)
+    assert launched.returncode == 0, err[-3000:]
+    assert out.count("run directory:") == 1, "only the main process prints the summary"
+
+    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
+    assert files == sorted(str(p.relative_to(multi)) for p in multi.rglob("*"))
+    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, multi))
+    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
+    _same_training(m1["train"], m2["train"])
+    _assert_same_adapters(single, multi)
+    for path in sorted(single.rglob("*.jsonl")):  # complete, in input order, the same predictions
+        rows = [json.loads(line) for line in (multi / path.relative_to(single)).open()]
+        assert len(rows) == 7
+        assert rows == [json.loads(line) for line in path.open()]
+
+    writers = {}
+    for log in logs.glob("writes-*.json"):
+        who = log.name.split("-")[1]
+        writers[who] = writers.get(who, []) + json.loads(log.read_text())
+    assert {"0", "1", "launcher"} <= writers.keys()
+    assert writers["0"], "the main process wrote the run directory"
+    assert writers["1"] == [] and writers["launcher"] == [], "only the main process changes the run directory"
+
+
+def test_accumulation_equals_one_larger_batch(tmp_path, synthetic_dir):
+    """2 x 4 accumulated equals one batch of 8, with a last partial step (12 examples); the loss of a step is the
+    mean over all its answer tokens, whatever their split into micro-batches."""
+    common = ["run", "--model", "tiny-llama", "--method", "n-lora", "--lambda", "0.01", "--tasks", "harbor",
+              "--data-dir", str(synthetic_dir), "--max-train-samples", "12", "--max-eval-samples", "2",
+              "--epochs", "2", "--lora-dropout", "0", "--max-target-length", "8", "--device", "cpu", "--quiet"]
+    assert main([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "b8")]) == 0
+    assert main([*common, "--batch-size", "4", "--gradient-accumulation-steps", "2",
+                 "--output-dir", str(tmp_path / "b4x2")]) == 0
+    _assert_same_adapters(tmp_path / "b8", tmp_path / "b4x2")
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("b8", "b4x2"))
+    _same_training(m1["train"], m2["train"])
+
+
+def test_bf16_and_accumulation_reach_the_accelerator(tmp_path, synthetic_dir):
+    accelerator = make_accelerator(RunConfig(tasks=["x"], device="cpu", mixed_precision="bf16",
+                                             gradient_accumulation_steps=2))
+    assert accelerator.mixed_precision == "bf16" and accelerator.gradient_accumulation_steps == 2
+    assert main(["run", "--model", "tiny-t5", "--tasks", "harbor", "--data-dir", str(synthetic_dir),
+                 "--max-train-samples", "4", "--max-eval-samples", "2", "--batch-size", "2",
+                 "--gradient-accumulation-steps", "2", "--mixed-precision", "bf16", "--device", "cpu", "--quiet",
+                 "--output-dir", str(tmp_path / "bf16")]) == 0
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    accelerator = make_accelerator(RunConfig(tasks=["x"], device="cpu"))  # a later run in the same process
+    assert accelerator.mixed_precision == "no" and accelerator.gradient_accumulation_steps == 1
+
+
+@pytest.mark.parametrize("variable,value,option", [("ACCELERATE_MIXED_PRECISION", "bf16", "--mixed-precision bf16"),
+                                                   ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4",
+                                                    "--gradient-accumulation-steps 4")])
+def test_launcher_settings_must_agree_with_the_run_options(monkeypatch, variable, value, option):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(NloraError, match=option):
+        make_accelerator(RunConfig(tasks=["x"], device="cpu"))
+
+
+def _fake_accelerator(engine, zero_stage=2, processes=2, **ds_config):
+    plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config=dict(ds_config))
+    return SimpleNamespace(distributed_type=engine, num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_engines_that_shard_the_lora_factors_are_refused():
+    config = RunConfig(tasks=["x"], batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    with pytest.raises(NloraError, match="FSDP is not supported"):
+        _check_engine(_fake_accelerator(DistributedType.FSDP), config)
+    with pytest.raises(NloraError, match="ZeRO stage 3"):
+        _check_engine(_fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), config)
+    with pytest.raises(NloraError, match="gradient_accumulation_steps 4"):
+        _check_engine(_fake_accelerator(DistributedType.DEEPSPEED, gradient_accumulation_steps=4), config)
+    accelerator = _fake_accelerator(DistributedType.DEEPSPEED, gradient_accumulation_steps="auto",
+                                    train_micro_batch_size_per_gpu="auto")
+    _check_engine(accelerator, config)  # ZeRO-2: the batch settings come from the run's options
+    assert accelerator.state.deepspeed_plugin.deepspeed_config == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+    _check_engine(_fake_accelerator(DistributedType.MULTI_GPU), config)
+
+
+def test_shards_cover_a_batch_in_order():
+    for n in range(0, 10):
+        batch = list(range(n))
+        parts = [shard(batch, rank, 3) for rank in range(3)]
+        assert sum(parts, []) == batch and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_example_configs_load_as_accelerate_configs():
+    ddp = load_config_from_file(str(EXAMPLES / "ddp.yaml"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.mixed_precision == "no"
+    ds = load_config_from_file(str(EXAMPLES / "deepspeed_zero2.yaml"))
+    assert ds.distributed_type == DistributedType.DEEPSPEED and ds.deepspeed_config["zero_stage"] == 2
+    # the settings nlora fills from its own options are left to it
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & ds.deepspeed_config.keys()
+    for name, deepspeed in (("ddp.yaml", False), ("deepspeed_zero2.yaml", True)):
+        args = launch_command_parser().parse_args(["--config_file", str(EXAMPLES / name), "-m", "nlora", "run"])
+        args = _validate_launch_command(args)[0]
+        assert args.use_deepspeed == deepspeed and args.num_processes == 2
+        assert args.gradient_accumulation_steps is None and args.mixed_precision == "no"
+
+
+def test_num_processes_relaunches_through_accelerate(monkeypatch):
+    seen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", seen.append)
+    assert main(["run", "--tasks", "a", "--num-processes", "2", "--batch-size", "4", "--num-processes=2"]) == 0
+    args = seen[0]
+    assert args.multi_gpu and args.num_processes == 2 and args.module and args.training_script == "nlora"
+    assert args.training_script_args == ["run", "--tasks", "a", "--batch-size", "4"]
+    monkeypatch.setenv("WORLD_SIZE", "3")  # inside a launched process the count must match the launch
+    assert cli._launch(["run"], 3) is None
+    with pytest.raises(NloraError, match="one of 3"):
+        cli._launch(["run"], 2)
