@@ -117,6 +117,8 @@ def base_config(args, **changes):
                   max_source_length=args.max_source_length, lora_r=DEFAULTS["lora_r"],
                   lora_alpha=DEFAULTS["lora_alpha"], device="cpu", checkpoint_steps=50)
     values.update(changes)
+    if values["method"] != "mtl":  # the base model's score on each task (zero-shot) and FWT; mtl has one phase
+        values.setdefault("eval_future", True)
     return RunConfig(**values)
 
 
@@ -159,7 +161,8 @@ def diagnostics_of(run_dir: Path) -> dict | None:
 # ----------------------------------------------------------------------------------------------- table
 
 COLUMNS = (  # (header, key of a result row)
-    ("AP", "ap"), ("BWT", "bwt"), ("forgetting", "forgetting"), ("collision", "mean_collision_rate"),
+    ("zero-shot AP", "zero_shot"), ("AP", "ap"), ("FWT", "fwt"), ("BWT", "bwt"), ("forgetting", "forgetting"),
+    ("collision", "mean_collision_rate"),
     ("overlap ‖A_s A_tᵀ‖", "mean_olora_overlap"), ("subspace overlap", "mean_subspace_overlap"),
     ("sparsity", "mean_sparsity"), ("time (min)", "minutes"),
 )
@@ -179,7 +182,10 @@ def mean_std(values: list) -> str:
 def result_row(method: str, seed: int, metrics: dict, run_dir: Path) -> dict:
     diag = diagnostics_of(run_dir) or {}
     return {"method": method, "seed": seed, "run_dir": str(run_dir), "ap": metrics["average_accuracy"],
-            "bwt": metrics["bwt"], "forgetting": metrics["forgetting"], "minutes": run_seconds(metrics) / 60,
+            "bwt": metrics["bwt"], "fwt": metrics.get("fwt"),
+            "zero_shot": statistics.fmean(metrics["baseline_accuracy"]) if metrics.get("baseline_accuracy")
+            else None,
+            "forgetting": metrics["forgetting"], "minutes": run_seconds(metrics) / 60,
             "final_row": metrics["accuracy_matrix"][-1], "diagnostics_available": bool(diag),
             **{k: diag.get(k) for k in ("mean_collision_rate", "mean_collision_jaccard", "mean_delta_cosine",
                                         "mean_olora_overlap", "mean_subspace_overlap", "mean_sparsity",
@@ -241,7 +247,8 @@ def run_benchmark(args) -> list[dict]:
              f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} (delta form), "
              f"o-lora λ₁ {args.orth_lambda:g}; model {base_config(args).model} (scoring head).",
              f"Seeds {','.join(map(str, args.seeds))} (the seed also draws the train/test subsets); "
-             "time = training + evaluation recorded in each run's metrics.json.",
+             "time = training + evaluation recorded in each run's metrics.json (evaluation includes the "
+             "base model and every task before it is trained, for zero-shot AP and FWT; mtl: final row only).",
              f"Machine: {machine_line()}. Date {datetime.date.today()}.",
              f"Command: python {' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}",
              f"Wall time of this invocation: {wall / 60:.1f} min (reused runs cost nothing)."]
@@ -296,7 +303,7 @@ def run_sweep(args) -> list[dict]:
         label = method + "".join(f" {k.rstrip('_')}={v:g}" for k, v in changes.items())
         run_dir = out / (method + "".join(f"_{k.rstrip('_')}{v:g}" for k, v in changes.items()))
         config = base_config(args, method=method, seed=SWEEP_SEED, output_dir=str(run_dir), data_dir=str(view),
-                             max_train_samples=None, max_eval_samples=None, **changes)
+                             eval_future=False, max_train_samples=None, max_eval_samples=None, **changes)
         t0 = time.perf_counter()
         metrics, done = run_or_reuse(config, args.overwrite, args.progress)
         train = metrics["train"].values()

@@ -41,7 +41,8 @@ def test_preset_expands_to_the_papers_sequence_and_protocol(order):
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.warmup_steps) == (lr, batch, 10, 0)
     assert [cfg.lambda_per_task[k] if cfg.lambda_per_task else cfg.lambda_ for k in range(len(cfg.tasks))] \
         == lambdas
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 32.0, 0.1, ["q", "v"])
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32.0, 0.1)
+    assert cfg.target_modules is None  # the model's query/value default: T5 q, v; LLaMA q_proj, v_proj
     assert cfg.model == "google-t5/t5-large" and cfg.method == "n-lora"
     assert cfg.penalty_form == "reference"  # the form the scripts' lambda was tuned for
     assert (cfg.max_source_length, cfg.max_target_length, cfg.eval_mode) == (512, 50, "generate")
