@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, base_type, config_fields, load_config, public_name
+from .config import base_type, config_fields, load_config, public_name
 from .errors import NloraError
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
