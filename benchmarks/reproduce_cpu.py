@@ -309,16 +309,22 @@ def run_sweep(args) -> list[dict]:
         train = metrics["train"].values()
         loss = statistics.fmean(s["mean_loss"] for s in train)
         reg = statistics.fmean(s["mean_regularizer"] for s in train)
+        diag = diagnostics_of(run_dir) or {}
         rows.append({"config": label, "dev_ap": metrics["average_accuracy"], "dev_bwt": metrics["bwt"],
                      "accuracy_matrix": metrics["accuracy_matrix"], "loss": loss, "reg": reg,
-                     "minutes": run_seconds(metrics) / 60})
+                     "minutes": run_seconds(metrics) / 60,
+                     **{k: diag.get(k) for k in ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm",
+                                                 "mean_olora_overlap")}})
         print(f"[sweep] {label}: {done} in {time.perf_counter() - t0:.0f}s, dev AP {metrics['average_accuracy']:.2f}"
               f" BWT {fmt_opt(metrics['bwt'])}, mean task loss {loss:.3f}, mean penalty {reg:.3g}", flush=True)
-    lines = ["| config | dev AP | dev BWT | mean task loss | mean penalty (λ·term) | time (min) |",
-             "|---|---|---|---|---|---|"]
+    header = ("| config | dev AP | dev BWT | mean task loss | mean penalty (λ·term) | collision | sparsity | "
+              "nuclear norm | overlap ‖A_s A_tᵀ‖ | time (min) |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
+        diag = [mean_std([r[k]]) for k in ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm",
+                                           "mean_olora_overlap")]
         lines.append(f"| {r['config']} | {r['dev_ap']:.2f} | {fmt_opt(r['dev_bwt'])} | {r['loss']:.3f} | "
-                     f"{r['reg']:.3g} | {r['minutes']:.1f} |")
+                     f"{r['reg']:.3g} | " + " | ".join(diag) + f" | {r['minutes']:.1f} |")
     text = ("\n".join(lines) + f"\n\nDev split carved from train.json (seed {SWEEP_SEED}): {args.dev_samples} "
             f"of {args.train_samples} training examples per task held out as dev (yahoo: of 171); "
             f"{args.epochs} epochs, lr {args.lr:g} unless the row says otherwise.\nCommand: python "

@@ -26,6 +26,11 @@ from nlora.training import _check_engine, make_accelerator, shard
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "accelerate"
 ADAPTER_ATOL = 1e-5
+# The L1 penalty's subgradient sign(ΔW) is discontinuous: the entries of ΔW it pushes to zero then hover there, and
+# a float-rounding difference of the all-reduce can flip one's sign, so a few entries may drift apart (measured:
+# 6 of 512 by up to 2e-4). A mis-scaled loss or penalty moves nearly all entries (measured with the penalty
+# counted once per process: 30-98% of each tensor, by up to 5e-3), so a small share of outliers is allowed.
+OUTLIER_SHARE, OUTLIER_ATOL = 0.02, 1e-3
 
 # 9 training examples in batches of 4 with 2 accumulation steps: groups of 2 batches and a last group of one
 # batch of one example, so one of the 2 processes has nothing of it (the weight-0 stand-in path). 7 test
@@ -78,7 +83,10 @@ def _assert_same_adapters(a: Path, b: Path) -> None:
     for name, tensors in left.items():
         assert tensors.keys() == right[name].keys()
         for key, value in tensors.items():
-            torch.testing.assert_close(right[name][key], value, rtol=0, atol=ADAPTER_ATOL, msg=f"{name} {key}")
+            diff = (right[name][key] - value).abs()
+            share = (diff > ADAPTER_ATOL).float().mean().item()
+            assert share <= OUTLIER_SHARE and diff.max() <= OUTLIER_ATOL, \
+                f"{name} {key}: {share:.1%} of entries differ by > {ADAPTER_ATOL}, at most {diff.max():.2e}"
     moved = [v for t in left.values() for k, v in t.items() if "lora_B" in k]
     assert max(v.abs().max().item() for v in moved) > 100 * ADAPTER_ATOL, "the adapters barely trained"
 
