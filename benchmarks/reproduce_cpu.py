@@ -45,7 +45,7 @@ PROFILES = {
     "quick": dict(train_samples=64, test_samples=64, dev_samples=24, epochs=2),
 }
 # Chosen by --sweep on the dev split carved from train (see the module docstring).
-DEFAULTS = dict(lr=1e-3, lambda_=1e-4, orth_lambda=0.5, batch_size=16, max_source_length=128, lora_r=8,
+DEFAULTS = dict(lr=1e-3, lambda_=1e-5, orth_lambda=0.5, batch_size=16, max_source_length=128, lora_r=8,
                 lora_alpha=32.0)
 SWEEP_SEED = 0
 # Keys that may differ between a finished run and the command that would reuse it.
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--lambda", dest="lambda_", type=float, default=DEFAULTS["lambda_"],
                    help="N-LoRA λ (delta form: λ · Σ_layers ‖scaling·B·A‖₁)")
+    p.add_argument("--penalty-form", default="delta", choices=("delta", "reference", "factors"),
+                   help="N-LoRA penalty form (n-lora runs only; see the README)")
     p.add_argument("--orth-lambda", type=float, default=DEFAULTS["orth_lambda"], help="O-LoRA λ₁")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-source-length", type=int, default=DEFAULTS["max_source_length"])
@@ -117,7 +119,9 @@ def base_config(args, **changes):
                   max_source_length=args.max_source_length, lora_r=DEFAULTS["lora_r"],
                   lora_alpha=DEFAULTS["lora_alpha"], device="cpu", checkpoint_steps=50)
     values.update(changes)
-    if values["method"] != "mtl":  # the base model's score on each task (zero-shot) and FWT; mtl has one phase
+    if values.get("method") == "n-lora":
+        values.setdefault("penalty_form", args.penalty_form)
+    if values.get("method", "mtl") != "mtl":  # the base model's score on each task (zero-shot) and FWT; mtl has one phase
         values.setdefault("eval_future", True)
     return RunConfig(**values)
 
@@ -244,7 +248,7 @@ def run_benchmark(args) -> list[dict]:
     notes = [f"Standard CL benchmark, order 1 ({' → '.join(ORDER_1)}), {args.train_samples} train / "
              f"{args.test_samples} test examples per task (yahoo: all 171 / 138 at most), {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.lr:g}, LoRA r {DEFAULTS['lora_r']} α {DEFAULTS['lora_alpha']:g} "
-             f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} (delta form), "
+             f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} ({args.penalty_form} form), "
              f"o-lora λ₁ {args.orth_lambda:g}; model {base_config(args).model} (scoring head).",
              f"Seeds {','.join(map(str, args.seeds))} (the seed also draws the train/test subsets); "
              "time = training + evaluation recorded in each run's metrics.json (evaluation includes the "
@@ -296,12 +300,14 @@ def run_sweep(args) -> list[dict]:
     out = Path(args.output_dir) / "sweep"
     lrs = parse_floats(args.sweep_lrs) or [args.lr]
     specs = [("inc-lora", dict(lr=lr)) for lr in lrs]
-    specs += [("n-lora", dict(lambda_=lam)) for lam in parse_floats(args.sweep_lambdas)]
+    form = {} if args.penalty_form == "delta" else {"penalty_form": args.penalty_form}
+    specs += [("n-lora", dict(lambda_=lam, **form)) for lam in parse_floats(args.sweep_lambdas)]
     specs += [("o-lora", dict(orth_lambda=lam)) for lam in parse_floats(args.sweep_orth_lambdas)]
     rows = []
     for method, changes in specs:
-        label = method + "".join(f" {k.rstrip('_')}={v:g}" for k, v in changes.items())
-        run_dir = out / (method + "".join(f"_{k.rstrip('_')}{v:g}" for k, v in changes.items()))
+        shown = {k.rstrip("_"): f"{v:g}" if isinstance(v, float) else v for k, v in changes.items()}
+        label = method + "".join(f" {k}={v}" for k, v in shown.items())
+        run_dir = out / (method + "".join(f"_{k}{v}" for k, v in shown.items()))
         config = base_config(args, method=method, seed=SWEEP_SEED, output_dir=str(run_dir), data_dir=str(view),
                              eval_future=False, max_train_samples=None, max_eval_samples=None, **changes)
         t0 = time.perf_counter()
