@@ -138,8 +138,12 @@ def run_or_reuse(config, overwrite: bool, progress: bool) -> tuple[dict, str]:
     if overwrite or not saved_config.is_file():
         return run(config.replace(overwrite=True), progress=progress), "ran"
     saved, current = load_yaml_file(saved_config), config.to_dict()
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in REUSE_FREE_KEYS and saved.get(k) != current.get(k))
+    from nlora.methods import METHODS as REGISTRY
+
+    # options only other methods read (an IncLoRA run is the same whatever its λ) do not matter either
+    other_options = {k for name, m in REGISTRY.items() if name != config.method for k in m.options}
+    free = set(REUSE_FREE_KEYS) | (other_options - set(REGISTRY[config.method].options))
+    differ = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
     if differ:
         raise NloraError(f"{root} holds a run with other settings ({', '.join(differ)}); pass --overwrite to "
                          "replace it or choose another --output-dir")

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from nlora.errors import NloraError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +72,20 @@ def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monk
     assert by_method["inc-lora"].penalty_form == "delta"  # other methods keep their runs (and reuse them)
     assert Path(by_method["n-lora"].output_dir).name == "n-lora_lambda0.4_penalty_formreference"
     assert "| n-lora lambda=0.4 penalty_form=reference |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+
+def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path):
+    module = _load("reproduce_cpu")
+    earlier = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-4"])
+    for method in ("inc-lora", "n-lora"):
+        config = module.base_config(earlier, method=method, seed=42, output_dir=str(tmp_path / method))
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        (tmp_path / method / "metrics.json").write_text('{"complete": true}')
+    later = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-5"])
+    inc = module.base_config(later, method="inc-lora", seed=42, output_dir=str(tmp_path / "inc-lora"))
+    assert module.run_or_reuse(inc, False, False) == ({"complete": True}, "reused")  # λ means nothing to it
+    n_lora = module.base_config(later, method="n-lora", seed=42, output_dir=str(tmp_path / "n-lora"))
+    with pytest.raises(NloraError, match=r"other settings \(lambda\)"):
+        module.run_or_reuse(n_lora, False, False)
