@@ -121,7 +121,7 @@ def base_config(args, **changes):
     values.update(changes)
     if values.get("method") == "n-lora":
         values.setdefault("penalty_form", args.penalty_form)
-    if values.get("method", "mtl") != "mtl":  # the base model's score on each task (zero-shot) and FWT; mtl has one phase
+    if values.get("method") not in (None, "mtl"):  # the base model's score on each task (zero-shot) and FWT
         values.setdefault("eval_future", True)
     return RunConfig(**values)
 
@@ -131,6 +131,7 @@ def run_or_reuse(config, overwrite: bool, progress: bool) -> tuple[dict, str]:
     Returns (metrics, what was done)."""
     from nlora.config import load_yaml_file
     from nlora.errors import NloraError
+    from nlora.methods import METHODS as REGISTRY
     from nlora.runner import run
 
     root = Path(config.output_dir)
@@ -138,8 +139,6 @@ def run_or_reuse(config, overwrite: bool, progress: bool) -> tuple[dict, str]:
     if overwrite or not saved_config.is_file():
         return run(config.replace(overwrite=True), progress=progress), "ran"
     saved, current = load_yaml_file(saved_config), config.to_dict()
-    from nlora.methods import METHODS as REGISTRY
-
     # options only other methods read (an IncLoRA run is the same whatever its λ) do not matter either
     other_options = {k for name, m in REGISTRY.items() if name != config.method for k in m.options}
     free = set(REUSE_FREE_KEYS) | (other_options - set(REGISTRY[config.method].options))

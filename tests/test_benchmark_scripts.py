@@ -74,7 +74,6 @@ def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monk
     assert "| n-lora lambda=0.4 penalty_form=reference |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
-
 def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path):
     module = _load("reproduce_cpu")
     earlier = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-4"])
