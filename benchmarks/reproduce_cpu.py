@@ -48,6 +48,7 @@ PROFILES = {
 DEFAULTS = dict(lr=1e-3, lambda_=1e-5, orth_lambda=0.5, batch_size=16, max_source_length=128, lora_r=8,
                 lora_alpha=32.0)
 SWEEP_SEED = 0
+SWEEP_DIAGNOSTICS = ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm", "mean_olora_overlap")
 # Keys that may differ between a finished run and the command that would reuse it.
 REUSE_FREE_KEYS = ("output_dir", "overwrite", "model_kind", "target_modules")
 
@@ -251,8 +252,9 @@ def run_benchmark(args) -> list[dict]:
     notes = [f"Standard CL benchmark, order 1 ({' → '.join(ORDER_1)}), {args.train_samples} train / "
              f"{args.test_samples} test examples per task (yahoo: all 171 / 138 at most), {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.lr:g}, LoRA r {DEFAULTS['lora_r']} α {DEFAULTS['lora_alpha']:g} "
-             f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} ({args.penalty_form} form), "
-             f"o-lora λ₁ {args.orth_lambda:g}; model {base_config(args).model} (scoring head).",
+             f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} "
+             f"({args.penalty_form} form), o-lora λ₁ {args.orth_lambda:g}; model {base_config(args).model} "
+             "(scoring head).",
              f"Seeds {','.join(map(str, args.seeds))} (the seed also draws the train/test subsets); "
              "time = training + evaluation recorded in each run's metrics.json (evaluation includes the "
              "base model and every task before it is trained, for zero-shot AP and FWT; mtl: final row only).",
@@ -322,18 +324,16 @@ def run_sweep(args) -> list[dict]:
         rows.append({"config": label, "dev_ap": metrics["average_accuracy"], "dev_bwt": metrics["bwt"],
                      "accuracy_matrix": metrics["accuracy_matrix"], "loss": loss, "reg": reg,
                      "minutes": run_seconds(metrics) / 60,
-                     **{k: diag.get(k) for k in ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm",
-                                                 "mean_olora_overlap")}})
+                     **{k: diag.get(k) for k in SWEEP_DIAGNOSTICS}})
         print(f"[sweep] {label}: {done} in {time.perf_counter() - t0:.0f}s, dev AP {metrics['average_accuracy']:.2f}"
               f" BWT {fmt_opt(metrics['bwt'])}, mean task loss {loss:.3f}, mean penalty {reg:.3g}", flush=True)
     header = ("| config | dev AP | dev BWT | mean task loss | mean penalty (λ·term) | collision | sparsity | "
               "nuclear norm | overlap ‖A_s A_tᵀ‖ | time (min) |")
     lines = [header, "|" + "---|" * 10]
     for r in rows:
-        diag = [mean_std([r[k]]) for k in ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm",
-                                           "mean_olora_overlap")]
+        diag = " | ".join(mean_std([r[k]]) for k in SWEEP_DIAGNOSTICS)
         lines.append(f"| {r['config']} | {r['dev_ap']:.2f} | {fmt_opt(r['dev_bwt'])} | {r['loss']:.3f} | "
-                     f"{r['reg']:.3g} | " + " | ".join(diag) + f" | {r['minutes']:.1f} |")
+                     f"{r['reg']:.3g} | {diag} | {r['minutes']:.1f} |")
     text = ("\n".join(lines) + f"\n\nDev split carved from train.json (seed {SWEEP_SEED}): {args.dev_samples} "
             f"of {args.train_samples} training examples per task held out as dev (yahoo: of 171); "
             f"{args.epochs} epochs, lr {args.lr:g} unless the row says otherwise.\nCommand: python "
