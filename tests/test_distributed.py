@@ -1,6 +1,6 @@
 """Data parallelism through accelerate: 2 CPU processes (gloo) give the same run as 1 process, only the main
-process writes, gradient accumulation k x b equals one batch of k*b, and the engines that would shard the LoRA
-factors are refused. The multi-process test is marked `distributed` (deselect with -m "not distributed")."""
+process writes, and the engines that would shard the LoRA factors are refused. The gradient of one step (1 and 2
+processes, accumulation k x b) is checked against plain autograd in test_training_step.py. The multi-process test is marked `distributed` (deselect with -m "not distributed")."""
 
 import json
 import os
@@ -135,20 +135,6 @@ def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
     assert {"0", "1", "launcher"} <= writers.keys()
     assert writers["0"], "the main process wrote the run directory"
     assert writers["1"] == [] and writers["launcher"] == [], "only the main process changes the run directory"
-
-
-def test_accumulation_equals_one_larger_batch(tmp_path, synthetic_dir):
-    """2 x 4 accumulated equals one batch of 8, with a last partial step (12 examples); the loss of a step is the
-    mean over all its answer tokens, whatever their split into micro-batches."""
-    common = ["run", "--model", "tiny-llama", "--method", "n-lora", "--lambda", "0.01", "--tasks", "harbor",
-              "--data-dir", str(synthetic_dir), "--max-train-samples", "12", "--max-eval-samples", "2",
-              "--epochs", "2", "--lora-dropout", "0", "--max-target-length", "8", "--device", "cpu", "--quiet"]
-    assert main([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "b8")]) == 0
-    assert main([*common, "--batch-size", "4", "--gradient-accumulation-steps", "2",
-                 "--output-dir", str(tmp_path / "b4x2")]) == 0
-    _assert_same_adapters(tmp_path / "b8", tmp_path / "b4x2")
-    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("b8", "b4x2"))
-    _same_training(m1["train"], m2["train"])
 
 
 def test_bf16_and_accumulation_reach_the_accelerator(tmp_path, synthetic_dir):
