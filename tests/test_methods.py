@@ -1,5 +1,6 @@
 """Every method end to end on a tiny model: what trains in each phase, that frozen adapters never change, on
-which examples each phase trains, and that metrics.json is complete."""
+which examples each phase trains, which adapters answer each evaluation (every task after every phase, with
+eval_future), and that metrics.json is complete."""
 
 import json
 
@@ -8,8 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import nlora.runner as runner
+from lora_reference import add_adapters
 from nlora import RunConfig
-from nlora.methods import METHODS
+from nlora.methods import METHODS, get_method
+from nlora.models import load_backbone
 
 TASKS = ["harbor", "orchard", "library"]
 
@@ -39,6 +42,58 @@ def traced(monkeypatch):
     return phases
 
 
+PROBE = torch.tensor([[5, 17, 80, 99, 120, 33, 1]])
+
+
+def _probe(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=PROBE).last_hidden_state.clone()
+
+
+@pytest.fixture
+def evaluations(monkeypatch):
+    """What the model computes at each evaluation (hidden states of a fixed probe), in call order."""
+    seen = []
+    real = runner.evaluate
+
+    def wrapper(objective, model, examples, *args, **kwargs):
+        seen.append(_probe(model))
+        return real(objective, model, examples, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", wrapper)
+    return seen
+
+
+def _expected_eval_adapters(method: str, k: int, j: int) -> list[str]:
+    """The adapter folders (<phase>-<task>) whose summed updates answer task j after phase k; -1: the base."""
+    if k < 0:
+        return []
+    if METHODS[method].adapter_layout == "snapshot" or method == "replay":  # one adapter, its state after k
+        return [f"{k}-{TASKS[k]}"]
+    if method == "per-task":  # the task's own adapter; a task not trained yet has none
+        return [f"{j}-{TASKS[j]}"] if j <= k else []
+    return [f"{i}-{TASKS[i]}" for i in range(k + 1)]
+
+
+def _check_evaluations(run_dir, method, seen, phases):
+    calls = [(-1, j) for j in range(3)] + [(k, j) for k in phases for j in range(3)]
+    assert len(seen) == len(calls)
+    for (k, j), got in zip(calls, seen):
+        folders = [run_dir / "adapters" / f for f in _expected_eval_adapters(method, k, j)]
+        want = _probe(add_adapters(load_backbone("tiny-bert").model, folders))
+        assert torch.allclose(got, want, atol=1e-5), f"{method}: evaluation of task {j} after phase {k}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_active_for_eval_names_existing_adapters(method):
+    """Any phase, any task (also one not trained yet): the adapters named exist."""
+    m = get_method(method)(RunConfig(tasks=TASKS, method=method))
+    for k in m.phases(3):
+        names = list(dict.fromkeys(m.adapter_name(i) for i in range(k + 1)))  # created so far, in order
+        for j in range(3):
+            assert set(m.active_for_eval(k, j, names)) <= set(names)
+
+
 def _config(tmp_path, synthetic_dir, method, **kw):
     return RunConfig(model="tiny-bert", method=method, tasks=TASKS, data_dir=str(synthetic_dir),
                      output_dir=str(tmp_path / method), max_train_samples=8, max_eval_samples=4, batch_size=4,
@@ -58,8 +113,8 @@ def _adapter_of(name):
     ("seq-lora", lambda k: "shared", lambda k: ["shared"]),
     ("replay", lambda k: "shared", lambda k: ["shared"]),
 ])
-def test_sequential_methods(tmp_path, synthetic_dir, traced, method, trained_adapter, active):
-    metrics = runner.run(_config(tmp_path, synthetic_dir, method), progress=False)
+def test_sequential_methods(tmp_path, synthetic_dir, traced, evaluations, method, trained_adapter, active):
+    metrics = runner.run(_config(tmp_path, synthetic_dir, method, eval_future=True), progress=False)
     assert [p["k"] for p in traced] == [0, 1, 2]
     for p in traced:
         name = trained_adapter(p["k"])
@@ -77,6 +132,7 @@ def test_sequential_methods(tmp_path, synthetic_dir, traced, method, trained_ada
     replayed = [p["n_examples"] for p in traced]
     assert replayed == ([8, 11, 14] if method == "replay" else [8, 8, 8])
     _check_metrics(tmp_path / method, metrics, full_rows=True)
+    _check_evaluations(tmp_path / method, method, evaluations, [0, 1, 2])
     regs = [p["stats"].mean_regularizer for p in traced]
     if method == "n-lora":
         assert all(r > 0 for r in regs)
@@ -92,8 +148,8 @@ def test_olora_orthogonality_enters_from_the_second_task(tmp_path, synthetic_dir
     assert regs[0] == 0.0 and regs[1] > 0 and regs[2] > 0
 
 
-def test_multitask_trains_once_on_the_union(tmp_path, synthetic_dir, traced):
-    metrics = runner.run(_config(tmp_path, synthetic_dir, "mtl"), progress=False)
+def test_multitask_trains_once_on_the_union(tmp_path, synthetic_dir, traced, evaluations):
+    metrics = runner.run(_config(tmp_path, synthetic_dir, "mtl", eval_future=True), progress=False)
     assert [p["k"] for p in traced] == [2] and traced[0]["n_examples"] == 24
     assert all(_adapter_of("shared")(n) for n in traced[0]["trainable"])
     R = metrics["accuracy_matrix"]
@@ -101,6 +157,7 @@ def test_multitask_trains_once_on_the_union(tmp_path, synthetic_dir, traced):
     assert metrics["bwt"] is None and metrics["complete"] is True
     assert metrics["average_accuracy"] == pytest.approx(sum(R[2]) / 3)
     assert sorted(p.name for p in (tmp_path / "mtl" / "adapters").iterdir()) == ["2-library"]
+    _check_evaluations(tmp_path / "mtl", "mtl", evaluations, [2])
 
 
 def _check_metrics(run_dir, metrics, full_rows):
@@ -113,4 +170,4 @@ def _check_metrics(run_dir, metrics, full_rows):
     R = on_disk["accuracy_matrix"]
     for i in range(3):
         for j in range(3):
-            assert (R[i][j] is None) == (j > i)
+            assert (R[i][j] is None) == (j > i and not full_rows)

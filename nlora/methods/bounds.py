@@ -33,4 +33,5 @@ class PerTask(Method):
         return [names[k]]
 
     def active_for_eval(self, k, j, names):
-        return [names[j]]
+        # a task not trained yet (eval_future) has no adapter of its own: the base model answers for it
+        return [names[j]] if j < len(names) else []
