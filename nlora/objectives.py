@@ -232,7 +232,9 @@ class DecoderObjective(Objective):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=self.max_target_length + 1, do_sample=False, num_beams=1,
                              pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
-        return [s.strip() for s in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        # one step more than max_target_length leaves room for the eos; the answer itself is cut there
+        answers = out[:, width: width + self.max_target_length]
+        return [s.strip() for s in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
 
 
 class EncoderScoringObjective(Objective):

@@ -122,3 +122,36 @@ def test_run_in_score_mode_records_options_only(synthetic_dir, tmp_path):
     records = [json.loads(line) for line in
                (tmp_path / "run" / "predictions" / "1-orchard" / "harbor.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(r["prediction"] in options for r in records)
+
+
+def _generate_alone(name, obj, model, example) -> str:
+    """HF `generate` on one unpadded example: at most max_target_length answer tokens, up to the first eos."""
+    tok, limit = obj.tokenizer, obj.max_target_length
+    if KINDS[name] == "seq2seq":
+        src = torch.tensor([tok(example.prompt)["input_ids"]])
+        out = model.generate(input_ids=src, max_new_tokens=limit, do_sample=False, num_beams=1)[0, 1:]
+    else:
+        prompt = tok(example.prompt)["input_ids"]
+        prompt = prompt[:-1] if prompt[-1] == tok.eos_token_id else prompt
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             max_new_tokens=limit + 1, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+    ids = out.tolist()
+    ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    return tok.decode(ids[:limit], skip_special_tokens=True).strip()
+
+
+def assert_batched_generation_is_per_example(name, obj, model, examples):
+    with torch.no_grad():
+        batched = obj.generate(model, examples, "cpu")
+        alone = [_generate_alone(name, obj, model, e) for e in examples]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
+def test_batched_left_padded_generation_is_generation_per_example(name):
+    """Prompts of 4 lengths in one padded batch; the random model never stops early, so the answer-length cut,
+    the prompt slicing and the padding all show in the text."""
+    bb, model = _model_with_random_adapter(name)
+    obj = make_objective(KINDS[name], bb.tokenizer, 256, 6)  # no prompt is cut
+    assert_batched_generation_is_per_example(name, obj, model, EXAMPLES)
