@@ -38,6 +38,7 @@ from .methods import Method, get_method
 from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
+from .preflight import preflight
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
@@ -186,6 +187,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if resume:
         check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
     accelerator = make_accelerator(config)
+    preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

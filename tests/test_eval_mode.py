@@ -94,14 +94,31 @@ def test_generate_mode_stays_the_default(name):
         assert obj.predict(model, EXAMPLES[:2], "cpu") == obj.generate(model, EXAMPLES[:2], "cpu")
 
 
-def test_encoder_scores_in_both_modes():
+def test_encoder_predicts_the_most_similar_option_in_both_modes():
+    """Both modes pick the option whose embedding (mean-pooled, unpadded, alone) is nearest the prompt's."""
     bb = load_backbone("tiny-bert")
-    modes = [make_objective("encoder", bb.tokenizer, 64, 8, eval_mode=m) for m in ("generate", "score")]
+    adapters = ContinualAdapters(bb.model, "encoder", 4, 8.0, 0.0, ["query", "value"])
+    adapters.add("task0")
     with torch.no_grad():
-        preds = [obj.predict(bb.model, EXAMPLES, "cpu") for obj in modes]
-        scores = modes[1].option_log_likelihoods(bb.model, EXAMPLES, "cpu")
-    assert preds[0] == preds[1]
-    assert preds[1] == [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(EXAMPLES, scores)]
+        gen = torch.Generator().manual_seed(1)
+        for f in adapters.factors("task0"):
+            f.B.copy_(torch.randn(f.B.shape, generator=gen) * 0.5)
+    model = adapters.model.eval()
+
+    def embed(text):
+        hidden = model(input_ids=torch.tensor([bb.tokenizer(text)["input_ids"]])).last_hidden_state[0]
+        return torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+
+    with torch.no_grad():
+        expected = []
+        for e in EXAMPLES:
+            sims = [float(embed(e.prompt) @ embed(o)) for o in e.options]
+            expected.append(e.options[max(range(len(sims)), key=sims.__getitem__)])
+        for mode in ("generate", "score"):
+            obj = make_objective("encoder", bb.tokenizer, 256, 16, eval_mode=mode)  # nothing cut
+            assert obj.predict(model, EXAMPLES, "cpu") == expected
+            scores = obj.option_log_likelihoods(model, EXAMPLES, "cpu")
+            assert [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(EXAMPLES, scores)] == expected
 
 
 def test_bad_eval_mode_is_named():

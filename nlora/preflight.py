@@ -1,0 +1,60 @@
+"""Checks that need the loaded model or the launched processes, run by `runner.run` before anything is written:
+a bad combination must fail in seconds with one NloraError, not at the first training step after the output
+directory was prepared (with --overwrite, the old run deleted). The options' own ranges are checked in
+RunConfig.validate and the output directory in runner.check_output_dir; add any further such check here."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+from .errors import NloraError
+from .methods import Method
+from .models import Backbone
+
+
+def preflight(config: RunConfig, method: Method, backbone: Backbone, target_modules: list[str],
+              num_processes: int) -> None:
+    check_batch_split(config, num_processes)
+    check_penalty_layers(config, method, backbone.model, target_modules)
+
+
+def check_batch_split(config: RunConfig, num_processes: int) -> None:
+    if config.batch_size % num_processes:
+        raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
+                         f"{num_processes} processes (batch_size is the global batch)")
+
+
+def layer_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a layer LoRA can adapt: torch Linear, or transformers' Conv1D (weight stored d_in x d_out)."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return module.nf, module.weight.shape[0]
+    return None
+
+
+def targeted_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """Layer name -> (d_out, d_in) of every layer a target module name matches (name or name suffix)."""
+    out = {}
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in target_modules):
+            shape = layer_shape(module)
+            if shape is not None:
+                out[name] = shape
+    return out
+
+
+def check_penalty_layers(config: RunConfig, method: Method, model: torch.nn.Module,
+                         target_modules: list[str]) -> None:
+    """penalty_form 'reference' (the public code's |A @ B|_1, an r x r product) exists only for square layers."""
+    if "penalty_form" not in method.options or config.penalty_form != "reference":
+        return
+    rectangular = {n: s for n, s in targeted_layers(model, target_modules).items() if s[0] != s[1]}
+    if rectangular:
+        name, (d_out, d_in) = next(iter(rectangular.items()))
+        more = f" (and {len(rectangular) - 1} more)" if len(rectangular) > 1 else ""
+        raise NloraError(f"option 'penalty_form': 'reference' (the public code's |A @ B|_1) needs square "
+                         f"layers (d_in == d_out), but layer {name} is {d_out} x {d_in} (d_out x d_in){more}; "
+                         "use penalty_form delta (the paper's |scaling * B @ A|_1) or factors, or target square "
+                         "layers only")
