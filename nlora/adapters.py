@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from .errors import NloraError
+from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
@@ -100,6 +101,7 @@ class ContinualAdapters:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         self.peft_model.peft_config[name].save_pretrained(str(tmp))
+        fault_point("adapter_save")
         replace_dir_atomic(tmp, folder)
         return folder
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NloraError
+from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
 
 CHECKPOINT_DIR = "checkpoint"
@@ -38,6 +39,7 @@ def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.T
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    fault_point("checkpoint_save")
     replace_dir_atomic(tmp, final)
     return final
 

@@ -51,16 +51,30 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> Path:
 def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place. An existing folder is first renamed aside, then removed, so at
     every instant either the old or the new complete folder is at `final_dir` (or, after a crash between the two
-    renames, the old one sits at a `.old` name that readers ignore)."""
+    renames, the old one sits at a `.old` name that readers ignore and a resumed run puts back)."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
         os.replace(final_dir, old)
+        fault_point("dir_swap")
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_replaced_dirs(root: str | os.PathLike) -> None:
+    """After a crash: a folder that `replace_dir_atomic` had renamed aside (`.NAME.old`) goes back into place if
+    its replacement never arrived (it is complete), and is removed otherwise."""
+    for old in sorted(Path(root).rglob(".*.old"), reverse=True):
+        if not old.is_dir():
+            continue
+        final = old.with_name(old.name[1:-len(".old")])
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
 
 
 def staging_dir(final_dir: str | os.PathLike) -> Path:

@@ -33,7 +33,7 @@ from .data import TaskData, load_instructions, load_task
 from .errors import NloraError
 from .evaluation import evaluate
 from .faults import fault_point
-from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
+from .io import recover_replaced_dirs, write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .methods import Method, get_method
 from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
@@ -103,6 +103,7 @@ def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
     except OSError as e:
         raise NloraError(f"output dir {root} cannot be created: {e.strerror or e}") from None
     if resume:  # temporary files of writes a crash interrupted; never read, so safe to drop
+        recover_replaced_dirs(root)
         for stale in sorted(root.rglob(".*.tmp"), reverse=True):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if config.overwrite:  # remove only what a run writes

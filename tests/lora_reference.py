@@ -45,3 +45,33 @@ def add_adapters(model: torch.nn.Module, folders: list[str | Path]) -> torch.nn.
     for layer, factors in updates.items():
         modules[layer].register_forward_hook(hook(factors))
     return model
+
+
+def assert_run_reproduces(run_dir: str | Path) -> None:
+    """Rebuild the model of each phase of a stacked-layout run from its adapter folders alone (phase k: the
+    adapters of phases 0..k summed) and check that it predicts exactly the run's predictions/<k>-<task>/*.jsonl."""
+    from nlora.config import load_config
+    from nlora.evaluation import evaluate
+    from nlora.models import load_backbone
+    from nlora.objectives import make_objective
+    from nlora.runner import load_tasks
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    tasks = load_tasks(config)
+    folders = sorted((run_dir / "adapters").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    checked = 0
+    for k, task in enumerate(tasks):
+        predicted = run_dir / "predictions" / f"{k}-{task.name}"
+        if not predicted.is_dir():
+            continue
+        backbone = load_backbone(config.model, config.model_kind)
+        model = add_adapters(backbone.model, folders[: k + 1]).eval()
+        objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
+                                   config.max_target_length, config.eval_mode)
+        for path in sorted(predicted.glob("*.jsonl")):
+            evaluated = next(t for t in tasks if t.name == path.stem)
+            _, rows = evaluate(objective, model, evaluated.test, config.eval_batch_size, progress=False)
+            assert rows == [json.loads(line) for line in path.open()], f"{path} is not reproduced"
+            checked += 1
+    assert checked, f"{run_dir}: no predictions to reproduce"

@@ -240,3 +240,34 @@ def test_a_complete_run_writes_diagnostics_and_cli_recomputes_them(tmp_path, syn
     again = json.loads((out / "diagnostics.json").read_text())
     assert again["epsilon"]["value"] == 0.2 and again["summary"]["mean_sparsity"] > d["summary"]["mean_sparsity"]
     assert main(["diagnose", str(tmp_path / "missing")]) == 2
+
+
+def test_pooled_diagnostics_across_layers_match_dense_brute_force(tmp_path):
+    """Three layers of different shapes; in one, task 1's update is exactly task 0's negated (anti-parallel).
+    Every pooled number is recomputed here from the dense ΔW of each layer: delta_cosine Σ_l|⟨ΔW_0,ΔW_1⟩_l| /
+    (‖ΔW_0‖‖ΔW_1‖) over the whole model (the anti-parallel layer counts like a parallel one), olora_overlap the
+    Frobenius norm of the block-diagonal A_0 A_1ᵀ, olora_l1, nuclear and L1 norms summed over layers."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.q": (6, 5), "b.q": (4, 7), "c.q": (5, 5)}
+    t0 = {name: (torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g))
+          for name, (d_out, d_in) in shapes.items()}
+    t1 = {name: (torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g))
+          for name, (d_out, d_in) in shapes.items()}
+    t1["b.q"] = (t0["b.q"][0], -t0["b.q"][1])
+    d = compute_diagnostics(write_run(tmp_path, [t0, t1], alpha=4))  # scaling 2
+    dense = [{name: 2.0 * (B @ A).double() for name, (A, B) in t.items()} for t in (t0, t1)]
+    fro = [math.sqrt(sum(float(w.square().sum()) for w in task.values())) for task in dense]
+    inner = sum(abs(float((dense[0][n] * dense[1][n]).sum())) for n in shapes)
+    p = pair(d, "t0", "t1")
+    assert p["delta_cosine"] == pytest.approx(inner / (fro[0] * fro[1]), rel=1e-5)
+    by_layer = {layer["layer"]: layer for layer in d["layers"]}
+    assert by_layer["b.q"]["pairs"][0]["delta_cosine"] == pytest.approx(1.0, rel=1e-5)
+    overlaps = [(t0[n][0].double() @ t1[n][0].double().T) for n in shapes]
+    assert p["olora_overlap"] == pytest.approx(math.sqrt(sum(float(o.square().sum()) for o in overlaps)), rel=1e-5)
+    assert p["olora_l1"] == pytest.approx(sum(float(o.abs().sum()) for o in overlaps), rel=1e-5)
+    for k, task in enumerate(d["per_task"]):
+        assert task["l1_norm"] == pytest.approx(sum(float(w.abs().sum()) for w in dense[k].values()), rel=1e-5)
+        nuclear = sum(float(torch.linalg.svdvals(w).sum()) for w in dense[k].values())
+        assert task["nuclear_norm"] == pytest.approx(nuclear, rel=1e-5)
+        assert task["frobenius_norm"] == pytest.approx(fro[k], rel=1e-5)
+    assert d["summary"]["mean_l1_norm"] == pytest.approx(sum(t["l1_norm"] for t in d["per_task"]) / 2)

@@ -1,6 +1,10 @@
-"""Crash and resume: a tiny run is killed (SIGKILL) at several points in a subprocess, resumed, and must end with
-the same metrics, adapters and predictions as an uninterrupted run."""
+"""Crash and resume: a tiny run is killed (SIGKILL) at several points in a subprocess of its own, resumed in this
+process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built in this
+process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl, O-LoRA
+(whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
+eval_future."""
 
+import functools
 import json
 import os
 import signal
@@ -10,16 +14,30 @@ from pathlib import Path
 
 import pytest
 
+from nlora.cli import main
+
 ARGS = ["--model", "tiny-t5", "--method", "n-lora", "--lambda", "0.001", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet"]
-TIMING = ("seconds", "eval_seconds")
+# 3 optimizer steps per epoch, 6 per task, a checkpoint every 2 steps
+CONFIGS = {
+    "n-lora": [],
+    "seq-lora": ["--method", "seq-lora"],
+    "mtl": ["--method", "mtl"],
+    "o-lora": ["--method", "o-lora", "--orth-lambda", "0.1", "--l2-lambda", "0.01"],
+    "decoder-accum-future": ["--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+                             "--eval-future"],
+}
 
 
-def _nlora(*args, fault=None, timeout=300):
-    env = dict(os.environ, NLORA_FAULT=fault or "")
-    return subprocess.run([sys.executable, "-m", "nlora", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+def _argv(config: str, data: Path, out: Path) -> list[str]:
+    return ["run", "--data-dir", str(data), "--output-dir", str(out), *ARGS, *CONFIGS[config]]
+
+
+def _killed(argv: list[str], fault: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NLORA_FAULT=fault)
+    return subprocess.run([sys.executable, "-m", "nlora", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def _outcome(run_dir: Path) -> dict:
@@ -34,43 +52,63 @@ def _outcome(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic_dir):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = _nlora("run", "--data-dir", str(synthetic_dir), "--output-dir", str(out), *ARGS)
-    assert proc.returncode == 0, proc.stderr
-    return _outcome(out)
+    @functools.cache
+    def build(config: str) -> dict:
+        out = tmp_path_factory.mktemp("ref") / config
+        assert main(_argv(config, synthetic_dir, out)) == 0
+        return _outcome(out)
+    return build
 
 
-@pytest.mark.parametrize("fault", [
-    "train_step:3",    # mid-task, one step after a checkpoint
-    "train_step:9",    # mid-task in the second task
-    "task_trained:1",  # adapter saved, evaluation not started
-    "eval_batch:2",    # during evaluation
-    "file_write:4",    # between writing a temporary file and renaming it into place
+@pytest.mark.parametrize("config,fault", [
+    ("n-lora", "train_step:3"),       # mid-task, one step after a checkpoint
+    ("n-lora", "task_trained:1"),     # adapter saved, evaluation not started
+    ("n-lora", "eval_batch:2"),       # during evaluation
+    ("n-lora", "file_write:4"),       # between writing a temporary file and renaming it into place
+    ("n-lora", "adapter_save:2"),     # the second task's adapter written, not yet moved into place
+    ("n-lora", "checkpoint_save:2"),  # a checkpoint written, not yet moved into place
+    ("n-lora", "dir_swap:1"),         # the old checkpoint renamed aside, the new one not yet in place
+    ("seq-lora", "train_step:9"),     # the shared adapter, mid-way through the second task
+    ("mtl", "train_step:3"),
+    ("o-lora", "train_step:9"),       # second task, resumed with the first task's adapter read from disk
+    ("decoder-accum-future", "train_step:4"),
 ])
-def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, reference, fault):
+def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, reference, capsys, config, fault):
     out = tmp_path / "run"
-    killed = _nlora("run", "--data-dir", str(synthetic_dir), "--output-dir", str(out), *ARGS, fault=fault)
+    killed = _killed(_argv(config, synthetic_dir, out), fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if (out / "metrics.json").exists():  # whatever is on disk is complete and valid
         json.loads((out / "metrics.json").read_text())
-    resumed = _nlora("resume", str(out), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _outcome(out) == reference
-    assert not list(out.rglob("*.tmp")) and not (out / "checkpoint").exists()
+    if fault == "dir_swap:1":  # the kill hit the window between the renames
+        assert (out / ".checkpoint.old").is_dir() and not (out / "checkpoint").exists()
+    assert main(["resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert _outcome(out) == reference(config)
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))], "leftovers of the crash"
+    assert not (out / "checkpoint").exists()
 
 
-def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir):
+def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "run"
-    killed = _nlora("run", "--data-dir", str(synthetic_dir), "--output-dir", str(out), *ARGS,
-                    fault="task_trained:1")
+    killed = _killed(_argv("n-lora", synthetic_dir, out), "task_trained:1")
     assert killed.returncode == -signal.SIGKILL
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    changed = _nlora("run", "--data-dir", str(synthetic_dir), "--output-dir", str(out), *ARGS, "--resume",
-                     "--lr", "0.01", "--seed", "3")
-    assert changed.returncode == 2
-    assert "configuration changed" in changed.stderr and "lr: 0.001 in the run, 0.01 now" in changed.stderr
-    assert "seed: 42 in the run, 3 now" in changed.stderr
+    assert main([*_argv("n-lora", synthetic_dir, out), "--resume", "--lr", "0.01", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration changed" in err and "lr: 0.001 in the run, 0.01 now" in err
+    assert "seed: 42 in the run, 3 now" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    same = _nlora("run", "--data-dir", str(synthetic_dir), "--output-dir", str(out), *ARGS, "--resume")
-    assert same.returncode == 0, same.stderr
+    assert main([*_argv("n-lora", synthetic_dir, out), "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
+
+
+def test_resume_puts_back_or_removes_folders_renamed_aside(tmp_path):
+    from nlora.io import recover_replaced_dirs
+
+    (tmp_path / ".checkpoint.old").mkdir()  # killed between the renames: the old folder is the only copy
+    (tmp_path / ".checkpoint.old" / "progress.json").write_text("{}")
+    (tmp_path / "adapters" / "0-a").mkdir(parents=True)  # killed after the new folder arrived
+    (tmp_path / "adapters" / ".0-a.old").mkdir()
+    recover_replaced_dirs(tmp_path)
+    assert (tmp_path / "checkpoint" / "progress.json").read_text() == "{}"
+    assert (tmp_path / "adapters" / "0-a").is_dir()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".old")]
