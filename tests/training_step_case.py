@@ -94,16 +94,16 @@ def captured_step(name: str, shape: str) -> dict[tuple[str, str, str], torch.Ten
     backbone = load_backbone(name)
     without_dropout(backbone.model)
     adapters = ContinualAdapters(backbone.model, backbone.kind, R, ALPHA, 0.0, MODELS[name])
-    adapters.add("task0")
-    adapters.add("task1")
     values = lora_values(name)
     params = {}
-    with torch.no_grad():
-        for pname, p in adapters.model.named_parameters():
-            key = _split(pname)
-            if key is not None:
-                p.copy_(values[key])
-                params[key] = p
+    for adapter in ("task0", "task1"):  # each set right after it is added: task0 is frozen by the time task1 is
+        adapters.add(adapter)
+        with torch.no_grad():
+            for pname, p in adapters.model.named_parameters():
+                key = _split(pname)
+                if key is not None and key[1] == adapter:
+                    p.copy_(values[key])
+                    params[key] = p
     assert set(params) == set(values)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length)
