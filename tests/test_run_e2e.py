@@ -104,7 +104,7 @@ def test_pretrained_encoder_learns_two_tasks_and_the_metrics_follow_the_matrix(t
         for j, task in enumerate(["harbor", "orchard"]):
             rows = [json.loads(line) for line in (run_dir / "predictions" / f"{k}-{trained}" / f"{task}.jsonl").open()]
             assert all(r["correct"] == (r["prediction"].strip().lower() == r["target"].lower()) for r in rows)
-            assert R[k][j] == pytest.approx(100.0 * sum(r["correct"] for r in rows) / len(rows))
+            assert R[k][j] == pytest.approx(100.0 * sum(r["correct"] for r in rows) / len(rows), abs=1e-4)  # 4 decimals
     assert on_disk["average_accuracy"] == pytest.approx((R[1][0] + R[1][1]) / 2)
     assert on_disk["bwt"] == pytest.approx(R[1][0] - R[0][0])
     assert on_disk["fwt"] == pytest.approx(R[0][1] - base[1])
