@@ -245,8 +245,8 @@ def test_a_complete_run_writes_diagnostics_and_cli_recomputes_them(tmp_path, syn
 def test_pooled_diagnostics_across_layers_match_dense_brute_force(tmp_path):
     """Three layers of different shapes; in one, task 1's update is exactly task 0's negated (anti-parallel).
     Every pooled number is recomputed here from the dense ΔW of each layer: delta_cosine Σ_l|⟨ΔW_0,ΔW_1⟩_l| /
-    (‖ΔW_0‖‖ΔW_1‖) over the whole model (the anti-parallel layer counts like a parallel one), olora_overlap the
-    Frobenius norm of the block-diagonal A_0 A_1ᵀ, olora_l1, nuclear and L1 norms summed over layers."""
+    (‖ΔW_0‖‖ΔW_1‖) over the whole model (the anti-parallel layer counts like a parallel one), olora_overlap
+    the Frobenius norm of the block-diagonal A_0 A_1ᵀ, olora_l1, nuclear and L1 norms summed over layers."""
     g = torch.Generator().manual_seed(3)
     shapes = {"a.q": (6, 5), "b.q": (4, 7), "c.q": (5, 5)}
     t0 = {name: (torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g))

@@ -1,6 +1,7 @@
 """Data parallelism through accelerate: 2 CPU processes (gloo) give the same run as 1 process, only the main
 process writes, and the engines that would shard the LoRA factors are refused. The gradient of one step (1 and 2
-processes, accumulation k x b) is checked against plain autograd in test_training_step.py. The multi-process test is marked `distributed` (deselect with -m "not distributed")."""
+processes, accumulation k x b) is checked against plain autograd in test_training_step.py. The multi-process test
+is marked `distributed` (deselect with -m "not distributed")."""
 
 import json
 import os

@@ -36,7 +36,8 @@ def _rows(rng, mapping, n):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """tiny-llama fully fine-tuned on 40 random mappings (12 examples each, 5 epochs) of the task format, saved with its tokenizer."""
+    """tiny-llama fully fine-tuned on 40 random mappings of the task format (12 examples each, 5 epochs), saved
+    with its tokenizer."""
     torch.manual_seed(0)
     bb = load_backbone("tiny-llama")
     objective = make_objective("decoder", bb.tokenizer, 64, 8)

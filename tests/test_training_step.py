@@ -1,7 +1,7 @@
 """The training step against plain autograd: the gradient `train_task` hands to the optimizer at its first step
-equals the gradient of (mean cross-entropy over the answer tokens of the global batch + λ·Σ‖s·B·A‖₁), computed
-independently (tests/training_step_case.py), for each model kind, for 1 and 2 processes and for k x b gradient
-accumulation. Clipping is off and B starts random, so the penalty has a gradient and no rescaling is hidden."""
+equals the gradient of (mean cross-entropy over the answer tokens of the global batch + λ·Σ‖s·B·A‖₁),
+computed independently (tests/training_step_case.py), for each model kind, for 1 and 2 processes and for k x b
+gradient accumulation. Clipping is off and B starts random, so the penalty has a gradient and no rescaling is hidden."""
 
 import functools
 import os
