@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
+from .data import UNKNOWN_LABEL_POLICIES
 from .errors import NloraError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -60,6 +61,13 @@ class RunConfig:
                                     default=None)
     output_dir: str = _opt("run directory to write", default="runs/nlora")
     overwrite: bool = _opt("replace an existing run in output_dir", default=False)
+
+    # labels not in labels.json (error, drop, or keep: kept test examples are scored as wrong)
+    train_unknown_labels: str = _opt("training examples whose label is not in labels.json: error, drop or keep",
+                                     default="error", choices=UNKNOWN_LABEL_POLICIES)
+    test_unknown_labels: str = _opt("test examples whose label is not in labels.json: keep (scored as wrong, as the "
+                                    "reference code scores them), drop or error", default="keep",
+                                    choices=UNKNOWN_LABEL_POLICIES)
 
     # data sizes
     max_train_samples: int | None = _opt("training examples per task (random subset; all if unset)", default=None)

@@ -257,7 +257,8 @@ class EncoderScoringObjective(Objective):
             allowed[i, [index[o] for o in e.options]] = True
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "option_input_ids": opt["input_ids"], "option_attention_mask": opt["attention_mask"],
-                "allowed": allowed, "target": torch.tensor([index[e.label] for e in examples]),
+                # a label outside the options (kept by the label policy) is never a target: ignored by the loss
+                "allowed": allowed, "target": torch.tensor([index.get(e.label, IGNORE) for e in examples]),
                 "option_texts": texts}
 
     def scores(self, model, batch) -> torch.Tensor:
@@ -268,10 +269,13 @@ class EncoderScoringObjective(Objective):
         return logits.masked_fill(~batch["allowed"], float("-inf"))
 
     def loss(self, model, batch):
-        return F.cross_entropy(self.scores(model, batch), batch["target"])
+        scores = self.scores(model, batch)
+        if not (batch["target"] != IGNORE).any():  # every label outside the options: nothing to learn
+            return scores.masked_fill(torch.isinf(scores), 0).sum() * 0
+        return F.cross_entropy(scores, batch["target"])
 
     def count_terms(self, batch):
-        return len(batch["target"])
+        return int((batch["target"] != IGNORE).sum())
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples, device):

@@ -65,8 +65,9 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
     if config.data_dir is None:
         raise NloraError("option 'data_dir': no data folder given (a folder in the CL_Benchmark layout)")
     instructions = load_instructions(config.instructions)
+    policies = {"train": config.train_unknown_labels, "test": config.test_unknown_labels}
     return [load_task(config.data_dir, name, instructions, config.max_train_samples, config.max_eval_samples,
-                      config.seed) for name in config.tasks]
+                      config.seed, unknown_labels=policies) for name in config.tasks]
 
 
 def check_output_dir(config: RunConfig, resume: bool) -> RunPaths:
@@ -168,6 +169,8 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "eval_mode": config.eval_mode,
         "n_train": [len(t.train) for t in tasks],
         "n_test": [len(t.test) for t in tasks],
+        # examples whose label is not in labels.json, kept by the label policy (scored as wrong when tested)
+        "unknown_labels": {t.name: t.unknown_labels for t in tasks if t.unknown_labels},
     }
 
 
