@@ -49,7 +49,8 @@ def reproduce(monkeypatch, tmp_path):
 
 
 def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
-    args = reproduce.parse_args(["--seeds", "42,44", "--methods", "inc-lora,n-lora,mtl", "--output-dir", str(tmp_path)])
+    args = reproduce.parse_args(["--seeds", "42,44", "--methods", "inc-lora,n-lora,mtl", "--output-dir", str(tmp_path),
+                                  "--data-dir", str(tmp_path)])  # the fake runs read no data
     rows = reproduce.run_benchmark(args)
     assert len(rows) == 6 and len(reproduce.calls) == 6
     text = (tmp_path / "results.md").read_text()
@@ -65,7 +66,7 @@ def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
 def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "write_dev_view", lambda args: tmp_path / "view")
     args = reproduce.parse_args(["--sweep", "--penalty-form", "reference", "--sweep-lambdas", "0.4",
-                                 "--output-dir", str(tmp_path)])
+                                 "--output-dir", str(tmp_path), "--data-dir", str(tmp_path)])
     reproduce.run_sweep(args)
     by_method = {c.method: c for c in reproduce.calls}
     assert by_method["n-lora"].penalty_form == "reference" and by_method["n-lora"].lambda_ == 0.4
@@ -76,13 +77,13 @@ def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monk
 
 def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path):
     module = _load("reproduce_cpu")
-    earlier = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-4"])
+    earlier = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-4"])
     for method in ("inc-lora", "n-lora"):
         config = module.base_config(earlier, method=method, seed=42, output_dir=str(tmp_path / method))
         (tmp_path / method).mkdir()
         (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
         (tmp_path / method / "metrics.json").write_text('{"complete": true}')
-    later = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-5"])
+    later = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-5"])
     inc = module.base_config(later, method="inc-lora", seed=42, output_dir=str(tmp_path / "inc-lora"))
     assert module.run_or_reuse(inc, False, False) == ({"complete": True}, "reused")  # λ means nothing to it
     n_lora = module.base_config(later, method="n-lora", seed=42, output_dir=str(tmp_path / "n-lora"))
