@@ -17,6 +17,7 @@ import yaml
 
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .data import UNKNOWN_LABEL_POLICIES
+from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -57,10 +58,18 @@ class RunConfig:
     tasks: list[str] = _opt("dataset names in training order", default_factory=list)
     data_dir: str | None = _opt("folder in the CL_Benchmark layout <group>/<dataset>/{train,test,labels}.json",
                                 default=None)
-    instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction",
+    instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction (the "
+                                    "reference's instruction_config.json is accepted as it is)",
                                     default=None)
     output_dir: str = _opt("run directory to write", default="runs/nlora")
     overwrite: bool = _opt("replace an existing run in output_dir", default=False)
+
+    # prompts (nlora.prompts)
+    prompt_format: str = _opt("nlora (own layout; long prompts lose the end of the text only) or reference (the "
+                              "O-LoRA / N-LoRA code's prompts and truncation)", default="nlora",
+                              choices=PROMPT_FORMATS)
+    add_task_name: bool = _opt("reference prompt format: a 'Task:FAMILY' line in front", default=False)
+    add_dataset_name: bool = _opt("reference prompt format: a 'Dataset:NAME' line in front", default=False)
 
     # labels not in labels.json (error, drop, or keep: kept test examples are scored as wrong)
     train_unknown_labels: str = _opt("training examples whose label is not in labels.json: error, drop or keep",

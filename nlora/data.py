@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NloraError
+from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
 
 # Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
 DEFAULT_INSTRUCTIONS = {
@@ -44,6 +45,7 @@ class Example:
     label: str
     options: tuple[str, ...]
     prompt: str
+    prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.prompts)
 
 
 @dataclass
@@ -60,7 +62,8 @@ class TaskData:
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:
-    return f"{instruction}\nOptions: {', '.join(options)}\nText: {sentence}\nAnswer:"
+    """nlora's own prompt layout (nlora.prompts has the reference's too)."""
+    return build_prompt(PromptSpec(), instruction, "", "", tuple(options), sentence)
 
 
 def find_task_dir(data_dir: str | Path, name: str) -> Path:
@@ -77,28 +80,30 @@ def find_task_dir(data_dir: str | Path, name: str) -> Path:
     raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
 
 
-def load_instructions(path: str | Path | None) -> dict[str, str]:
-    """The default instructions, updated with a user JSON file mapping family or dataset name to text."""
-    instructions = dict(DEFAULT_INSTRUCTIONS)
-    if path is None:
-        return instructions
-    user = _read_json(Path(path))
-    if not isinstance(user, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
-        raise NloraError(f"{path}: expected a JSON object mapping task family or dataset name to instruction text")
-    instructions.update(user)
+def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> dict[str, str]:
+    """The format's default instructions, updated with a user JSON file: nlora's own mapping of family or dataset
+    name to text, or the reference's instruction_config.json as it is."""
+    instructions = dict(REFERENCE_INSTRUCTIONS if prompt_format == "reference" else DEFAULT_INSTRUCTIONS)
+    if path is not None:
+        instructions.update(read_instruction_file(path))
     return instructions
 
 
 def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
               max_train: int | None = None, max_test: int | None = None, seed: int = 0,
-              unknown_labels: dict[str, str] | None = None) -> TaskData:
+              unknown_labels: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> TaskData:
     """Read and validate one task; subsample train/test deterministically from (seed, task name).
     `unknown_labels` maps a split to its policy for labels not in labels.json (UNKNOWN_LABEL_POLICIES; default:
-    error in train, keep in test)."""
+    error in train, keep in test). `prompt` picks the prompt format (default: nlora's own)."""
     path = find_task_dir(data_dir, name)
     family = path.parent.name if path.parent != Path(data_dir) else name
-    instructions = instructions if instructions is not None else DEFAULT_INSTRUCTIONS
-    instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    prompt = prompt or PromptSpec()
+    if instructions is None:
+        instructions = load_instructions(None, prompt.format)
+    if prompt.format == "reference":
+        instruction = reference_instruction(instructions, family, name)
+    else:
+        instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
     labels = _read_labels(path / "labels.json")
     policies = {"train": "error", "test": "keep", **(unknown_labels or {})}
     splits, unknown = {}, {}
@@ -111,7 +116,8 @@ def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | No
             unknown[split] = dict(sorted(kept.items()))
         options = tuple(labels)
         splits[split] = [Example(name, r["sentence"], r["label"], options,
-                                 format_prompt(instruction, options, r["sentence"])) for r in rows]
+                                 build_prompt(prompt, instruction, family, name, options, r["sentence"]),
+                                 prompt.format) for r in rows]
     return TaskData(name, family, path, labels, instruction, splits["train"], splits["test"], unknown)
 
 

@@ -38,6 +38,7 @@ from .methods import Method, get_method
 from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
+from .prompts import PromptSpec, check_prompt_budget
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
@@ -64,10 +65,11 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
     """Read and validate every task before any training starts, so bad data fails in seconds."""
     if config.data_dir is None:
         raise NloraError("option 'data_dir': no data folder given (a folder in the CL_Benchmark layout)")
-    instructions = load_instructions(config.instructions)
+    instructions = load_instructions(config.instructions, config.prompt_format)
+    prompt = PromptSpec(config.prompt_format, config.add_task_name, config.add_dataset_name)
     policies = {"train": config.train_unknown_labels, "test": config.test_unknown_labels}
     return [load_task(config.data_dir, name, instructions, config.max_train_samples, config.max_eval_samples,
-                      config.seed, unknown_labels=policies) for name in config.tasks]
+                      config.seed, unknown_labels=policies, prompt=prompt) for name in config.tasks]
 
 
 def check_output_dir(config: RunConfig, resume: bool) -> RunPaths:
@@ -185,6 +187,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     set_seed(config.seed)
     backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
     resolved = config.replace(model_kind=backbone.kind, target_modules=resolve_target_modules(config, backbone))
+    check_prompt_budget(backbone.tokenizer, tasks, config.max_source_length, backbone.kind)
     previous = _read_metrics(paths) if resume else None
     if resume:
         check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
