@@ -12,17 +12,19 @@ is None rather than a number made up from nothing.
 
 from __future__ import annotations
 
-import re
+import string
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
-_SPACES = re.compile(r"\s+")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Case- and whitespace-insensitive form of an answer: exact match compares these."""
-    return _SPACES.sub(" ", text).strip().lower()
+    """The form exact match compares, as the reference code's metric (O-LoRA / N-LoRA src/compute_metrics.py,
+    SQuAD-style without removing articles) builds it: lower case, ASCII punctuation removed, runs of whitespace
+    collapsed to one space, ends stripped."""
+    return " ".join(text.lower().translate(_NO_PUNCTUATION).split())
 
 
 def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
