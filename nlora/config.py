@@ -17,6 +17,7 @@ import yaml
 
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .data import UNKNOWN_LABEL_POLICIES
+from .evaluation_plan import EVAL_PLANS
 from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
@@ -126,6 +127,10 @@ class RunConfig:
                           default="generate", choices=EVAL_MODES)
     eval_future: bool = _opt("also evaluate tasks not trained yet and the base model before training "
                              "(needed for forward transfer)", default=False)
+    eval_plan: str = _opt("which rows of the accuracy matrix are evaluated: full (after every task; all metrics), "
+                          "final (after the last task only: AP), every (after every eval_every-th task and the "
+                          "last: AP and those rows)", default="full", choices=EVAL_PLANS)
+    eval_every: int = _opt("eval_plan every: evaluate after tasks K, 2K, ... and the last", default=5)
 
     # reliability and scale
     checkpoint_steps: int = _opt("save the current adapter and optimizer every N steps within a task "
@@ -203,6 +208,8 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.eval_every < 1:
+            bad("eval_every", f"must be >= 1, got {self.eval_every}")
         from .methods import get_method  # late import: methods import this module
 
         get_method(self.method)

@@ -32,6 +32,7 @@ from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
 from .errors import NloraError
 from .evaluation import evaluate
+from .evaluation_plan import planned_rows
 from .faults import fault_point
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .methods import Method, get_method
@@ -148,8 +149,8 @@ def _read_metrics(paths: RunPaths) -> dict | None:
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
                   baseline, train_stats: dict, eval_seconds: dict) -> dict:
     last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
-    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None) \
-        if last else {}
+    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None,
+                        complete_only=config.eval_plan != "full") if last else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
@@ -169,6 +170,7 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "train": train_stats,
         "eval_seconds": eval_seconds,
         "eval_mode": config.eval_mode,
+        "eval_plan": config.eval_plan if config.eval_plan != "every" else f"every {config.eval_every}",
         "n_train": [len(t.train) for t in tasks],
         "n_test": [len(t.test) for t in tasks],
         # examples whose label is not in labels.json, kept by the label policy (scored as wrong when tested)
@@ -236,6 +238,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
         save_metrics()
 
+    eval_rows = planned_rows(config.eval_plan, config.eval_every, method.phases(n))
     for k in method.phases(n):
         label = f"[{k + 1}/{n}]"
         set_seed(config.seed + k)
@@ -264,9 +267,12 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             continue
         start = time.perf_counter()
         columns = range(n) if config.eval_future else range(k + 1)
+        if k not in eval_rows:  # not in the evaluation plan: the row stays null
+            columns = range(0)
         for j in columns:
             matrix[k][j] = evaluate_into(k, j, adapters.names, label)
-        eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
+        if columns:
+            eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
         phases_done.append(k)
         save_metrics()
     metrics = save_metrics()
