@@ -2,6 +2,7 @@
 
 Run directory (the contract every feature writes into; every file is written atomically):
     config.yaml                          the fully resolved configuration
+    run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
     metrics.json                         accuracy matrix and summary metrics, rewritten after each task
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
     predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
@@ -40,11 +41,13 @@ from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
 from .prompts import PromptSpec, check_prompt_budget
+from .provenance import collect as collect_provenance
+from .provenance import record_run
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
-               CHECKPOINT_DIR)
+               CHECKPOINT_DIR, "run.json")
 # Keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = ("overwrite", "output_dir")
 
@@ -202,6 +205,9 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if accelerator.is_main_process and not resume:
         # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
         write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+    if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
+        record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
+                                                               accelerator.num_processes), resume)
 
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
                                  config.lora_dropout, resolved.target_modules)
