@@ -25,6 +25,10 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
 PENALTY_FORMS = ("delta", "reference", "factors")
 EVAL_MODES = ("generate", "score")
+L2_FORMS = ("squared", "reference")
+# A scalar the user sets replaces the preset's per-task list of the same quantity (unless the user sets both).
+PER_TASK_OF = {"lambda": "lambda_per_task", "orth_lambda": "orth_lambda_per_task",
+               "l2_lambda": "l2_lambda_per_task", "epochs": "epochs_per_task"}
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -46,7 +50,8 @@ class RunConfig:
     `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key."""
 
     # a preset of the papers' benchmarks (see `nlora presets`); its keys sit under the config file and the flags
-    benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6); none: no preset",
+    benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6) with N-LoRA's "
+                          "protocol, o-lora-standard (1-3) or o-lora-long (6) with O-LoRA's; none: no preset",
                           default="none", choices=BENCHMARK_CHOICES)
     order: int | None = _opt("task order of the benchmark preset (standard: 1, 2, 3; long: 4, 5, 6)", default=None)
 
@@ -115,6 +120,16 @@ class RunConfig:
     # O-LoRA
     orth_lambda: float = _opt("O-LoRA: weight of the orthogonality loss |A_s A_t^T|", default=0.5)
     l2_lambda: float = _opt("O-LoRA: weight of the L2 loss on the current adapter", default=0.0)
+    orth_lambda_per_task: list[float] | None = _opt("O-LoRA: one orth_lambda per task in training order "
+                                                    "(overrides orth_lambda)", default=None)
+    l2_lambda_per_task: list[float] | None = _opt("O-LoRA: one l2_lambda per task in training order (overrides "
+                                                  "l2_lambda)", default=None)
+    l2_form: str = _opt("O-LoRA L2 loss: squared (sum of |theta|^2) or reference (the public code's sum of "
+                        "unsquared norms |theta|_2 of A and B)", default="squared", choices=L2_FORMS)
+
+    # per-task schedule (O-LoRA's long-order script trains MNLI for 2 epochs)
+    epochs_per_task: list[float] | None = _opt("one epoch count per task in training order (overrides epochs)",
+                                               default=None)
 
     # replay
     replay_per_task: int = _opt("replay: stored training examples of each earlier task", default=50)
@@ -191,6 +206,14 @@ class RunConfig:
                 bad("lambda_per_task", f"has {len(self.lambda_per_task)} values for {len(self.tasks)} tasks")
             if any(not (x >= 0 and math.isfinite(x)) for x in self.lambda_per_task):
                 bad("lambda_per_task", f"values must be >= 0 and finite, got {self.lambda_per_task}")
+        for key in ("orth_lambda_per_task", "l2_lambda_per_task", "epochs_per_task"):
+            values = getattr(self, key)
+            if values is not None and len(values) != len(self.tasks):
+                bad(key, f"has {len(values)} values for {len(self.tasks)} tasks")
+            if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
+                bad(key, f"values must be >= 0 and finite, got {values}")
+            if key == "epochs_per_task" and values is not None and any(x < 1 or x != int(x) for x in values):
+                bad(key, f"values must be whole numbers >= 1, got {values}")
         for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
             if not getattr(self, key) >= 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
@@ -355,13 +378,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
 
 def _resolve_preset(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` the
-    user sets replaces the preset's per-task list, unless the user sets that list too."""
+    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` (or
+    `orth_lambda`, `l2_lambda`, `epochs`) the user sets replaces the preset's per-task list of it, unless the user
+    sets that list too."""
     probe = RunConfig.from_dict({k: merged[k] for k in ("benchmark", "order") if k in merged}, source="options")
     if probe.benchmark == "none" and probe.order is None:
         return {}
     check_benchmark_order(probe.benchmark, probe.order)
     preset = load_preset(probe.benchmark, probe.order)
-    if "lambda" in user and "lambda_per_task" not in user:
-        preset.pop("lambda_per_task", None)
+    for scalar, per_task in PER_TASK_OF.items():
+        if scalar in user and per_task not in user:
+            preset.pop(per_task, None)
     return {**preset, "benchmark": probe.benchmark, "order": probe.order}

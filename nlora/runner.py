@@ -259,7 +259,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             checkpoint = load_checkpoint(paths.root) if resume else None
             if checkpoint is not None and checkpoint[0].phase != k:
                 checkpoint = None
-            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), config, k,
+            phase = config.replace(epochs=int(config.epochs_per_task[k])) if config.epochs_per_task else config
+            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase, k,
                                accelerator, run_dir=paths.root, resume=checkpoint,
                                desc=f"{label} train {tasks[k].name}", progress=progress)
             train_stats[tasks[k].name] = stats.to_dict()
