@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
     _add_config_options(p_demo, skip=("method", "benchmark", "order"))
+    p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
+                        help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the available methods")
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.config, _overrides(args), progress=not args.quiet)
+            if args.num_seeds < 1:
+                raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
+            run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
         elif args.command == "presets":
             print_presets(args.benchmark, args.order)
         elif args.command == "report":
