@@ -22,7 +22,8 @@ def demo(tmp_path_factory, synthetic_dir):
     root = tmp_path_factory.mktemp("demo")
     run_demo(None, {"model": "tiny-bert", "output_dir": str(root), "data_dir": str(synthetic_dir),
                     "tasks": "harbor,orchard,library", "max_train_samples": 4, "max_eval_samples": 3,
-                    "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True},
+                    "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True,
+                    "max_source_length": 160},  # byte-level tokenizer: room for the whole instruction
              progress=False, num_seeds=1)
     return root
 
