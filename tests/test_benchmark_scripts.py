@@ -89,3 +89,24 @@ def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path
     n_lora = module.base_config(later, method="n-lora", seed=42, output_dir=str(tmp_path / "n-lora"))
     with pytest.raises(NloraError, match=r"other settings \(lambda\)"):
         module.run_or_reuse(n_lora, False, False)
+
+
+def test_demo_cost_estimates_the_one_seed_demo_from_per_unit_costs(tmp_path, monkeypatch, capsys):
+    module = _load("demo_cost")
+    for seed in (1, 2):
+        for method in ("n-lora", "inc-lora"):
+            folder = tmp_path / f"seed-{seed}" / method
+            folder.mkdir(parents=True)
+            metrics = {"method": method, "n_test": [10, 10],
+                       "accuracy_matrix": [[50.0, None], [50.0, 50.0]],  # 3 cells of 10 examples: 30 evaluated
+                       "train": {"a": {"steps": 5, "seconds": 5.0}, "b": {"steps": 5, "seconds": 5.0}},
+                       "eval_seconds": {"a": 1.0, "b": 2.0}}
+            (folder / "metrics.json").write_text(__import__("json").dumps(metrics))
+    monkeypatch.setattr(sys, "argv", ["demo_cost.py", str(tmp_path), "--wall", "60"])
+    module.main()
+    out = capsys.readouterr().out
+    # 4 runs: 40 steps in 40 s (1 s/step), 120 examples in 12 s (0.1 s each), other (60 - 52) / 4 = 2 s per run;
+    # the one-seed demo: 2 runs x 3 tasks x 4 epochs x 19 steps = 456 steps, 2 x 150 x 6 = 1800 examples:
+    # 456 + 180 + 4 = 640 s, ratio 60 / 640 = 0.09
+    assert "| this demo (measured) | 4 | 40 | 120 | 60 |" in out
+    assert "| 2 | 456 | 1800 | 640 |" in out and "ratio this / earlier demo: 0.09" in out
