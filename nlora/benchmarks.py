@@ -2,7 +2,9 @@
 
 `--benchmark standard --order {1,2,3}` and `--benchmark long --order {4,5,6}` read the YAML file
 `nlora/presets/<benchmark>-order<k>.yaml`: the task sequence and the training protocol of the N-LoRA paper's
-T5-large experiments, with the public scripts each value comes from cited in the file. A preset sits between
+T5-large experiments, with the public scripts each value comes from cited in the file. `--benchmark
+o-lora-standard --order {1,2,3}` and `--benchmark o-lora-long --order 6` are O-LoRA's own protocol, from its
+public scripts (1 epoch, global batch 64, lr 1e-3, λ₁ / λ₂ per task on the long order). A preset sits between
 RunConfig's defaults and the user's config file: defaults < preset < --config FILE < command-line flags.
 """
 
@@ -16,8 +18,20 @@ import yaml
 from .errors import NloraError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-BENCHMARK_ORDERS: dict[str, tuple[int, ...]] = {"standard": (1, 2, 3), "long": (4, 5, 6)}
+# standard / long: N-LoRA's protocol; o-lora-standard / o-lora-long: O-LoRA's own (its public scripts cover the
+# three standard orders and one long order, 6).
+BENCHMARK_ORDERS: dict[str, tuple[int, ...]] = {"standard": (1, 2, 3), "long": (4, 5, 6),
+                                                "o-lora-standard": (1, 2, 3), "o-lora-long": (6,)}
 BENCHMARK_CHOICES = ("none", *BENCHMARK_ORDERS)
+# The task sequence each preset family runs (the key of PUBLISHED).
+BENCHMARK_BASE = {"standard": "standard", "long": "long", "o-lora-standard": "standard", "o-lora-long": "long"}
+# Where each preset family comes from: (paper, public script; {order} is the preset's order).
+PRESET_SOURCES = {
+    "standard": ("N-LoRA, arXiv 2410.10179", "PKU-YuanGroup/N-LoRA scripts/order_{order}.sh"),
+    "long": ("N-LoRA, arXiv 2410.10179", "PKU-YuanGroup/N-LoRA scripts/order_{order}.sh"),
+    "o-lora-standard": ("O-LoRA, arXiv 2310.14152", "cmnfriend/O-LoRA scripts/order_{order}.sh"),
+    "o-lora-long": ("O-LoRA, arXiv 2310.14152", "cmnfriend/O-LoRA scripts/long.sh"),
+}
 
 # Average accuracy (AP, %) after the last task, averaged over the benchmark's task orders, T5-large.
 # Source: N-LoRA, "Is Parameter Collision Hindering Continual Learning in LLMs?" (arXiv 2410.10179, COLING 2025),
@@ -72,6 +86,12 @@ def list_presets() -> list[tuple[str, int, Path]]:
     return [(b, o, preset_path(b, o)) for b, orders in BENCHMARK_ORDERS.items() for o in orders]
 
 
+def preset_source(benchmark: str, order: int) -> tuple[str, str]:
+    """(paper, public script) a preset's protocol comes from."""
+    paper, script = PRESET_SOURCES[benchmark]
+    return paper, script.format(order=order)
+
+
 def published_ap(benchmark: str, method: str) -> float | None:
-    """The published AP of `method` on `benchmark` (None where the papers give none)."""
-    return PUBLISHED.get(benchmark, {}).get(method)
+    """The published AP of `method` on `benchmark`'s task sequence (None where the papers give none)."""
+    return PUBLISHED.get(BENCHMARK_BASE.get(benchmark, benchmark), {}).get(method)

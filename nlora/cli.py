@@ -54,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
     _add_config_options(p_demo, skip=("method", "benchmark", "order"))
+    p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
+                        help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the available methods")
     p_presets = sub.add_parser("presets", help="list the benchmark presets, or print one (a YAML file to copy)")
-    p_presets.add_argument("benchmark", nargs="?", help="standard or long")
-    p_presets.add_argument("order", nargs="?", type=int, help="the task order (standard: 1-3, long: 4-6)")
+    p_presets.add_argument("benchmark", nargs="?", help="standard, long (N-LoRA's protocol), o-lora-standard or "
+                           "o-lora-long (O-LoRA's)")
+    p_presets.add_argument("order", nargs="?", type=int, help="the task order (standard: 1-3, long: 4-6, "
+                           "o-lora-long: 6)")
 
     p_report = sub.add_parser("report", help="plots and report.md of a run, or a comparison of several runs")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -126,7 +130,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def print_presets(benchmark: str | None, order: int | None) -> None:
-    from .benchmarks import PUBLISHED, PUBLISHED_SOURCE, list_presets, load_preset, preset_path
+    from .benchmarks import PUBLISHED, PUBLISHED_SOURCE, list_presets, load_preset, preset_path, preset_source
 
     if benchmark is not None:
         if order is None:
@@ -134,13 +138,21 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
                              f"{1 if benchmark == 'standard' else 4}`")
         print(preset_path(benchmark, order).read_text(encoding="utf-8"), end="")
         return
-    print(f"{'preset':<31} {'tasks':>5} {'lr':>7} {'epochs':>6} {'batch':>5}  lambda")
+    def per_task(p: dict, key: str, label: str) -> str:
+        if p.get(f"{key}_per_task"):
+            return f"{label} per task " + "/".join(sorted({f"{x:g}" for x in p[f"{key}_per_task"]}))
+        return f"{label} {p[key]:g}" if key in p else ""
+
+    print(f"{'preset':<38} {'method':<7} {'tasks':>5} {'lr':>7} {'epochs':>7} {'batch':>5}  lambda; source")
     for b, o, _ in list_presets():
         p = load_preset(b, o)
-        lam = "per task " + "/".join(sorted({f"{x:g}" for x in p["lambda_per_task"]})) \
-            if p.get("lambda_per_task") else f"{p['lambda']:g}"
-        print(f"{'--benchmark ' + b + ' --order ' + str(o):<31} {len(p['tasks']):>5} {float(p['lr']):>7.0e} "
-              f"{p['epochs']:>6} {p['batch_size']:>5}  {lam}")
+        lam = ", ".join(x for x in (per_task(p, "lambda", "λ"), per_task(p, "orth_lambda", "λ1"),
+                                    per_task(p, "l2_lambda", "λ2")) if x)
+        epochs = "/".join(sorted({f"{x:g}" for x in p["epochs_per_task"]})) if p.get("epochs_per_task") \
+            else str(p["epochs"])
+        paper, script = preset_source(b, o)
+        print(f"{'--benchmark ' + b + ' --order ' + str(o):<38} {p['method']:<7} {len(p['tasks']):>5} "
+              f"{float(p['lr']):>7.0e} {epochs:>7} {p['batch_size']:>5}  {lam}; {paper}, {script}")
     print(f"\npublished AP (%), {PUBLISHED_SOURCE}:")
     for b, scores in PUBLISHED.items():
         print(f"  {b:<9} " + "  ".join(f"{m} {v:.1f}" for m, v in scores.items()))
@@ -178,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.config, _overrides(args), progress=not args.quiet)
+            if args.num_seeds < 1:
+                raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
+            run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
         elif args.command == "presets":
             print_presets(args.benchmark, args.order)
         elif args.command == "report":

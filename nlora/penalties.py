@@ -203,3 +203,14 @@ def l2_squared(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         total = total + t.to(acc).square().sum()
     return total
+
+
+def l2_norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ_θ ‖θ‖₂, the unsquared Frobenius norm of each tensor, summed (empty → 0): O-LoRA's public trainer
+    (cmnfriend/O-LoRA ``src/uie_trainer_lora.py``, ``torch.norm(param, p=2)`` over loranew_A and loranew_B)."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(())
+    acc = _acc_dtype(*(t.dtype for t in tensors))
+    # vector_norm's gradient at a zero tensor is 0 (B starts at zero), where sqrt(sum of squares) would give NaN
+    return torch.stack([torch.linalg.vector_norm(t.to(acc)) for t in tensors]).sum()

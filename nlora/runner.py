@@ -2,6 +2,7 @@
 
 Run directory (the contract every feature writes into; every file is written atomically):
     config.yaml                          the fully resolved configuration
+    run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
     metrics.json                         accuracy matrix and summary metrics, rewritten after each task
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
     predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
@@ -32,6 +33,7 @@ from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
 from .errors import NloraError
 from .evaluation import evaluate
+from .evaluation_plan import planned_rows
 from .faults import fault_point
 from .io import recover_replaced_dirs, write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .methods import Method, get_method
@@ -39,11 +41,14 @@ from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
 from .preflight import preflight
+from .prompts import PromptSpec, check_prompt_budget
+from .provenance import collect as collect_provenance
+from .provenance import record_run
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
-               CHECKPOINT_DIR)
+               CHECKPOINT_DIR, "run.json")
 # Keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = ("overwrite", "output_dir")
 
@@ -65,9 +70,11 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
     """Read and validate every task before any training starts, so bad data fails in seconds."""
     if config.data_dir is None:
         raise NloraError("option 'data_dir': no data folder given (a folder in the CL_Benchmark layout)")
-    instructions = load_instructions(config.instructions)
+    instructions = load_instructions(config.instructions, config.prompt_format)
+    prompt = PromptSpec(config.prompt_format, config.add_task_name, config.add_dataset_name)
+    policies = {"train": config.train_unknown_labels, "test": config.test_unknown_labels}
     return [load_task(config.data_dir, name, instructions, config.max_train_samples, config.max_eval_samples,
-                      config.seed) for name in config.tasks]
+                      config.seed, unknown_labels=policies, prompt=prompt) for name in config.tasks]
 
 
 def check_output_dir(config: RunConfig, resume: bool) -> RunPaths:
@@ -147,8 +154,8 @@ def _read_metrics(paths: RunPaths) -> dict | None:
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
                   baseline, train_stats: dict, eval_seconds: dict) -> dict:
     last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
-    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None) \
-        if last else {}
+    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None,
+                        complete_only=config.eval_plan != "full") if last else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
@@ -168,8 +175,11 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "train": train_stats,
         "eval_seconds": eval_seconds,
         "eval_mode": config.eval_mode,
+        "eval_plan": config.eval_plan if config.eval_plan != "every" else f"every {config.eval_every}",
         "n_train": [len(t.train) for t in tasks],
         "n_test": [len(t.test) for t in tasks],
+        # examples whose label is not in labels.json, kept by the label policy (scored as wrong when tested)
+        "unknown_labels": {t.name: t.unknown_labels for t in tasks if t.unknown_labels},
     }
 
 
@@ -184,6 +194,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     set_seed(config.seed)
     backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
     resolved = config.replace(model_kind=backbone.kind, target_modules=resolve_target_modules(config, backbone))
+    check_prompt_budget(backbone.tokenizer, tasks, config.max_source_length, backbone.kind)
     previous = _read_metrics(paths) if resume else None
     if resume:
         check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
@@ -197,6 +208,9 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if accelerator.is_main_process and not resume:
         # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
         write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+    if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
+        record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
+                                                               accelerator.num_processes), resume)
 
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
                                  config.lora_dropout, resolved.target_modules)
@@ -233,6 +247,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
         save_metrics()
 
+    eval_rows = planned_rows(config.eval_plan, config.eval_every, method.phases(n))
     for k in method.phases(n):
         label = f"[{k + 1}/{n}]"
         set_seed(config.seed + k)
@@ -247,7 +262,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             checkpoint = load_checkpoint(paths.root) if resume else None
             if checkpoint is not None and checkpoint[0].phase != k:
                 checkpoint = None
-            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), config, k,
+            phase = config.replace(epochs=int(config.epochs_per_task[k])) if config.epochs_per_task else config
+            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase, k,
                                accelerator, run_dir=paths.root, resume=checkpoint,
                                desc=f"{label} train {tasks[k].name}", progress=progress)
             train_stats[tasks[k].name] = stats.to_dict()
@@ -261,9 +277,12 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             continue
         start = time.perf_counter()
         columns = range(n) if config.eval_future else range(k + 1)
+        if k not in eval_rows:  # not in the evaluation plan: the row stays null
+            columns = range(0)
         for j in columns:
             matrix[k][j] = evaluate_into(k, j, adapters.names, label)
-        eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
+        if columns:
+            eval_seconds[tasks[k].name] = round(time.perf_counter() - start, 3)
         phases_done.append(k)
         save_metrics()
     metrics = save_metrics()

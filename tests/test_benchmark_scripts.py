@@ -49,7 +49,8 @@ def reproduce(monkeypatch, tmp_path):
 
 
 def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
-    args = reproduce.parse_args(["--seeds", "42,44", "--methods", "inc-lora,n-lora,mtl", "--output-dir", str(tmp_path)])
+    args = reproduce.parse_args(["--seeds", "42,44", "--methods", "inc-lora,n-lora,mtl", "--output-dir", str(tmp_path),
+                                  "--data-dir", str(tmp_path)])  # the fake runs read no data
     rows = reproduce.run_benchmark(args)
     assert len(rows) == 6 and len(reproduce.calls) == 6
     text = (tmp_path / "results.md").read_text()
@@ -65,7 +66,7 @@ def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
 def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "write_dev_view", lambda args: tmp_path / "view")
     args = reproduce.parse_args(["--sweep", "--penalty-form", "reference", "--sweep-lambdas", "0.4",
-                                 "--output-dir", str(tmp_path)])
+                                 "--output-dir", str(tmp_path), "--data-dir", str(tmp_path)])
     reproduce.run_sweep(args)
     by_method = {c.method: c for c in reproduce.calls}
     assert by_method["n-lora"].penalty_form == "reference" and by_method["n-lora"].lambda_ == 0.4
@@ -76,15 +77,36 @@ def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monk
 
 def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path):
     module = _load("reproduce_cpu")
-    earlier = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-4"])
+    earlier = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-4"])
     for method in ("inc-lora", "n-lora"):
         config = module.base_config(earlier, method=method, seed=42, output_dir=str(tmp_path / method))
         (tmp_path / method).mkdir()
         (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
         (tmp_path / method / "metrics.json").write_text('{"complete": true}')
-    later = module.parse_args(["--output-dir", str(tmp_path), "--lambda", "1e-5"])
+    later = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-5"])
     inc = module.base_config(later, method="inc-lora", seed=42, output_dir=str(tmp_path / "inc-lora"))
     assert module.run_or_reuse(inc, False, False) == ({"complete": True}, "reused")  # λ means nothing to it
     n_lora = module.base_config(later, method="n-lora", seed=42, output_dir=str(tmp_path / "n-lora"))
     with pytest.raises(NloraError, match=r"other settings \(lambda\)"):
         module.run_or_reuse(n_lora, False, False)
+
+
+def test_demo_cost_estimates_the_one_seed_demo_from_per_unit_costs(tmp_path, monkeypatch, capsys):
+    module = _load("demo_cost")
+    for seed in (1, 2):
+        for method in ("n-lora", "inc-lora"):
+            folder = tmp_path / f"seed-{seed}" / method
+            folder.mkdir(parents=True)
+            metrics = {"method": method, "n_test": [10, 10],
+                       "accuracy_matrix": [[50.0, None], [50.0, 50.0]],  # 3 cells of 10 examples: 30 evaluated
+                       "train": {"a": {"steps": 5, "seconds": 5.0}, "b": {"steps": 5, "seconds": 5.0}},
+                       "eval_seconds": {"a": 1.0, "b": 2.0}}
+            (folder / "metrics.json").write_text(__import__("json").dumps(metrics))
+    monkeypatch.setattr(sys, "argv", ["demo_cost.py", str(tmp_path), "--wall", "60"])
+    module.main()
+    out = capsys.readouterr().out
+    # 4 runs: 40 steps in 40 s (1 s/step), 120 examples in 12 s (0.1 s each), other (60 - 52) / 4 = 2 s per run;
+    # the one-seed demo: 2 runs x 3 tasks x 4 epochs x 19 steps = 456 steps, 2 x 150 x 6 = 1800 examples:
+    # 456 + 180 + 4 = 640 s, ratio 60 / 640 = 0.09
+    assert "| this demo (measured) | 4 | 40 | 120 | 60 |" in out
+    assert "| 2 | 456 | 1800 | 640 |" in out and "ratio this / earlier demo: 0.09" in out

@@ -7,6 +7,8 @@ from nlora.data import (DEFAULT_INSTRUCTIONS, carve_dev, find_task_dir, format_p
 from nlora.errors import NloraError
 from conftest import SHARED_DATA
 
+from nlora.benchmarks import BENCHMARK_ORDERS
+
 ROWS = [{"label": "pos", "sentence": "great film"}, {"label": "neg", "sentence": "dull plot"},
         {"label": "pos", "sentence": "loved it"}]
 
@@ -67,8 +69,8 @@ def test_carve_dev_is_disjoint_from_train(tmp_path, make_task):
     (lambda f: (f / "train.json").write_text("[]"), r"train.json: the split is empty"),
     (lambda f: (f / "train.json").write_text('[{"label": "a"}]'),
      r"train.json: example 0 has no string field 'sentence'"),
-    (lambda f: (f / "test.json").write_text('[{"label": "zzz", "sentence": "x"}]'),
-     r"test.json: example 0 has label 'zzz', which is not in labels.json"),
+    (lambda f: (f / "train.json").write_text('[{"label": "a", "sentence": "x"}, {"label": "zzz", "sentence": "y"}]'),
+     r"train.json: example 1 has label 'zzz', which is not in labels.json .*option 'train_unknown_labels'"),
     (lambda f: (f / "labels.json").write_text('{"a": 1}'), r"labels.json: expected a non-empty JSON list"),
     (lambda f: (f / "test.json").unlink(), r"test.json: file not found"),
     (lambda f: (f / "train.json").write_text('{"label": "a"}'), r"train.json: expected a JSON array"),
@@ -93,3 +95,62 @@ def test_reads_the_real_benchmark_layout():
     assert set(e.label for e in task.train) <= set(task.labels)
     agnews = load_task(SHARED_DATA, "agnews", max_train=5, max_test=5)
     assert agnews.family == "TC" and agnews.instruction == DEFAULT_INSTRUCTIONS["TC"]
+
+
+def _task_with_unlabelled_tests(tmp_path, make_task):
+    test = [{"label": "a", "sentence": "x"}, {"label": "-", "sentence": "y"}, {"label": "-", "sentence": "z"},
+            {"label": "?", "sentence": "w"}]
+    return make_task(tmp_path, "NLI", "t", ["a", "b"], [{"label": "b", "sentence": "v"}], test)
+
+
+def test_test_labels_not_in_labels_json_are_kept_with_one_warning(tmp_path, make_task, capsys):
+    folder = _task_with_unlabelled_tests(tmp_path, make_task)
+    task = load_task(tmp_path, "t")
+    assert [e.label for e in task.test] == ["a", "-", "-", "?"]
+    assert task.unknown_labels == {"test": {"-": 2, "?": 1}}
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert f"{folder / 'test.json'}: kept 3 of 4 examples" in err and "'-' x 2" in err and "'?' x 1" in err
+
+
+def test_label_policies_drop_or_refuse(tmp_path, make_task, capsys):
+    _task_with_unlabelled_tests(tmp_path, make_task)
+    dropped = load_task(tmp_path, "t", unknown_labels={"test": "drop"})
+    assert [e.label for e in dropped.test] == ["a"] and dropped.unknown_labels == {}
+    assert "dropped 3 of 4 examples" in capsys.readouterr().err
+    with pytest.raises(NloraError, match=r"test.json: example 1 has label '-'.*3 example\(s\).*test_unknown_labels"):
+        load_task(tmp_path, "t", unknown_labels={"test": "error"})
+    # a training split may keep them only when told to
+    make_task(tmp_path, "G", "u", ["a"], [{"label": "a", "sentence": "x"}, {"label": "-", "sentence": "y"}])
+    with pytest.raises(NloraError, match="train.json"):
+        load_task(tmp_path, "u")
+    kept = load_task(tmp_path, "u", unknown_labels={"train": "keep"})
+    assert kept.unknown_labels == {"train": {"-": 1}, "test": {"-": 1}}  # make_task copies train to test
+
+
+def test_kept_unlabelled_examples_score_as_wrong_and_are_counted_in_metrics(tmp_path, make_task, capsys):
+    from nlora.config import load_config
+    from nlora.runner import run
+
+    _task_with_unlabelled_tests(tmp_path / "data", make_task)
+    config = load_config(overrides={"model": "tiny-bert", "tasks": "t", "data_dir": str(tmp_path / "data"),
+                                    "output_dir": str(tmp_path / "run"), "device": "cpu", "batch_size": 2})
+    metrics = run(config, progress=False)
+    assert metrics["unknown_labels"] == {"t": {"test": {"-": 2, "?": 1}}}
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "0-t" / "t.jsonl").open()]
+    assert [r["correct"] for r in records[1:]] == [False] * 3 and all(r["prediction"] in ("a", "b") for r in records)
+    assert metrics["accuracy_matrix"][0][0] == (25.0 if records[0]["correct"] else 0.0)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark data not present")
+@pytest.mark.parametrize("bench,order", [(b, o) for b, orders in BENCHMARK_ORDERS.items() for o in orders])
+def test_every_preset_task_list_passes_validation_on_the_real_data(bench, order, capsys):
+    from nlora.config import load_config
+    from nlora.runner import load_tasks
+
+    config = load_config(overrides={"benchmark": bench, "order": order, "data_dir": str(SHARED_DATA)})
+    tasks = load_tasks(config)
+    assert [t.name for t in tasks] == config.tasks
+    if "MNLI" in config.tasks:  # its test.json labels 131 examples '-' (no gold label): kept, scored as wrong
+        mnli = next(t for t in tasks if t.name == "MNLI")
+        assert mnli.unknown_labels == {"test": {"-": 131}} and len(mnli.test) == 7600

@@ -45,12 +45,12 @@ def _brute_force_log_likelihood(name, obj, model, example, option) -> float:
     """log P(option tokens, eos included | prompt) for one unpadded example, one option, no cache."""
     tok = obj.tokenizer
     if KINDS[name] == "seq2seq":
-        src = tok(example.prompt, max_length=obj.max_source_length, truncation=True, return_tensors="pt")
+        src = torch.tensor([obj.prompt_ids(example)])  # the prompt as cut to max_source_length
         target = tok(text_target=option, max_length=obj.max_target_length, truncation=True,
                      return_tensors="pt")["input_ids"]
-        logits = model(input_ids=src["input_ids"], attention_mask=src["attention_mask"], labels=target).logits
+        logits = model(input_ids=src, attention_mask=torch.ones_like(src), labels=target).logits
         return logits.log_softmax(-1)[0].gather(-1, target[0].unsqueeze(-1)).sum().item()
-    prompt, answer = obj._prompt_ids(example.prompt), obj._answer_ids(option)
+    prompt, answer = obj._prompt_ids(example), obj._answer_ids(option)
     ids = torch.tensor([prompt + answer])
     logp = model(input_ids=ids).logits.log_softmax(-1)[0]
     return sum(logp[len(prompt) + t - 1, a].item() for t, a in enumerate(answer))
@@ -72,7 +72,7 @@ def test_score_mode_is_the_argmax_of_brute_force_log_likelihoods(name):
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
 def test_score_mode_predicts_only_options(name):
     bb, model = _model_with_random_adapter(name)
-    obj = make_objective(KINDS[name], bb.tokenizer, 64, 4, eval_mode="score")
+    obj = make_objective(KINDS[name], bb.tokenizer, 128, 4, eval_mode="score")
     gen = torch.Generator().manual_seed(0)
     words = ["alpha", "beta", "gamma delta", "e", "zeta eta theta iota", "no", "no way"]
     examples = []
@@ -132,7 +132,7 @@ def test_run_in_score_mode_records_options_only(synthetic_dir, tmp_path):
     config = load_config(overrides={
         "model": "tiny-t5", "method": "inc-lora", "tasks": "harbor,orchard", "data_dir": str(synthetic_dir),
         "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 8, "max_train_samples": 8,
-        "max_eval_samples": 6, "max_source_length": 48, "device": "cpu", "eval_mode": "score"})
+        "max_eval_samples": 6, "max_source_length": 128, "device": "cpu", "eval_mode": "score"})
     metrics = run(config, progress=False)
     assert metrics["eval_mode"] == "score" and metrics["complete"]
     options = json.loads((synthetic_dir / "synthetic" / "harbor" / "labels.json").read_text())

@@ -148,6 +148,23 @@ def test_olora_orthogonality_enters_from_the_second_task(tmp_path, synthetic_dir
     assert regs[0] == 0.0 and regs[1] > 0 and regs[2] > 0
 
 
+def test_olora_per_task_lambdas_epochs_and_reference_l2(tmp_path, synthetic_dir, traced):
+    config = _config(tmp_path, synthetic_dir, "o-lora").replace(
+        orth_lambda_per_task=[0.0, 0.0, 0.5], l2_lambda_per_task=[0.0, 0.2, 0.0], l2_form="reference",
+        epochs_per_task=[1.0, 2.0, 1.0])
+    method = METHODS["o-lora"](config)
+    assert [method.lambdas(k) for k in range(3)] == [(0.0, 0.0), (0.0, 0.2), (0.5, 0.0)]
+    runner.run(config, progress=False)
+    regs = [p["stats"].mean_regularizer for p in traced]
+    assert regs[0] == 0.0 and regs[1] > 0 and regs[2] > 0
+    assert [p["stats"].steps for p in traced] == [2, 4, 2]  # 8 examples, batch 4; 2 epochs in phase 1
+    # with phase 1's lambdas (λ₁ 0, λ₂ 0.2) the regulariser is 0.2 x Σ‖θ‖₂ over the current adapter's A and B
+    adapters = traced[-1]["adapters"]
+    current = [t for f in adapters.factors(adapters.current) for t in (f.A, f.B)]
+    by_hand = 0.2 * sum(float(t.detach().double().pow(2).sum()) ** 0.5 for t in current)
+    assert method.regularizer(adapters, 1).item() == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_multitask_trains_once_on_the_union(tmp_path, synthetic_dir, traced, evaluations):
     metrics = runner.run(_config(tmp_path, synthetic_dir, "mtl", eval_future=True), progress=False)
     assert [p["k"] for p in traced] == [2] and traced[0]["n_examples"] == 24

@@ -22,6 +22,12 @@ BASE = [25.0, 25.0, 20.0]
 
 def test_normalize_and_accuracy():
     assert normalize_answer("  Sports \n News ") == "sports news"
+    # as the reference's metric: lower case, no punctuation, whitespace collapsed (hand-derived)
+    assert normalize_answer("Science or Technology.") == "science or technology"
+    assert normalize_answer(" True! ") == normalize_answer("true") == "true"
+    assert normalize_answer("very\tnegative") == "very negative" and normalize_answer("n't") == "nt"
+    assert normalize_answer("A: the cat") == "a the cat"  # articles stay (unlike SQuAD's own)
+    assert normalize_answer("...") == "" and normalize_answer("café") == "café"  # non-ASCII stays
     assert accuracy(["World", "sports ", "x"], ["world", "Sports", "y"]) == pytest.approx(200 / 3)
     with pytest.raises(ValueError, match="2 predictions for 1 targets"):
         accuracy(["a", "b"], ["a"])

@@ -10,6 +10,7 @@ from nlora.penalties import (
     delta_l1,
     delta_l1_naive,
     factors_l1,
+    l2_norms,
     l2_squared,
     lora_l1,
     olora_orthogonality,
@@ -386,3 +387,14 @@ def test_all_results_are_scalars_on_the_input_device():
         assert out.shape == () and out.device.type == "meta", i
     grads = torch.autograd.grad(delta_l1(A, B, 1.0, chunk_size=1), [A, B])
     assert all(g.device.type == "meta" for g in grads)
+
+
+def test_l2_norms_by_hand():
+    # O-LoRA's public L2: Σ ‖θ‖₂ unsquared: sqrt(30) + 2; gradient θ / ‖θ‖, and 0 at a zero tensor (B at start)
+    a, b, z = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([-2.0]), torch.zeros(2, 3)
+    value, (ga, gb, gz) = _grads(lambda x, y, w: l2_norms([x, y, w]), a, b, z)
+    assert value.item() == pytest.approx(30 ** 0.5 + 2.0)
+    torch.testing.assert_close(ga, a / 30 ** 0.5)
+    torch.testing.assert_close(gb, torch.tensor([-1.0]))
+    torch.testing.assert_close(gz, torch.zeros(2, 3))
+    assert l2_norms([]).item() == 0.0

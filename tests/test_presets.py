@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nlora.benchmarks import BENCHMARK_ORDERS, PUBLISHED, list_presets, load_preset, preset_path, published_ap
+from nlora.benchmarks import (BENCHMARK_ORDERS, PUBLISHED, list_presets, load_preset, preset_path, preset_source,
+                              published_ap)
 from nlora.cli import main
 from nlora.config import RunConfig, load_config
 from nlora.errors import NloraError
@@ -30,7 +31,7 @@ SCHEDULES = {
     5: (8e-4, 32, [0.55] * 15),
     6: (1e-3, 32, [1.8] * 15),
 }
-BENCHMARK_OF = {o: b for b, orders in BENCHMARK_ORDERS.items() for o in orders}
+BENCHMARK_OF = {o: b for b in ("standard", "long") for o in BENCHMARK_ORDERS[b]}  # N-LoRA's protocol
 
 
 @pytest.mark.parametrize("order", sorted(ORDERS))
@@ -53,8 +54,10 @@ def test_preset_expands_to_the_papers_sequence_and_protocol(order):
 def test_preset_files_are_readable_and_cite_their_source(bench, order, path):
     text = path.read_text()
     assert path == preset_path(bench, order) and path.name == f"{bench}-order{order}.yaml"
-    assert f"scripts/order_{order}.sh" in text and "PKU-YuanGroup/N-LoRA" in text
-    assert "penalty_form: reference" in text
+    paper, script = preset_source(bench, order)
+    assert script in text and paper.split(",")[0] in text
+    assert ("penalty_form: reference" if bench in ("standard", "long") else "l2_form: reference") in text
+    assert "prompt_format: reference" in text and "add_task_name: true" in text and "add_dataset_name: true" in text
     values = yaml.safe_load(text)
     RunConfig.from_dict(values)  # only known keys, of the right types
     assert "benchmark" not in values and "order" not in values  # a copy works as a plain --config file
@@ -156,3 +159,45 @@ def test_a_preset_run_writes_the_expanded_config(tmp_path):
     assert (saved["benchmark"], saved["order"], saved["tasks"]) == ("standard", 1, ORDERS[1].split())
     assert (saved["lr"], saved["lambda"], saved["penalty_form"], saved["lora_alpha"]) == (1e-3, 0.4, "reference", 32)
     assert metrics["tasks"] == ORDERS[1].split() and metrics["complete"]
+
+
+# O-LoRA's public scripts (cmnfriend/O-LoRA scripts/order_<k>.sh and scripts/long.sh): 8 GPUs x batch 8, lr 1e-3,
+# 1 epoch (2 for MNLI on the long order), lamda_1 / lamda_2 per task.
+OLORA_LONG = {
+    "tasks": ORDERS[6].split(),
+    "epochs": [1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "lamda_1": [0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 5, 5, 5, 5, 5, 5],
+    "lamda_2": [0, 0, 0, 0, 0.1, 0.1, 0.3, 0, 0.1, 0, 0, 0.1, 0, 0.1, 0.3],
+}
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_olora_standard_presets_follow_olora_scripts(order):
+    cfg = load_config(overrides={"benchmark": "o-lora-standard", "order": order}).validate()
+    assert cfg.tasks == ORDERS[order].split() and cfg.method == "o-lora"
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.warmup_steps) == (1e-3, 64, 1, 0)
+    assert (cfg.orth_lambda, cfg.l2_lambda, cfg.l2_form) == (0.5, 0.0, "reference")
+    assert (cfg.prompt_format, cfg.add_task_name, cfg.add_dataset_name) == ("reference", True, True)
+    assert published_ap("o-lora-standard", "o-lora") == PUBLISHED["standard"]["o-lora"]
+
+
+def test_olora_long_preset_sets_epochs_and_both_lambdas_per_task():
+    cfg = load_config(overrides={"benchmark": "o-lora-long", "order": 6}).validate()
+    assert cfg.tasks == OLORA_LONG["tasks"] and (cfg.lr, cfg.batch_size) == (1e-3, 64)
+    assert cfg.epochs_per_task == OLORA_LONG["epochs"]
+    assert cfg.orth_lambda_per_task == OLORA_LONG["lamda_1"] and cfg.l2_lambda_per_task == OLORA_LONG["lamda_2"]
+    # a scalar the user gives replaces the preset's list of it
+    cfg = load_config(overrides={"benchmark": "o-lora-long", "order": 6, "epochs": 3, "orth_lambda": 0.1})
+    assert cfg.epochs_per_task is None and cfg.epochs == 3
+    assert cfg.orth_lambda_per_task is None and cfg.l2_lambda_per_task == OLORA_LONG["lamda_2"]
+    with pytest.raises(NloraError, match="benchmark 'o-lora-long' has orders 6, not 4"):
+        load_config(overrides={"benchmark": "o-lora-long", "order": 4})
+
+
+def test_presets_listing_names_paper_and_script(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for b, o, _ in list_presets():
+        line = next(x for x in out.splitlines() if x.startswith(f"--benchmark {b} --order {o} "))
+        paper, script = preset_source(b, o)
+        assert paper in line and script in line

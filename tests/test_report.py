@@ -22,8 +22,9 @@ def demo(tmp_path_factory, synthetic_dir):
     root = tmp_path_factory.mktemp("demo")
     run_demo(None, {"model": "tiny-bert", "output_dir": str(root), "data_dir": str(synthetic_dir),
                     "tasks": "harbor,orchard,library", "max_train_samples": 4, "max_eval_samples": 3,
-                    "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True},
-             progress=False)
+                    "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True,
+                    "max_source_length": 160},  # byte-level tokenizer: room for the whole instruction
+             progress=False, num_seeds=1)
     return root
 
 
@@ -108,13 +109,13 @@ def test_demo_ends_with_a_comparison_report(demo, capsys):
     markdown = (report / "report.md").read_text()
     assert markdown.startswith("# Report: n-lora vs inc-lora")
     for label in ("n-lora", "inc-lora"):
-        check_report_numbers(markdown, label, demo / label)
+        check_report_numbers(markdown, label, demo / "seed-42" / label)
     for name in PLOTS:
         assert f"]({name})" in markdown
 
 
 def test_report_of_one_run_goes_into_the_run(demo, capsys):
-    run = demo / "n-lora"
+    run = demo / "seed-42" / "n-lora"
     assert main(["report", str(run)]) == 0
     assert str((run / "report" / "report.md").resolve()) in capsys.readouterr().out
     check_pngs(run / "report")
@@ -126,7 +127,7 @@ def test_report_of_one_run_goes_into_the_run(demo, capsys):
 
 def test_rediagnose_with_another_threshold(demo, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(demo / "inc-lora", run)
+    shutil.copytree(demo / "seed-42" / "inc-lora", run)
     before = json.loads((run / "diagnostics.json").read_text())
     assert main(["report", str(run), "--rediagnose", "--rel-eps", "0.3", "--output-dir", str(tmp_path / "r")]) == 0
     after = json.loads((run / "diagnostics.json").read_text())
@@ -138,7 +139,7 @@ def test_rediagnose_with_another_threshold(demo, tmp_path, capsys):
 
 def test_runs_of_one_method_are_told_apart(demo, tmp_path):
     for name in ("a", "b"):
-        shutil.copytree(demo / "n-lora", tmp_path / name / "n-lora")
+        shutil.copytree(demo / "seed-42" / "n-lora", tmp_path / name / "n-lora")
     out = write_report([tmp_path / "a" / "n-lora", tmp_path / "b" / "n-lora"], tmp_path / "cmp")
     markdown = (out / "report.md").read_text()
     check_report_numbers(markdown, "n-lora (a/n-lora)", tmp_path / "a" / "n-lora")
@@ -146,7 +147,7 @@ def test_runs_of_one_method_are_told_apart(demo, tmp_path):
 
 
 def test_several_runs_need_an_output_dir(demo, capsys):
-    assert main(["report", str(demo / "n-lora"), str(demo / "inc-lora")]) == 2
+    assert main(["report", str(demo / "seed-42" / "n-lora"), str(demo / "seed-42" / "inc-lora")]) == 2
     assert "--output-dir" in capsys.readouterr().err
     assert main(["report", str(demo / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err

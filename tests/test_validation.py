@@ -147,7 +147,7 @@ CASES = {
                                       "example 0 has no string field 'sentence'"),
     "non-string sentence": _data(_write("train.json", '[{"label": "a", "sentence": 5}]'), "train.json",
                                  "example 0 has no string field 'sentence' (its 'sentence' is int 5"),
-    "label not in labels.json": _data(_write("test.json", '[{"label": "zzz", "sentence": "x"}]'), "test.json",
+    "label not in labels.json": _data(_write("train.json", '[{"label": "zzz", "sentence": "x"}]'), "train.json",
                                       "example 0 has label 'zzz', which is not in labels.json (a, b)"),
     "labels.json not a list of strings": _data(_write("labels.json", '{"a": 1}'), "labels.json",
                                                "expected a non-empty JSON list of label strings"),

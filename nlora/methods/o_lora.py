@@ -2,27 +2,36 @@ from __future__ import annotations
 
 import torch
 
-from ..penalties import l2_squared, olora_orthogonality
+from ..penalties import l2_norms, l2_squared, olora_orthogonality
 from .base import Method, register
 
 
 @register
 class OLoRA(Method):
     """O-LoRA (arXiv 2310.14152): IncLoRA plus λ₁ · Σ_layers Σ_{s<t} Σ|A_s·A_tᵀ| (the current task's A kept
-    orthogonal to every earlier task's A) plus λ₂ · ‖θ_t‖² on the current adapter."""
+    orthogonal to every earlier task's A) plus λ₂ · ‖θ_t‖² on the current adapter (`l2_form reference`: the public
+    code's Σ‖θ‖₂ over the current A and B, unsquared)."""
 
     name = "o-lora"
     description = "IncLoRA + orth_lambda * |A_s A_t^T| against earlier tasks + l2_lambda * |theta_t|^2"
-    options = ("orth_lambda", "l2_lambda")
+    options = ("orth_lambda", "l2_lambda", "orth_lambda_per_task", "l2_lambda_per_task", "l2_form")
+
+    def lambdas(self, k: int) -> tuple[float, float]:
+        """(λ₁, λ₂) of phase k: the per-task lists where given (O-LoRA's long-order script sets both per task)."""
+        cfg = self.config
+        orth = cfg.orth_lambda_per_task[k] if cfg.orth_lambda_per_task else cfg.orth_lambda
+        l2 = cfg.l2_lambda_per_task[k] if cfg.l2_lambda_per_task else cfg.l2_lambda
+        return orth, l2
 
     def regularizer(self, adapters, k):
-        cfg = self.config
+        orth_lambda, l2_lambda = self.lambdas(k)
         current = adapters.factors(adapters.current)
         terms = []
-        if cfg.orth_lambda > 0 and k > 0:
+        if orth_lambda > 0 and k > 0:
             earlier = {name: {f.layer: f.A for f in adapters.factors(name)} for name in adapters.names[:-1]}
             orth = [olora_orthogonality(f.A, [earlier[name][f.layer] for name in earlier]) for f in current]
-            terms.append(cfg.orth_lambda * torch.stack(orth).sum())
-        if cfg.l2_lambda > 0:
-            terms.append(cfg.l2_lambda * l2_squared([p for f in current for p in (f.A, f.B)]))
+            terms.append(orth_lambda * torch.stack(orth).sum())
+        if l2_lambda > 0:
+            l2 = l2_norms if self.config.l2_form == "reference" else l2_squared
+            terms.append(l2_lambda * l2([p for f in current for p in (f.A, f.B)]))
         return torch.stack(terms).sum() if terms else None

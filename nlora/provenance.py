@@ -1,0 +1,103 @@
+"""What a run ran on, recorded in RUN_DIR/run.json: the versions of python and the libraries, nlora's version and
+git commit (where its source is a git checkout), the devices, and the sha256 of every data file read. A resumed
+run appends its own record, so a run finished across several machines or installs says so."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .io import write_json_atomic
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    from . import __version__
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "nlora": __version__}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(root: Path = SOURCE_ROOT) -> dict | None:
+    """The commit of nlora's source checkout and whether it had uncommitted changes; None outside a checkout."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def device_info(device, num_processes: int = 1) -> dict:
+    info = {"device": str(device), "num_processes": num_processes, "platform": platform.platform(),
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def data_files(tasks, instructions: str | None = None) -> list[Path]:
+    """Every file a run reads its data from: each task's labels, train and test splits, the instruction file."""
+    files = [t.path / name for t in tasks for name in ("labels.json", "train.json", "test.json")]
+    return files + ([Path(instructions)] if instructions else [])
+
+
+def collect(tasks, instructions: str | None, device, num_processes: int = 1) -> dict:
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "versions": package_versions(),
+        "git": git_state(),
+        "devices": device_info(device, num_processes),
+        "data_files": {str(p.resolve()): sha256_of(p) for p in data_files(tasks, instructions)},
+    }
+
+
+def record_run(path: Path, record: dict, resume: bool) -> None:
+    """Write run.json: one record per start of the run (the first, then each resumption)."""
+    sessions = []
+    if resume and path.is_file():
+        try:
+            sessions = json.loads(path.read_text()).get("sessions", [])
+        except (json.JSONDecodeError, AttributeError):
+            sessions = []
+    write_json_atomic(path, {"sessions": [*sessions, record]})

@@ -1,0 +1,42 @@
+"""The demo's summary over seeds: the table and the conclusion worded from the paired differences."""
+
+import pytest
+
+from nlora.demo import conclusion, format_seeds, mean_sd
+
+
+def _runs(pairs):
+    return [{"average_accuracy": ap, "bwt": bwt} for ap, bwt in pairs]
+
+
+def test_table_has_each_seed_and_mean_sd():
+    results = {"n-lora": _runs([(100.0, 0.0), (94.9, -7.7), (94.9, -7.7)]),
+               "inc-lora": _runs([(94.9, -7.7), (100.0, 0.0), (89.8, -15.3)])}
+    lines = format_seeds([1, 2, 3], results).splitlines()
+    assert lines[0].split() == ["seed", "n-lora", "AP", "n-lora", "BWT", "inc-lora", "AP", "inc-lora", "BWT"]
+    assert lines[1].split() == ["1", "100.0", "0.0", "94.9", "-7.7"]
+    # n-lora AP: mean 96.6, sd 2.94 (by hand: deviations 3.4, -1.7, -1.7 → sqrt(17.34 / 2))
+    assert "96.6 ± 2.9" in lines[-1] and lines[-1].startswith("mean ± sd")
+    assert mean_sd([100.0, 94.9, 94.9])[1] == pytest.approx((17.34 / 2) ** 0.5)
+
+
+def test_a_difference_that_changes_sign_is_reported_as_within_the_spread():
+    results = {"n-lora": _runs([(100.0, 0.0), (94.9, -7.7), (94.9, -7.7), (100.0, 0.0)]),
+               "inc-lora": _runs([(94.9, -7.7), (100.0, 0.0), (89.8, -15.3), (100.0, 0.0)])}
+    text = conclusion(results)
+    # AP differences +5.1, -5.1, +5.1, 0: mean +1.3
+    assert "AP: n-lora − inc-lora = +1.3 ± 4.9 points" in text
+    assert "within the seeds' spread" in text and "no difference between the methods" in text
+
+
+def test_a_difference_of_one_sign_on_every_seed_says_so():
+    results = {"n-lora": _runs([(90.0, -1.0), (80.0, -2.0), (85.0, -3.0)]),
+               "inc-lora": _runs([(80.0, -5.0), (79.0, -2.0), (70.0, -9.0)])}
+    text = conclusion(results).splitlines()
+    assert text[0] == "AP: n-lora is higher on 3 of 3 seeds (n-lora − inc-lora = +8.7 ± 7.1 points, mean ± sd over seeds)."  # diffs 10, 1, 15
+    assert text[1].startswith("BWT: n-lora is higher on 2 of 3 seeds, equal on 1")
+
+
+def test_one_seed_says_nothing():
+    text = conclusion({"n-lora": _runs([(100.0, 0.0)]), "inc-lora": _runs([(94.9, -7.7)])})
+    assert "one seed has no spread" in text and "says nothing about the methods" in text

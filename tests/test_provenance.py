@@ -1,0 +1,42 @@
+"""run.json: versions, devices, git commit and the sha256 of every data file read."""
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+from nlora.config import load_config
+from nlora.provenance import git_state
+from nlora.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_json_records_versions_devices_and_data_hashes(synthetic_dir, tmp_path):
+    config = load_config(overrides={
+        "model": "tiny-bert", "method": "inc-lora", "tasks": "harbor", "data_dir": str(synthetic_dir),
+        "output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 8, "max_train_samples": 8,
+        "max_eval_samples": 4, "device": "cpu"})
+    run(config, progress=False)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())["sessions"][0]
+    versions = record["versions"]
+    assert versions["python"] == platform.python_version() and versions["nlora"]
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        assert versions[name] == importlib.metadata.version(name)
+    assert record["devices"]["device"] == "cpu" and record["devices"]["num_processes"] == 1
+    folder = synthetic_dir / "synthetic" / "harbor"
+    expected = {str((folder / f).resolve()): hashlib.sha256((folder / f).read_bytes()).hexdigest()
+                for f in ("labels.json", "train.json", "test.json")}
+    assert record["data_files"] == expected
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert record["git"]["commit"] == head.strip()
+    # a resumption adds its own record
+    run(config, progress=False, resume=True)
+    assert len(json.loads((tmp_path / "run" / "run.json").read_text())["sessions"]) == 2
+
+
+def test_no_git_checkout_no_commit(tmp_path):
+    assert git_state(tmp_path) is None
