@@ -22,6 +22,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
 PENALTY_FORMS = ("delta", "reference", "factors")
 EVAL_MODES = ("generate", "score")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -119,6 +121,20 @@ class RunConfig:
 
     trust_remote_code: bool = _opt("allow the model's own code from the hub", default=False)
 
+    # precision and memory
+    dtype: str = _opt("dtype of the base model's weights: auto (float32 for seq2seq and encoder models and on CPU, "
+                      "bfloat16 for decoders on a GPU), float32, bfloat16 or float16; config.yaml records the "
+                      "resolved one. LoRA factors and penalties stay float32", default="auto", choices=DTYPES)
+    gradient_checkpointing: bool = _opt("recompute each layer's activations in backward instead of keeping them "
+                                        "(non-reentrant; less memory, about a third more compute)", default=False)
+    attn_implementation: str = _opt("attention kernel: auto (the model's default), sdpa, eager or "
+                                    "flash_attention_2 (needs CUDA and the flash-attn package)", default="auto",
+                                    choices=ATTN_IMPLEMENTATIONS)
+    load_in_4bit: bool = _opt("QLoRA: load the frozen base in 4-bit NF4 through bitsandbytes (CUDA; pip install "
+                              "\"nlora[qlora]\")", default=False)
+    load_in_8bit: bool = _opt("load the frozen base in 8-bit through bitsandbytes (CUDA; pip install "
+                              "\"nlora[qlora]\")", default=False)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
@@ -186,6 +202,12 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.load_in_4bit and self.load_in_8bit:
+            bad("load_in_8bit", "excludes option 'load_in_4bit'; choose one quantization")
+        if (self.load_in_4bit or self.load_in_8bit) and self.model in ("tiny-t5", "tiny-llama", "tiny-bert"):
+            bad("load_in_4bit" if self.load_in_4bit else "load_in_8bit",
+                f"the built-in '{self.model}' is built in memory, not loaded from weights; save it with "
+                "save_pretrained and pass its folder as 'model'")
         from .methods import get_method  # late import: methods import this module
 
         get_method(self.method)

@@ -5,6 +5,8 @@ predictions are gathered."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -27,8 +29,11 @@ def evaluate(objective: Objective, model, examples: list[Example], batch_size: i
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
     local: list[tuple[int, str]] = []
+    # Under the training's autocast (mixed_precision), so that evaluation sees the model training saw.
+    precision = accelerator.autocast if accelerator else contextlib.nullcontext
     for idx in tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
-        local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
+        with precision():
+            local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
         fault_point("eval_batch")
     predictions = dict(gather_object(local) if world > 1 else local)
     records = []
