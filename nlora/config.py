@@ -71,8 +71,12 @@ class RunConfig:
 
     # optimisation
     epochs: int = _opt("epochs per task", default=1)
-    batch_size: int = _opt("training batch size", default=8)
-    eval_batch_size: int = _opt("evaluation batch size", default=32)
+    batch_size: int = _opt("training batch size, global: the examples of one forward/backward across all processes "
+                           "(each process takes batch_size / processes); an optimizer step takes "
+                           "batch_size x gradient_accumulation_steps examples", default=8)
+    eval_batch_size: int = _opt("evaluation batch size, global like batch_size: the examples predicted at once "
+                                "across all processes (each process predicts eval_batch_size / processes)",
+                                default=32)
     lr: float = _opt("learning rate (AdamW, constant after warm-up)", default=1e-3)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     warmup_steps: int = _opt("linear warm-up steps at the start of each task", default=0)

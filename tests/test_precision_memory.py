@@ -11,7 +11,7 @@ from nlora.adapters import ContinualAdapters
 from nlora.config import RunConfig
 from nlora.data import Example
 from nlora.errors import NloraError
-from nlora.evaluation import evaluate
+from nlora.evaluation import eval_batches, evaluate
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import (IGNORE, Objective, align_right, cache_keyword, collect_scores, make_objective,
                               option_at, option_slots, token_log_likelihood)
@@ -285,3 +285,12 @@ def test_run_records_the_resolved_precision_and_trains_a_bf16_base(tmp_path, syn
                          device="cpu"), progress=False)
     assert auto["complete"]
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["dtype"] == "float32"  # CPU
+
+
+def test_eval_batch_size_is_global():
+    lengths = [5, 1, 4, 2, 3, 6, 7]
+    assert eval_batches(lengths, 4, 0, 1) == [[1, 3, 4, 2], [0, 5, 6]]
+    # two processes: each predicts 2 at once; together they cover every example once
+    parts = [eval_batches(lengths, 4, rank, 2) for rank in (0, 1)]
+    assert parts == [[[1, 3], [0, 5]], [[4, 2], [6]]]
+    assert sorted(i for part in parts for batch in part for i in batch) == list(range(7))
