@@ -294,3 +294,16 @@ def test_eval_batch_size_is_global():
     parts = [eval_batches(lengths, 4, rank, 2) for rank in (0, 1)]
     assert parts == [[[1, 3], [0, 5]], [[4, 2], [6]]]
     assert sorted(i for part in parts for batch in part for i in batch) == list(range(7))
+
+
+@pytest.mark.parametrize("recipe", ["decoder-7b-80gb.yaml", "decoder-7b-4bit-24gb.yaml"])
+def test_recipes_combine_with_a_preset(recipe):
+    from pathlib import Path
+
+    from nlora.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "recipes" / recipe
+    config = load_config(path, {"benchmark": "long", "order": 4, "model": "meta-llama/Llama-2-7b-hf"}).validate()
+    assert config.batch_size * config.gradient_accumulation_steps == 32  # the preset's examples per step
+    assert config.penalty_form == "reference" and len(config.tasks) == 15  # the preset's keys stay
+    assert config.dtype == "bfloat16"
