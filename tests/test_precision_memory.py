@@ -307,3 +307,16 @@ def test_recipes_combine_with_a_preset(recipe):
     assert config.batch_size * config.gradient_accumulation_steps == 32  # the preset's examples per step
     assert config.penalty_form == "reference" and len(config.tasks) == 15  # the preset's keys stay
     assert config.dtype == "bfloat16"
+
+
+def test_a_saved_model_loads_in_the_dtype_with_the_attention_kernel(tmp_path):
+    tiny = load_backbone("tiny-llama")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        bb = load_backbone(str(tmp_path), dtype=dtype, device="cpu", attn_implementation="eager",
+                           gradient_checkpointing=True)
+        assert {p.dtype for p in bb.model.parameters()} == {expected}
+        assert bb.attn_implementation == "eager" and bb.model.is_gradient_checkpointing
+        for p, q in zip(bb.model.parameters(), tiny.model.parameters()):
+            assert torch.equal(p, q.to(expected))
