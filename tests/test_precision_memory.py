@@ -320,3 +320,28 @@ def test_a_saved_model_loads_in_the_dtype_with_the_attention_kernel(tmp_path):
         assert bb.attn_implementation == "eager" and bb.model.is_gradient_checkpointing
         for p, q in zip(bb.model.parameters(), tiny.model.parameters()):
             assert torch.equal(p, q.to(expected))
+
+
+def test_memory_benchmark_counts_weight_copies_and_checkpointed_inputs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = dict(model="tiny", autocast=False, prompt=16)
+    results = [bench.measure({**row, "dtype": "float32", "checkpointing": False}),
+               bench.measure({**row, "dtype": "float32", "autocast": True, "checkpointing": False}),
+               bench.measure({**row, "dtype": "bfloat16", "checkpointing": False}),
+               bench.measure({**row, "dtype": "bfloat16", "checkpointing": True}),
+               bench.measure({**row, "dtype": "bfloat16", "checkpointing": False, "prompt": 8})]
+    fp32, autocast, bf16, ckpt, short = results
+    assert autocast["saved_wcopy"] > 0 and fp32["saved_wcopy"] == bf16["saved_wcopy"] == 0
+    assert sum(fp32["params_base"].values()) == 2 * bf16["params_base"]["bfloat16"]
+    assert bf16["params_lora"].keys() == {"float32"}
+    assert 0 < ckpt["saved_activation"] < bf16["saved_activation"]
+    assert short["logits"] == bf16["logits"] < bf16["full_logits"]
+    checks = dict(bench.check_targets(results))
+    assert all(ok for text, ok in checks.items() if "halve" in text or "logits" in text or "weight copy" in text)
+    assert "tiny |" in bench.table(results)
