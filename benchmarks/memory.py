@@ -209,7 +209,9 @@ def measure(row: dict) -> dict:
     return out
 
 
-def run_all(models: list[str]) -> list[dict]:
+def run_all(models: list[str], json_path: str | None = None) -> list[dict]:
+    """Every configuration, each in its own process; with `json_path`, the results so far are rewritten after
+    each one (a long run that is stopped keeps what it measured)."""
     results = []
     for row in plan(models):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -218,7 +220,9 @@ def run_all(models: list[str]) -> list[dict]:
         if proc.returncode != 0:
             raise SystemExit(f"configuration {row} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(".", end="", flush=True, file=sys.stderr)
+        if json_path:
+            Path(json_path).write_text(json.dumps(results, indent=1))
+        print(table(results[-1:]).splitlines()[-1], flush=True, file=sys.stderr)
     print(file=sys.stderr)
     return results
 
@@ -292,7 +296,7 @@ def check_targets(results: list[dict]) -> list[tuple[str, bool]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="t5-large,llama-2-7b-2L,llama-3-8b-2L",
+    parser.add_argument("--models", default="llama-3-8b-2L,llama-2-7b-2L,t5-large",
                         help="comma-separated: t5-large, llama-2-7b-2L, llama-3-8b-2L, tiny")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results to this file")
@@ -304,9 +308,7 @@ def main() -> None:
     unknown = [m for m in models if m not in model_configs()]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(model_configs())}")
-    results = run_all(models)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    results = run_all(models, args.json)
     print(table(results))
     print()
     checks = check_targets(results)
