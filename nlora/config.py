@@ -29,6 +29,8 @@ L2_FORMS = ("squared", "reference")
 # A scalar the user sets replaces the preset's per-task list of the same quantity (unless the user sets both).
 PER_TASK_OF = {"lambda": "lambda_per_task", "orth_lambda": "orth_lambda_per_task",
                "l2_lambda": "l2_lambda_per_task", "epochs": "epochs_per_task"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -92,8 +94,12 @@ class RunConfig:
 
     # optimisation
     epochs: int = _opt("epochs per task", default=1)
-    batch_size: int = _opt("training batch size", default=8)
-    eval_batch_size: int = _opt("evaluation batch size", default=32)
+    batch_size: int = _opt("training batch size, global: the examples of one forward/backward across all processes "
+                           "(each process takes batch_size / processes); an optimizer step takes "
+                           "batch_size x gradient_accumulation_steps examples", default=8)
+    eval_batch_size: int = _opt("evaluation batch size, global like batch_size: the examples predicted at once "
+                                "across all processes (each process predicts eval_batch_size / processes)",
+                                default=32)
     lr: float = _opt("learning rate (AdamW, constant after warm-up)", default=1e-3)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     warmup_steps: int = _opt("linear warm-up steps at the start of each task", default=0)
@@ -155,6 +161,20 @@ class RunConfig:
                                 choices=("no", "fp16", "bf16"))
 
     trust_remote_code: bool = _opt("allow the model's own code from the hub", default=False)
+
+    # precision and memory
+    dtype: str = _opt("dtype of the base model's weights: auto (float32 for seq2seq and encoder models and on CPU, "
+                      "bfloat16 for decoders on a GPU), float32, bfloat16 or float16; config.yaml records the "
+                      "resolved one. LoRA factors and penalties stay float32", default="auto", choices=DTYPES)
+    gradient_checkpointing: bool = _opt("recompute each layer's activations in backward instead of keeping them "
+                                        "(non-reentrant; less memory, about a third more compute)", default=False)
+    attn_implementation: str = _opt("attention kernel: auto (the model's default), sdpa, eager or "
+                                    "flash_attention_2 (needs CUDA and the flash-attn package)", default="auto",
+                                    choices=ATTN_IMPLEMENTATIONS)
+    load_in_4bit: bool = _opt("QLoRA: load the frozen base in 4-bit NF4 through bitsandbytes (CUDA; pip install "
+                              "\"nlora[qlora]\")", default=False)
+    load_in_8bit: bool = _opt("load the frozen base in 8-bit through bitsandbytes (CUDA; pip install "
+                              "\"nlora[qlora]\")", default=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -233,6 +253,12 @@ class RunConfig:
                 bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
+        if self.load_in_4bit and self.load_in_8bit:
+            bad("load_in_8bit", "excludes option 'load_in_4bit'; choose one quantization")
+        if (self.load_in_4bit or self.load_in_8bit) and self.model in ("tiny-t5", "tiny-llama", "tiny-bert"):
+            bad("load_in_4bit" if self.load_in_4bit else "load_in_8bit",
+                f"the built-in '{self.model}' is built in memory, not loaded from weights; save it with "
+                "save_pretrained and pass its folder as 'model'")
         from .methods import get_method  # late import: methods import this module
 
         get_method(self.method)

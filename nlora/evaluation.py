@@ -5,6 +5,8 @@ With several processes, each predicts a shard and the predictions are gathered."
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -15,6 +17,16 @@ from .metrics import normalize_answer
 from .objectives import Objective
 
 
+def eval_batches(prompt_lengths: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """The example indices this process predicts, batch by batch. `batch_size` is global (as the training batch):
+    each process predicts its share of it, ceil(batch_size / world) examples, at once. Batches of similar length
+    waste less padding (records go back to input order afterwards); processes take whole local batches in turn,
+    so a batch's padding does not depend on the process that predicts it."""
+    local_size = -(-batch_size // world)
+    order = sorted(range(len(prompt_lengths)), key=prompt_lengths.__getitem__)
+    return [order[s: s + local_size] for s in range(0, len(order), local_size)][rank::world]
+
+
 @torch.no_grad()
 def evaluate(objective: Objective, model, examples: list[Example], batch_size: int, accelerator=None,
              desc: str = "eval", progress: bool = True) -> tuple[float, list[dict]]:
@@ -22,13 +34,13 @@ def evaluate(objective: Objective, model, examples: list[Example], batch_size: i
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
-    # Batches of similar length waste less padding; records go back to input order afterwards. Processes take
-    # whole batches in turn, so each batch (and its padding) is the one a single process would predict.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
+    batches = eval_batches([len(e.prompt) for e in examples], batch_size, rank, world)
     local: list[tuple[int, str]] = []
+    # Under the training's autocast (mixed_precision), so that evaluation sees the model training saw.
+    precision = accelerator.autocast if accelerator else contextlib.nullcontext
     for idx in tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
-        local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
+        with precision():
+            local.extend(zip(idx, objective.predict(model, [examples[i] for i in idx], device)))
         fault_point("eval_batch")
     predictions = dict(gather_object(local) if world > 1 else local)
     records = []

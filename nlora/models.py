@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration)
 
 from .config import DEFAULT_MODEL
 from .errors import NloraError
+from .precision import TORCH_DTYPES, placed, resolve_dtype
 
 TINY_MODELS = ("tiny-t5", "tiny-llama", "tiny-bert")
 MINILM_NAMES = (DEFAULT_MODEL, "all-MiniLM-L6-v2")
@@ -30,6 +32,15 @@ class Backbone:
     kind: str  # seq2seq | decoder | encoder
     name: str
     model_type: str
+    dtype: str = "float32"  # the resolved weight dtype of the base (quantized bases: of the unquantized parts)
+    attn_implementation: str = "auto"  # the kernel transformers chose
+
+
+def backbone_options(config) -> dict:
+    """The keyword arguments of `load_backbone` that come from a run's options."""
+    quantization = "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None
+    return {"dtype": config.dtype, "attn_implementation": config.attn_implementation,
+            "quantization": quantization, "gradient_checkpointing": config.gradient_checkpointing}
 
 
 def resolve_model_path(name: str) -> str:
@@ -67,9 +78,57 @@ def default_target_modules(model_type: str) -> list[str]:
     raise NloraError(f"no default LoRA target modules for model type '{model_type}'; set option 'target_modules'")
 
 
-def load_backbone(name: str, kind: str = "auto", trust_remote_code: bool = False) -> Backbone:
+def load_backbone(name: str, kind: str = "auto", trust_remote_code: bool = False, *, dtype: str = "auto",
+                  device: torch.device | str | None = None, attn_implementation: str = "auto",
+                  quantization: str | None = None, gradient_checkpointing: bool = False) -> Backbone:
+    """Load the base model straight onto `device` (default CPU) in the resolved `dtype` (see
+    nlora.precision.resolve_dtype), frozen by the caller. `quantization` 4bit/8bit: bitsandbytes, prepared for
+    k-bit training."""
+    device = placed(torch.device(device) if device is not None else torch.device("cpu"))
     if name in TINY_MODELS:
-        return _tiny_model(name)
+        backbone = _tiny_model(name)
+        backbone.dtype = resolve_dtype(dtype, backbone.kind, device)
+        backbone.model.to(device=device, dtype=TORCH_DTYPES[backbone.dtype])
+        if attn_implementation != "auto":
+            _set_attention(backbone.model, attn_implementation)
+    else:
+        backbone = _load_pretrained(name, kind, trust_remote_code, dtype, device, attn_implementation, quantization)
+    model = backbone.model
+    backbone.attn_implementation = getattr(model.config, "_attn_implementation", None) or "auto"
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the base, casts its unquantized float16/bfloat16 parts (norms, embeddings) to float32
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return backbone
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of each layer. The embedding output is made to require grad, so that the
+    recomputed lowest layer has a graph through which its LoRA factors get gradients whatever the checkpoint
+    flavour (the base is frozen, so otherwise no input of that layer would require grad)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise NloraError(f"option 'gradient_checkpointing': {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def _set_attention(model: torch.nn.Module, implementation: str) -> None:
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError, AttributeError) as e:
+        raise NloraError(f"option 'attn_implementation': {implementation} is not available for "
+                         f"{type(model).__name__} ({str(e).splitlines()[0]})") from None
+
+
+def _load_pretrained(name: str, kind: str, trust_remote_code: bool, dtype: str, device: torch.device,
+                     attn_implementation: str, quantization: str | None) -> Backbone:
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -83,11 +142,33 @@ def load_backbone(name: str, kind: str = "auto", trust_remote_code: bool = False
                          f"{', '.join(TINY_MODELS)}.{hint}") from None
     kind = detect_kind(config) if kind == "auto" else kind
     loader = {"seq2seq": AutoModelForSeq2SeqLM, "decoder": AutoModelForCausalLM, "encoder": AutoModel}[kind]
-    model = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    dtype = resolve_dtype(dtype, kind, device)
+    # One device per process, filled straight from the checkpoint: no full copy in host RAM first.
+    kwargs = {"trust_remote_code": trust_remote_code, "device_map": {"": device}, _DTYPE_KEYWORD: TORCH_DTYPES[dtype]}
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=TORCH_DTYPES[dtype])
+            if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    try:
+        model = loader.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as e:
+        if attn_implementation != "auto" and "attn" in str(e).lower():
+            raise NloraError(f"option 'attn_implementation': {attn_implementation} is not available for "
+                             f"'{name}' ({str(e).splitlines()[0]})") from None
+        raise
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if kind == "decoder" and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(model, tokenizer, kind, name, config.model_type)
+    return Backbone(model, tokenizer, kind, name, config.model_type, dtype)
+
+
+# transformers renamed from_pretrained's torch_dtype to dtype in 4.56
+_DTYPE_KEYWORD = "dtype" if tuple(int(x) for x in transformers_version.split(".")[:2]) >= (4, 56) else "torch_dtype"
 
 
 def _tiny_model(name: str) -> Backbone:

@@ -12,14 +12,14 @@ Evaluation modes (`eval_mode`) of seq2seq and decoder models:
 - score: each label option is scored by the summed log-likelihood of its tokens, end-of-sequence included, given
   the prompt: log P(option, then stop | prompt), the probability of generating exactly that option. Not length
   normalised, so a longer option is not favoured for having confident continuation tokens. The prompt is encoded
-  once per batch (seq2seq: the encoder states; decoder: the key/value cache) and each option slot is one batched
-  pass over the option tokens only. The prediction is always one of the options.
+  once per batch (seq2seq: the encoder states; decoder: the key/value cache, which each option slot extends and
+  then crops back, never copied) and each option slot is one batched pass over the option tokens only. The
+  prediction is always one of the options.
 The encoder objective always scores its options with its similarity head, so both modes are the same for it.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any
 
@@ -97,10 +97,37 @@ def token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (logp * mask).sum(-1)
 
 
+def forward_parameters(model) -> set[str]:
+    """The keywords the transformers model under `model`'s wrappers (DDP, peft) accepts."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeed
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
 def cache_keyword(model) -> str:
     """The forward() keyword of the key/value cache: `cache` in recent transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
+
+
+def align_right(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rotate each row so that its tokens (where `mask` is set, one contiguous run) end at the last column:
+    right padding becomes left padding. Returns the rotated mask, then each of `tensors` rotated alike."""
+    width = mask.shape[1]
+    ends = width - torch.where(mask.bool(), torch.arange(width, device=mask.device), -1).amax(-1) - 1
+    index = (torch.arange(width, device=mask.device) - ends[:, None]) % width
+    return tuple(t.gather(1, index) for t in (mask, *tensors))
+
+
+def crop_cache(cache, tokens: int) -> bool:
+    """Drop the last `tokens` positions of a key/value cache in place; False where the cache cannot (a sliding
+    window already full), and then the caller rebuilds it. A negative count means "remove this many" both in
+    transformers 4.x (`crop(max_length)`) and 5.x (`crop(tokens_to_remove)`)."""
+    try:
+        cache.crop(-tokens)
+    except (AttributeError, RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def option_slots(examples: list[Example]) -> range:
@@ -185,7 +212,21 @@ class DecoderObjective(Objective):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
 
     def loss(self, model, batch):
-        return model(**batch).loss
+        """Mean cross-entropy of the answer tokens. The LM head runs only over the last columns that hold answer
+        tokens (rows aligned to end together), so the logits grow with the answer, not with the prompt: a
+        128k-vocabulary model would otherwise materialise batch x sequence x vocabulary floats, and upcast them."""
+        if "logits_to_keep" not in forward_parameters(model):
+            return model(**batch).loss  # full logits: models without the keyword
+        mask, input_ids, labels = align_right(batch["attention_mask"], batch["input_ids"], batch["labels"])
+        width = labels.shape[1]
+        has_label = (labels != IGNORE).any(0)
+        span = width - int(has_label.float().argmax()) if has_label.any() else 1
+        # Positions count real tokens only, as the right-padded batch had them, so values do not change.
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                    logits_to_keep=span + 1, use_cache=False)
+        logits = out.logits[:, :-1]  # column t predicts token t + 1
+        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, width - span:].flatten(),
+                               ignore_index=IGNORE)
 
     def count_terms(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels: token t predicts t+1
@@ -204,11 +245,16 @@ class DecoderObjective(Objective):
     def option_log_likelihoods(self, model, examples, device):
         input_ids, mask, width = self._left_padded_prompts(examples)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        # Positions count real tokens only, as in generation, so padding changes no score.
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                    use_cache=True)
-        prompt_cache = out["cache"] if "cache" in out else out["past_key_values"]
-        first_logits, cache_kw = out.logits[:, -1:], cache_keyword(model)
+        cache_kw = cache_keyword(model)
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
+
+        def encode_prompts():
+            # Positions count real tokens only, as in generation, so padding changes no score.
+            out = model(input_ids=input_ids, attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, **last_only)
+            return out["cache"] if "cache" in out else out["past_key_values"], out.logits[:, -1:]
+
+        prompt_cache, first_logits = encode_prompts()
         lengths = mask.sum(-1, keepdim=True)
         per_slot = []
         for slot in option_slots(examples):
@@ -220,10 +266,13 @@ class DecoderObjective(Objective):
                 answer_ids[i, : len(a)] = torch.tensor(a)
                 answer_mask[i, : len(a)] = 1
             answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
-            # The forward pass appends to the cache it is given, so each slot continues from a copy.
+            # The pass appends the option's keys and values to the prompt cache; cropping them afterwards gives
+            # the next slot the prompt cache back without copying it.
             cont = model(input_ids=answer_ids, attention_mask=torch.cat([mask, answer_mask], -1),
                          position_ids=lengths + torch.arange(steps, device=device),
-                         use_cache=True, **{cache_kw: copy.deepcopy(prompt_cache)})
+                         use_cache=True, **{cache_kw: prompt_cache})
+            if not crop_cache(prompt_cache, steps):
+                prompt_cache, _ = encode_prompts()
             # The first answer token is predicted by the prompt's last position, token t by answer token t-1.
             logits = torch.cat([first_logits, cont.logits[:, :-1]], 1)
             per_slot.append(token_log_likelihood(logits, answer_ids, answer_mask).tolist())

@@ -38,12 +38,13 @@ from .faults import fault_point
 from .io import recover_replaced_dirs, write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .methods import Method, get_method
 from .metrics import summarize
-from .models import Backbone, default_target_modules, load_backbone
+from .models import Backbone, backbone_options, default_target_modules, load_backbone
 from .objectives import make_objective
 from .preflight import preflight
 from .prompts import PromptSpec, check_prompt_budget
 from .provenance import collect as collect_provenance
 from .provenance import record_run
+from .precision import check_runtime, warn_precision
 from .training import make_accelerator, train_task
 
 SCHEMA_VERSION = 1
@@ -187,18 +188,24 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json).
     With `resume`, continue the run in `config.output_dir` from where it stopped."""
     config.validate()
+    check_runtime(config)
     tasks = load_tasks(config)
     method = get_method(config.method)(config)
     paths = check_output_dir(config, resume)
+    # Before loading: each process loads the base straight onto its own device.
+    accelerator = make_accelerator(config)
 
     set_seed(config.seed)
-    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
-    resolved = config.replace(model_kind=backbone.kind, target_modules=resolve_target_modules(config, backbone))
+    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code, device=accelerator.device,
+                             **backbone_options(config))
+    warn_precision(backbone.kind, backbone.dtype, config.mixed_precision)
+    resolved = config.replace(model_kind=backbone.kind, dtype=backbone.dtype,
+                              attn_implementation=backbone.attn_implementation,
+                              target_modules=resolve_target_modules(config, backbone))
     check_prompt_budget(backbone.tokenizer, tasks, config.max_source_length, backbone.kind)
     previous = _read_metrics(paths) if resume else None
     if resume:
         check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
-    accelerator = make_accelerator(config)
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
@@ -216,7 +223,6 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                                  config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
-    backbone.model.to(accelerator.device)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     phases_done: list[int] = []

@@ -32,6 +32,7 @@ from .errors import NloraError
 from .faults import fault_point
 from .methods import Method
 from .objectives import Objective, to_device
+from .precision import select_device
 
 
 @dataclass
@@ -58,6 +59,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
                              f"(--{option.replace('_', '-')} {launched}) so that the run directory records it")
     # A previous run in this process may have used another precision; the process group (PartialState) stays.
     AcceleratorState._reset_state()
+    select_device(config.device)
     # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer step.
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
