@@ -32,6 +32,7 @@ from .errors import NloraError
 from .faults import fault_point
 from .methods import Method
 from .objectives import Objective, to_device
+from .regularization import Regularization
 
 
 @dataclass
@@ -159,6 +160,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     bar = tqdm(total=config.epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=desc,
                disable=not (progress and accelerator.is_local_main_process), leave=False, dynamic_ncols=True)
     start = time.perf_counter()
+    regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
     try:
         for epoch in range(pos.epoch, config.epochs):
             order = epoch_order(len(examples), config.seed, phase, epoch)
@@ -186,15 +188,18 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                     loss = objective.loss(model, batch)
                     share = loss * (terms / step_terms)  # this process's part of the step's mean task loss
                     step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
-                    reg = method.regularizer(adapters, phase)
+                    # the regulariser's gradient enters in backward, once per optimizer step
+                    total = regularization.anchor(share * world, weight=1.0 / in_group)
+                    # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
+                    accelerator.backward(total * accelerator.gradient_accumulation_steps)
+                    # computed inside the forward pass (reentrant checkpointing: its recomputation in backward)
+                    values = regularization.collect()
+                    reg = torch.stack(list(values.values())).sum() if values else None
                     if not (torch.isfinite(step_loss) and (reg is None or torch.isfinite(reg))):
                         raise NloraError(
                             f"task {phase} ({desc}): non-finite loss at step {pos.step} (task loss "
                             f"{step_loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
                             "lower option 'lr' or 'lambda'. The last checkpoint is kept.")
-                    total = share * world if reg is None else share * world + reg / in_group
-                    # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
-                    accelerator.backward(total * accelerator.gradient_accumulation_steps)
                 pos.loss_sum += step_loss.item()
                 pos.reg_sum += 0.0 if reg is None else reg.item() / in_group
                 bar.update(1)
@@ -222,6 +227,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                         save_checkpoint(run_dir, pos, named, optimizer, scheduler)
                     accelerator.wait_for_everyone()
     finally:
+        regularization.close()
         bar.close()
         model.eval()
         accelerator.sync_gradients = True

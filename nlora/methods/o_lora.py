@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import torch
-
 from ..penalties import l2_squared, olora_orthogonality
+from ..regularization import LossTerm
 from .base import Method, register
 
 
@@ -15,14 +14,9 @@ class OLoRA(Method):
     description = "IncLoRA + orth_lambda * |A_s A_t^T| against earlier tasks + l2_lambda * |theta_t|^2"
     options = ("orth_lambda", "l2_lambda")
 
-    def regularizer(self, adapters, k):
-        cfg = self.config
-        current = adapters.factors(adapters.current)
-        terms = []
-        if cfg.orth_lambda > 0 and k > 0:
-            earlier = {name: {f.layer: f.A for f in adapters.factors(name)} for name in adapters.names[:-1]}
-            orth = [olora_orthogonality(f.A, [earlier[name][f.layer] for name in earlier]) for f in current]
-            terms.append(cfg.orth_lambda * torch.stack(orth).sum())
-        if cfg.l2_lambda > 0:
-            terms.append(cfg.l2_lambda * l2_squared([p for f in current for p in (f.A, f.B)]))
-        return torch.stack(terms).sum() if terms else None
+    def loss_terms(self, k):
+        terms = [LossTerm("l2", self.config.l2_lambda, lambda f: l2_squared([f.A, f.B]))]
+        if k > 0:  # against every earlier task's A in the layer (separate adapters or one folded past adapter)
+            terms.append(LossTerm("orthogonality", self.config.orth_lambda,
+                                  lambda f: olora_orthogonality(f.A, f.earlier_A)))
+        return terms
