@@ -38,7 +38,8 @@ from .methods import Method, get_method
 from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
-from .training import make_accelerator, train_task
+from .engine import make_accelerator, shard_model
+from .training import train_task
 
 SCHEMA_VERSION = 1
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
@@ -200,6 +201,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     backbone.model.to(accelerator.device)
+    shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     phases_done: list[int] = []
