@@ -90,6 +90,11 @@ class _ChunkedDeltaL1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, B, scaling, chunk_size, need_a, need_b):
+        with torch.autocast(A.device.type, enabled=False):  # the sums stay in float32 inside an autocast forward
+            return _ChunkedDeltaL1._forward(ctx, A, B, scaling, chunk_size, need_a, need_b)
+
+    @staticmethod
+    def _forward(ctx, A, B, scaling, chunk_size, need_a, need_b):
         cd = _acc_dtype(A.dtype, B.dtype)
         a = A.to(cd)
         total = torch.zeros((), dtype=cd, device=A.device)

@@ -122,7 +122,8 @@ class Regularization:
             calls = self._calls.get(name, 0)
             self._calls[name] = calls + 1
             factors = self.layer_factors(name, module)
-            values = {t.name: t.weight * t.per_layer(factors) for t in self.terms}
+            with torch.autocast(output.device.type, enabled=False):  # terms in the factors' own precision
+                values = {t.name: t.weight * t.per_layer(factors) for t in self.terms}
             self._values[name] = {k: v.detach() for k, v in values.items()}  # a recomputed forward overwrites
             return _AttachTerm.apply(output, torch.stack(list(values.values())).sum(), self, calls == 0)
         return hook

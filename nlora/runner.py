@@ -30,6 +30,7 @@ from .adapters import ContinualAdapters
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint, remove_checkpoint
 from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
+from .engine import make_accelerator, shard_model
 from .errors import NloraError
 from .evaluation import evaluate
 from .faults import fault_point
@@ -38,7 +39,6 @@ from .methods import Method, get_method
 from .metrics import summarize
 from .models import Backbone, default_target_modules, load_backbone
 from .objectives import make_objective
-from .engine import make_accelerator, shard_model
 from .training import train_task
 
 SCHEMA_VERSION = 1

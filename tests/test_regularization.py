@@ -306,3 +306,21 @@ def test_backward_from_an_unanchored_loss_is_refused():
     with Regularization(ad.model, "task0", method.loss_terms(0)):
         with pytest.raises(RuntimeError, match="anchor"):
             objective.loss(ad.model, batch).backward()
+
+
+def test_terms_keep_float32_under_autocast():
+    """A bf16 autocast forward (mixed precision) does not round the regulariser: it is the float32 value."""
+    lam = 0.05
+    bb, ad = _build("tiny-llama", n_adapters=1, seed=6)
+    objective, batch = _batch(bb)
+    for form in ("delta", "reference", "factors"):
+        method = get_method("n-lora")(RunConfig(tasks=["a"], method="n-lora", lambda_=lam, penalty_form=form))
+        want = lam * sum(_expected_l1(form, A, B) for A, B in _layer_factors(ad, "task0").values()).item()
+        with Regularization(ad.model, "task0", method.loss_terms(0)) as reg:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = objective.loss(ad.model, batch)
+            reg.anchor(loss).backward()
+            value = reg.collect()["l1"]
+        assert value.dtype == torch.float32 and value.item() == pytest.approx(want, rel=1e-5)
+        assert all(p.grad.dtype == torch.float32 for p in ad.trainable_parameters())
+        _zero(ad)
