@@ -41,9 +41,6 @@ __all__ = [
 PENALTY_FORMS = ("delta", "reference", "factors")
 
 _HALF = (torch.float16, torch.bfloat16)
-# On CPU the delta form walks each ΔW chunk in blocks of about this many entries (512 KiB in float32), so that a
-# block stays in cache between the product, the sign and the two r-sized products that read it.
-_CPU_BLOCK_ELEMENTS = 1 << 17
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -100,12 +97,11 @@ class _ChunkedDeltaL1(torch.autograd.Function):
         total = torch.zeros((), dtype=cd, device=A.device)
         grad_a = torch.zeros_like(a) if need_a else None
         grad_b = torch.empty(B.shape, dtype=cd, device=B.device) if need_b else None
-        rows = chunk_size
-        if A.device.type == "cpu":  # blocks that stay in cache across the passes over each product
-            rows = max(1, min(chunk_size, _CPU_BLOCK_ELEMENTS // max(A.shape[1], 1)))
-        for start in range(0, B.shape[0], rows):
-            b = B[start:start + rows].to(cd)
-            product = b @ a
+        # one buffer for every chunk's product: a fresh large allocation per chunk costs page faults on CPU
+        buffer = torch.empty((min(chunk_size, B.shape[0]), A.shape[1]), dtype=cd, device=A.device)
+        for start in range(0, B.shape[0], chunk_size):
+            b = B[start:start + chunk_size].to(cd)
+            product = torch.mm(b, a, out=buffer[:b.shape[0]])
             if not (need_a or need_b):
                 total += torch.linalg.vector_norm(product, 1)
                 continue
