@@ -72,8 +72,8 @@ class _AttachTerm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if not ctx.first:
-            return grad_output, torch.zeros((), dtype=ctx.term_dtype, device=grad_output.device), None, None
+        if not ctx.first:  # no gradient into this copy of the term
+            return grad_output, None, None, None
         coefficient = ctx.regularization.coefficient().to(device=grad_output.device, dtype=ctx.term_dtype)
         return grad_output, coefficient, None, None
 
