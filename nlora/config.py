@@ -160,6 +160,11 @@ class RunConfig:
     mixed_precision: str = _opt("no, fp16 or bf16 (passed to accelerate)", default="no",
                                 choices=("no", "fp16", "bf16"))
 
+    # sharding
+    sharding: str = _opt("none, or fsdp2: shard the frozen base model across the launched processes (FSDP2, one "
+                         "unit per transformer block; the LoRA factors stay whole)", default="none",
+                         choices=("none", "fsdp2"))
+
     trust_remote_code: bool = _opt("allow the model's own code from the hub", default=False)
 
     # precision and memory

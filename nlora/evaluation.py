@@ -12,6 +12,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import Example
+from .engine import evaluation_split
 from .faults import fault_point
 from .metrics import normalize_answer
 from .objectives import Objective
@@ -32,7 +33,7 @@ def evaluate(objective: Objective, model, examples: list[Example], batch_size: i
              desc: str = "eval", progress: bool = True) -> tuple[float, list[dict]]:
     """Returns (accuracy in percent, one record per example in input order)."""
     model.eval()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rank, world = evaluation_split(model, accelerator)
     device = accelerator.device if accelerator else next(model.parameters()).device
     batches = eval_batches([len(e.prompt) for e in examples], batch_size, rank, world)
     local: list[tuple[int, str]] = []

@@ -76,59 +76,71 @@ def delta_l1_naive(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Te
 
 
 class _ChunkedDeltaL1(torch.autograd.Function):
-    """‖s·B·A‖₁ = |s| Σ|BA|, formed ``chunk_size`` rows of ΔW at a time; only A and B are saved for backward.
+    """‖s·B·A‖₁ = |s| Σ|BA|, formed ``chunk_size`` rows of ΔW at a time.
 
-    Backward recomputes each chunk's sign pattern S_c = sign(B_c A) and uses the subgradient of |·| that
-    autograd uses (sign(0) = 0):  ∂/∂A = |s| Σ_c B_cᵀ S_c,  ∂/∂B_c = |s| S_c Aᵀ  (times grad_output).
+    The subgradient is formed in the same chunk loop, while each chunk's product P_c = B_c A is at hand: with the
+    sign pattern S_c = sign(P_c) (sign(0) = 0, the subgradient of |·| that autograd uses),
+    ∂/∂A = |s| Σ_c B_cᵀ S_c and ∂/∂B_c = |s| S_c Aᵀ. Only these r × d gradients are kept for backward, which
+    just scales them by grad_output: no ΔW chunk is formed twice. Without a gradient to form (no grad mode, or
+    neither factor requires grad) the loop computes the value alone.
     """
 
     @staticmethod
-    def forward(ctx, A, B, scaling, chunk_size):
+    def forward(ctx, A, B, scaling, chunk_size, need_a, need_b):
+        with torch.autocast(A.device.type, enabled=False):  # the sums stay in float32 inside an autocast forward
+            return _ChunkedDeltaL1._forward(ctx, A, B, scaling, chunk_size, need_a, need_b)
+
+    @staticmethod
+    def _forward(ctx, A, B, scaling, chunk_size, need_a, need_b):
         cd = _acc_dtype(A.dtype, B.dtype)
         a = A.to(cd)
         total = torch.zeros((), dtype=cd, device=A.device)
+        grad_a = torch.zeros_like(a) if need_a else None
+        grad_b = torch.empty(B.shape, dtype=cd, device=B.device) if need_b else None
+        # one buffer for every chunk's product: a fresh large allocation per chunk costs page faults on CPU
+        buffer = torch.empty((min(chunk_size, B.shape[0]), A.shape[1]), dtype=cd, device=A.device)
         for start in range(0, B.shape[0], chunk_size):
-            total += (B[start:start + chunk_size].to(cd) @ a).abs_().sum()
-        ctx.save_for_backward(A, B)
-        ctx.scale = abs(float(scaling))
-        ctx.chunk_size = chunk_size
-        return total * ctx.scale
+            b = B[start:start + chunk_size].to(cd)
+            product = torch.mm(b, a, out=buffer[:b.shape[0]])
+            if not (need_a or need_b):
+                total += torch.linalg.vector_norm(product, 1)
+                continue
+            sign = product.sign_()
+            if need_b:
+                g_b = torch.mm(sign, a.T, out=grad_b[start:start + b.shape[0]])
+                total += torch.vdot(b.flatten(), g_b.flatten())  # Σ|P| = Σ S ⊙ (b a) = Σ b ⊙ (S aᵀ)
+            if need_a and need_b:
+                grad_a.addmm_(b.T, sign)
+            elif need_a:
+                g_a = b.T @ sign
+                grad_a += g_a
+                total += torch.vdot(a.flatten(), g_a.flatten())
+        scale = abs(float(scaling))
+        ctx.save_for_backward(grad_a, grad_b)
+        ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype)
+        return total * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        A, B = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_a or need_b):
-            return None, None, None, None
-        cd = _acc_dtype(A.dtype, B.dtype)
-        a = A.to(cd)
-        grad_a = torch.zeros_like(a) if need_a else None
-        grad_b = torch.empty(B.shape, dtype=cd, device=B.device) if need_b else None
-        for start in range(0, B.shape[0], ctx.chunk_size):
-            b = B[start:start + ctx.chunk_size].to(cd)
-            sign = (b @ a).sign_()
-            if need_a:
-                grad_a.addmm_(b.T, sign)
-            if need_b:
-                torch.mm(sign, a.T, out=grad_b[start:start + b.shape[0]])
-        coef = grad_out.to(cd) * ctx.scale
-        if need_a:
-            grad_a = (grad_a * coef).to(A.dtype)
-        if need_b:
-            grad_b = (grad_b * coef).to(B.dtype)
-        return grad_a, grad_b, None, None
+        grad_a, grad_b = ctx.saved_tensors
+        coef = grad_out * ctx.scale
+        out_a = None if grad_a is None else (grad_a * coef.to(grad_a.dtype)).to(ctx.dtypes[0])
+        out_b = None if grad_b is None else (grad_b * coef.to(grad_b.dtype)).to(ctx.dtypes[1])
+        return out_a, out_b, None, None, None, None
 
 
 def delta_l1(A: torch.Tensor, B: torch.Tensor, scaling: float, chunk_size: int | None = 1024) -> torch.Tensor:
     """Exact ‖scaling · B @ A‖₁ (the paper's ‖ΔW_t‖₁) without materialising ΔW: value and subgradient are
-    computed ``chunk_size`` rows of ΔW at a time, so the extra memory is one chunk_size × d_in block.
+    computed together in forward, ``chunk_size`` rows of ΔW at a time, so the extra memory is one
+    chunk_size × d_in block and backward costs nothing.
     ``chunk_size=None`` falls back to `delta_l1_naive`. Not twice differentiable."""
     _check_factors(A, B)
     if chunk_size is None:
         return delta_l1_naive(A, B, scaling)
     _check_chunk_size(chunk_size)
-    return _ChunkedDeltaL1.apply(A, B, scaling, chunk_size)
+    grad = torch.is_grad_enabled()
+    return _ChunkedDeltaL1.apply(A, B, scaling, chunk_size, grad and A.requires_grad, grad and B.requires_grad)
 
 
 def reference_l1(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

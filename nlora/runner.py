@@ -31,6 +31,7 @@ from .adapters import ContinualAdapters
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint, remove_checkpoint
 from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
+from .engine import make_accelerator, shard_model
 from .errors import NloraError
 from .evaluation import evaluate
 from .evaluation_plan import planned_rows
@@ -45,7 +46,7 @@ from .prompts import PromptSpec, check_prompt_budget
 from .provenance import collect as collect_provenance
 from .provenance import record_run
 from .precision import check_runtime, warn_precision
-from .training import make_accelerator, train_task
+from .training import train_task
 
 SCHEMA_VERSION = 1
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
@@ -223,6 +224,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                                  config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
+    shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     phases_done: list[int] = []

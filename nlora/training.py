@@ -13,14 +13,12 @@ on every process and is added once per optimizer step (averaged over the accumul
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
@@ -28,11 +26,12 @@ from .adapters import ContinualAdapters
 from .checkpoint import Progress, save_checkpoint
 from .config import RunConfig
 from .data import Example
+from .engine import prepare, reduce_replicated_gradients
 from .errors import NloraError
 from .faults import fault_point
 from .methods import Method
 from .objectives import Objective, to_device
-from .precision import select_device
+from .regularization import Regularization
 
 
 @dataclass
@@ -45,60 +44,6 @@ class TrainStats:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "mean_loss": self.mean_loss, "mean_regularizer": self.mean_regularizer,
                 "seconds": round(self.seconds, 3)}
-
-
-def make_accelerator(config: RunConfig) -> Accelerator:
-    """The run's Accelerator: mixed precision and gradient accumulation come from the run's options (recorded in
-    config.yaml); the distributed engine (DDP, DeepSpeed) and the process count come from `accelerate launch`."""
-    for option, variable, neutral in (("mixed_precision", "ACCELERATE_MIXED_PRECISION", "no"),
-                                      ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")):
-        launched = os.environ.get(variable, neutral)
-        if launched not in (neutral, str(getattr(config, option))):
-            raise NloraError(f"the accelerate launch configuration sets {option} {launched}, but option "
-                             f"'{option}' is {getattr(config, option)}; set it through nlora "
-                             f"(--{option.replace('_', '-')} {launched}) so that the run directory records it")
-    # A previous run in this process may have used another precision; the process group (PartialState) stays.
-    AcceleratorState._reset_state()
-    select_device(config.device)
-    # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer step.
-    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    _check_engine(accelerator, config)
-    return accelerator
-
-
-def _check_engine(accelerator: Accelerator, config: RunConfig) -> None:
-    """Refuse the engines that shard the LoRA factors themselves, and fill DeepSpeed's batch settings from the
-    run's options. nlora reads each adapter's A and B whole (penalties, saving, evaluation) and adds a new adapter
-    to the same model at every task, so the parameters must stay whole on every process: DDP, or DeepSpeed ZeRO
-    stage 1/2, which shard optimizer states and gradients but keep parameters replicated."""
-    engine = accelerator.distributed_type
-    if engine == DistributedType.FSDP:
-        raise NloraError("FSDP is not supported: it flattens and shards the LoRA factors outside the forward pass, "
-                         "so the penalties, adapter saving and evaluation would not see them whole. Use DDP, or "
-                         "DeepSpeed ZeRO stage 2 (examples/accelerate/deepspeed_zero2.yaml), which shards the "
-                         "gradients and optimizer states and keeps the parameters replicated")
-    if engine != DistributedType.DEEPSPEED:
-        return
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin.zero_stage == 3:
-        raise NloraError("DeepSpeed ZeRO stage 3 partitions the parameters, LoRA factors included, so the "
-                         "penalties would be computed on partitions; use ZeRO stage 2 "
-                         "(examples/accelerate/deepspeed_zero2.yaml), where the LoRA factors stay whole")
-    if config.batch_size % accelerator.num_processes:
-        raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
-                         f"{accelerator.num_processes} processes")
-    ds = plugin.deepspeed_config
-    wanted = {"train_micro_batch_size_per_gpu": config.batch_size // accelerator.num_processes,
-              "gradient_accumulation_steps": config.gradient_accumulation_steps,
-              "gradient_clipping": config.max_grad_norm or 0.0}  # DeepSpeed: 0 turns clipping off
-    for key, value in wanted.items():
-        if ds.get(key, "auto") not in ("auto", value):
-            raise NloraError(f"the DeepSpeed configuration sets {key} {ds[key]}, but nlora's options give "
-                             f"{value}; set it to auto (nlora fills it from batch_size, "
-                             "gradient_accumulation_steps and max_grad_norm)")
-        ds[key] = value
 
 
 def epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
@@ -153,7 +98,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    model, optimizer, scheduler = accelerator.prepare(adapters.model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, adapters.model, optimizer, scheduler)
     model.train()
     accum = config.gradient_accumulation_steps
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -161,6 +106,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     bar = tqdm(total=config.epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=desc,
                disable=not (progress and accelerator.is_local_main_process), leave=False, dynamic_ncols=True)
     start = time.perf_counter()
+    regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
     try:
         for epoch in range(pos.epoch, config.epochs):
             order = epoch_order(len(examples), config.seed, phase, epoch)
@@ -188,20 +134,24 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                     loss = objective.loss(model, batch)
                     share = loss * (terms / step_terms)  # this process's part of the step's mean task loss
                     step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
-                    reg = method.regularizer(adapters, phase)
+                    # the regulariser's gradient enters in backward, once per optimizer step
+                    total = regularization.anchor(share * world, weight=1.0 / in_group)
+                    # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
+                    accelerator.backward(total * accelerator.gradient_accumulation_steps)
+                    # computed inside the forward pass (reentrant checkpointing: its recomputation in backward)
+                    values = regularization.collect()
+                    reg = torch.stack(list(values.values())).sum() if values else None
                     if not (torch.isfinite(step_loss) and (reg is None or torch.isfinite(reg))):
                         raise NloraError(
                             f"task {phase} ({desc}): non-finite loss at step {pos.step} (task loss "
                             f"{step_loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
                             "lower option 'lr' or 'lambda'. The last checkpoint is kept.")
-                    total = share * world if reg is None else share * world + reg / in_group
-                    # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
-                    accelerator.backward(total * accelerator.gradient_accumulation_steps)
                 pos.loss_sum += step_loss.item()
                 pos.reg_sum += 0.0 if reg is None else reg.item() / in_group
                 bar.update(1)
                 if not boundary:
                     continue
+                reduce_replicated_gradients(model, params)  # FSDP2: the LoRA factors are whole on every process
                 if config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 try:
@@ -224,6 +174,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                         save_checkpoint(run_dir, pos, named, optimizer, scheduler)
                     accelerator.wait_for_everyone()
     finally:
+        regularization.close()
         bar.close()
         model.eval()
         accelerator.sync_gradients = True

@@ -22,7 +22,8 @@ from nlora import cli
 from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.errors import NloraError
-from nlora.training import _check_engine, make_accelerator, shard
+from nlora.engine import _check_engine, make_accelerator
+from nlora.training import shard
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "accelerate"
@@ -168,7 +169,7 @@ def _fake_accelerator(engine, zero_stage=2, processes=2, **ds_config):
 
 def test_engines_that_shard_the_lora_factors_are_refused():
     config = RunConfig(tasks=["x"], batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.5)
-    with pytest.raises(NloraError, match="FSDP is not supported"):
+    with pytest.raises(NloraError, match="--sharding fsdp2"):
         _check_engine(_fake_accelerator(DistributedType.FSDP), config)
     with pytest.raises(NloraError, match="ZeRO stage 3"):
         _check_engine(_fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), config)
@@ -196,7 +197,8 @@ def test_example_configs_load_as_accelerate_configs():
     assert ds.distributed_type == DistributedType.DEEPSPEED and ds.deepspeed_config["zero_stage"] == 2
     # the settings nlora fills from its own options are left to it
     assert not {"gradient_accumulation_steps", "gradient_clipping"} & ds.deepspeed_config.keys()
-    for name, deepspeed in (("ddp.yaml", False), ("deepspeed_zero2.yaml", True)):
+    assert load_config_from_file(str(EXAMPLES / "fsdp2.yaml")).distributed_type == DistributedType.MULTI_GPU
+    for name, deepspeed in (("ddp.yaml", False), ("fsdp2.yaml", False), ("deepspeed_zero2.yaml", True)):
         args = launch_command_parser().parse_args(["--config_file", str(EXAMPLES / name), "-m", "nlora", "run"])
         args = _validate_launch_command(args)[0]
         assert args.use_deepspeed == deepspeed and args.num_processes == 2

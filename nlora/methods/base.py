@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 if TYPE_CHECKING:
-    from ..adapters import ContinualAdapters
     from ..config import RunConfig
+    from ..regularization import LossTerm
     from ..data import Example, TaskData
 
 
@@ -44,9 +42,10 @@ class Method:
         """Adapters in the forward pass when task j is evaluated after phase k; no task id by default."""
         return names
 
-    def regularizer(self, adapters: "ContinualAdapters", k: int) -> torch.Tensor | None:
-        """Added to the task loss at every step of phase k; None adds nothing."""
-        return None
+    def loss_terms(self, k: int) -> list["LossTerm"]:
+        """The regularisers added to the task loss at every step of phase k, each declared as a weight and a
+        function of one layer's factors (nlora.regularization computes them inside the forward pass)."""
+        return []
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import torch
-
 from ..penalties import lora_l1
+from ..regularization import LossTerm
 from .base import Method, register
 
 
@@ -20,11 +19,6 @@ class NLoRA(Method):
         per_task = self.config.lambda_per_task
         return per_task[k] if per_task else self.config.lambda_
 
-    def regularizer(self, adapters, k):
-        lam = self.lam(k)
-        if lam == 0:
-            return None
-        cfg = self.config
-        terms = [lora_l1(cfg.penalty_form, f.A, f.B, f.scaling, chunk_size=cfg.penalty_chunk_size)
-                 for f in adapters.factors(adapters.current)]
-        return lam * torch.stack(terms).sum()
+    def loss_terms(self, k):
+        form, chunk_size = self.config.penalty_form, self.config.penalty_chunk_size
+        return [LossTerm("l1", self.lam(k), lambda f: lora_l1(form, f.A, f.B, f.scaling, chunk_size=chunk_size))]

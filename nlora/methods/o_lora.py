@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import torch
-
 from ..penalties import l2_norms, l2_squared, olora_orthogonality
+from ..regularization import LossTerm
 from .base import Method, register
 
 
@@ -23,15 +22,10 @@ class OLoRA(Method):
         l2 = cfg.l2_lambda_per_task[k] if cfg.l2_lambda_per_task else cfg.l2_lambda
         return orth, l2
 
-    def regularizer(self, adapters, k):
+    def loss_terms(self, k):
         orth_lambda, l2_lambda = self.lambdas(k)
-        current = adapters.factors(adapters.current)
-        terms = []
-        if orth_lambda > 0 and k > 0:
-            earlier = {name: {f.layer: f.A for f in adapters.factors(name)} for name in adapters.names[:-1]}
-            orth = [olora_orthogonality(f.A, [earlier[name][f.layer] for name in earlier]) for f in current]
-            terms.append(orth_lambda * torch.stack(orth).sum())
-        if l2_lambda > 0:
-            l2 = l2_norms if self.config.l2_form == "reference" else l2_squared
-            terms.append(l2_lambda * l2([p for f in current for p in (f.A, f.B)]))
-        return torch.stack(terms).sum() if terms else None
+        l2 = l2_norms if self.config.l2_form == "reference" else l2_squared
+        terms = [LossTerm("l2", l2_lambda, lambda f: l2([f.A, f.B]))]
+        if k > 0:  # against every earlier task's A in the layer (separate adapters or one folded past adapter)
+            terms.append(LossTerm("orthogonality", orth_lambda, lambda f: olora_orthogonality(f.A, f.earlier_A)))
+        return terms

@@ -1,0 +1,84 @@
+"""FSDP2 (`--sharding fsdp2`): 2 CPU processes (gloo) with the base model sharded give the single-process run, also
+when the run is killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
+evaluation (generation) all go through the sharded model. The multi-process tests are marked `distributed`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nlora.cli import main
+from nlora.config import RunConfig
+from nlora.engine import _check_engine, transformer_blocks
+from nlora.errors import NloraError
+from nlora.models import load_backbone
+from test_distributed import EXAMPLES, ROOT, RUN, _assert_same_adapters, _fake_accelerator, _same_training
+
+
+def _launch(args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               **(env_extra or {}))
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(EXAMPLES / "fsdp2.yaml"), "--num_processes", "2", "-m", "nlora", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _same_run(single, other):
+    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
+    assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, other))
+    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
+    _same_training(m1["train"], m2["train"])
+    _assert_same_adapters(single, other)
+    for path in sorted(single.rglob("*.jsonl")):
+        rows = [json.loads(line) for line in (other / path.relative_to(single)).open()]
+        assert len(rows) == 7 and rows == [json.loads(line) for line in path.open()]
+
+
+@pytest.mark.distributed
+def test_fsdp2_gives_the_single_process_run_and_resumes(tmp_path, synthetic_dir):
+    single, sharded, resumed = tmp_path / "single", tmp_path / "fsdp2", tmp_path / "resumed"
+    data = ["--data-dir", str(synthetic_dir)]
+    first = _launch([*RUN, *data, "--output-dir", str(sharded), "--sharding", "fsdp2"])
+    assert main([*RUN, *data, "--output-dir", str(single)]) == 0  # meanwhile
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert out.count("run directory:") == 1
+    assert "sharding: fsdp2" in (sharded / "config.yaml").read_text()
+    _same_run(single, sharded)
+
+    # killed at the 3rd optimizer step of the first task (a checkpoint after every step), then resumed
+    killed = _launch([*RUN, *data, "--output-dir", str(resumed), "--sharding", "fsdp2", "--checkpoint-steps", "1"],
+                     {"NLORA_FAULT": "train_step:3"})
+    killed.communicate(timeout=600)
+    assert killed.returncode != 0 and (resumed / "checkpoint").is_dir()
+    again = _launch(["resume", str(resumed), "--quiet"])
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    _same_run(single, resumed)
+
+
+def test_transformer_blocks_of_each_model_kind():
+    for name, block, count in (("tiny-llama", "LlamaDecoderLayer", 2), ("tiny-t5", "T5Block", 4),
+                               ("tiny-bert", "BertLayer", 2)):
+        blocks = transformer_blocks(load_backbone(name).model)
+        names = [type(b).__name__ for b in blocks]
+        assert names.count(block) == count  # BERT also names its embeddings: one more unit
+
+
+def test_sharding_options_are_checked():
+    from accelerate.utils import DistributedType
+
+    config = RunConfig(tasks=["x"], batch_size=8, sharding="fsdp2")
+    _check_engine(_fake_accelerator(DistributedType.MULTI_CPU), config)
+    with pytest.raises(NloraError, match="mixed_precision no"):
+        _check_engine(_fake_accelerator(DistributedType.MULTI_GPU), config.replace(mixed_precision="bf16"))
+    with pytest.raises(NloraError, match="plain multi-process launch"):
+        _check_engine(_fake_accelerator(DistributedType.DEEPSPEED), config)
+    with pytest.raises(NloraError, match="option 'sharding'"):
+        RunConfig(tasks=["x"], sharding="fsdp1").validate()
+    assert torch.distributed.is_available()
