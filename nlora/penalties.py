@@ -22,6 +22,7 @@ Sources of the public-code forms (read for reference, not copied):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -51,6 +52,13 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     if dt in _HALF or not dt.is_floating_point:
         return torch.float32
     return dt
+
+
+def autocast_off(device: torch.device):
+    """A context without autocast on `device` (a no-op for device types autocast does not know, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_factors(A: torch.Tensor, B: torch.Tensor) -> None:
@@ -87,7 +95,7 @@ class _ChunkedDeltaL1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, B, scaling, chunk_size, need_a, need_b):
-        with torch.autocast(A.device.type, enabled=False):  # the sums stay in float32 inside an autocast forward
+        with autocast_off(A.device):  # the sums stay in float32 inside an autocast forward
             return _ChunkedDeltaL1._forward(ctx, A, B, scaling, chunk_size, need_a, need_b)
 
     @staticmethod

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
+from .penalties import autocast_off
 
 __all__ = ["LayerFactors", "LossTerm", "Regularization"]
 
@@ -122,7 +123,7 @@ class Regularization:
             calls = self._calls.get(name, 0)
             self._calls[name] = calls + 1
             factors = self.layer_factors(name, module)
-            with torch.autocast(output.device.type, enabled=False):  # terms in the factors' own precision
+            with autocast_off(output.device):  # terms in the factors' own precision
                 values = {t.name: t.weight * t.per_layer(factors) for t in self.terms}
             self._values[name] = {k: v.detach() for k, v in values.items()}  # a recomputed forward overwrites
             return _AttachTerm.apply(output, torch.stack(list(values.values())).sum(), self, calls == 0)
