@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
+
 from .penalties import autocast_off
 
 __all__ = ["LayerFactors", "LossTerm", "Regularization"]
