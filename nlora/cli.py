@@ -23,7 +23,10 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         dest = "cfg__" + f.name
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})"
-        if base_type(f) is bool:
+        if base_type(f) is bool and default is True:  # on by default: --no-<flag> turns it off
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif base_type(f) is bool:
             parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=dest, default=None, metavar=public_name(f.name).upper(), help=help_text)

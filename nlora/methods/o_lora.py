@@ -20,8 +20,8 @@ class OLoRA(Method):
         current = adapters.factors(adapters.current)
         terms = []
         if cfg.orth_lambda > 0 and k > 0:
-            earlier = {name: {f.layer: f.A for f in adapters.factors(name)} for name in adapters.names[:-1]}
-            orth = [olora_orthogonality(f.A, [earlier[name][f.layer] for name in earlier]) for f in current]
+            earlier = adapters.earlier_A()  # every earlier task's A, concatenated: one matmul per layer
+            orth = [olora_orthogonality(f.A, earlier[f.layer]) for f in current]
             terms.append(cfg.orth_lambda * torch.stack(orth).sum())
         if cfg.l2_lambda > 0:
             terms.append(cfg.l2_lambda * l2_squared([p for f in current for p in (f.A, f.B)]))
