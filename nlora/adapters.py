@@ -27,6 +27,7 @@ rank r·k (lora_alpha r·k: scaling 1, dropout 0) filled with the concatenated f
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,9 +213,11 @@ class ContinualAdapters:
             raise NloraError(f"adapters {list(saved.values())} have different ranks per layer; set option "
                              "'fold_adapters' to false")
         rank = ranks.pop()
-        for name in [*names, PAST]:
-            if name in self.peft_model.peft_config:
-                self.peft_model.delete_adapter(name)
+        with warnings.catch_warnings():  # PEFT names a new active adapter for each deleted one; activate() decides
+            warnings.simplefilter("ignore", UserWarning)
+            for name in [*names, PAST]:
+                if name in self.peft_model.peft_config:
+                    self.peft_model.delete_adapter(name)
         config = LoraConfig(**{**self.lora_config, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0})
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; leave the RNG as it was
             self.peft_model.add_adapter(PAST, config)
