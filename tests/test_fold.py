@@ -195,3 +195,11 @@ def test_folded_and_unfolded_runs_agree_without_dropout(tmp_path, synthetic_dir)
         a, b = load(f_fold[key]), load(f_sep[key])
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_damaged_adapter_file_is_named_and_nothing_is_folded(tmp_path):
+    bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path)
+    (folders["task2"] / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(NloraError, match=f"adapter {folders['task2']} is unreadable"):
+        ad.fold(folders)
+    assert ad.folded == [] and set(ad.peft_model.peft_config) == set(folders)
