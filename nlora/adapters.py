@@ -3,10 +3,31 @@
 Every adapter added so far is active in the forward pass (PEFT sums the active adapters' updates, so inference
 needs no task id); only the current task's adapter has requires_grad. Adapters are saved one folder each, in
 PEFT's own format, so `PeftModel.from_pretrained(base, folder)` loads any of them.
+
+Folding (`ContinualAdapters.fold`): once a task's adapter is trained and saved, the frozen adapters of a method
+that always sums them all are replaced by one frozen LoRA path per layer, the "past" path,
+    A_past = [A_0; A_1; ...; A_k]                    (r·(k+1) × d_in, concatenated along the rank)
+    B_past = [s_0·B_0, s_1·B_1, ..., s_k·B_k]         (d_out × r·(k+1)), scaling 1, no dropout,
+so that B_past·A_past = Σ_s s_s·B_s·A_s exactly, and training and evaluation run two LoRA paths per layer (past
+and current) whatever the number of tasks. Built from the saved per-task files (float32), so a resumed run
+rebuilds the very same past path from any point.
+
+Why a concatenated LoRA path rather than merging the frozen updates into the base weights (fp32 merge):
+  - it is exact in any base dtype: the update stays in the adapter's float32 and never rounds into a bf16/fp16
+    base weight, and it works on 4-bit (bitsandbytes) bases, where PEFT cannot merge losslessly, and on bases
+    whose weights are sharded;
+  - the base weights stay untouched, so the bare base model (FWT baseline, `nlora export`) stays available and
+    nothing has to be unmerged;
+  - it costs two small matmuls of rank r·k per layer, against the base layer's d_out × d_in one.
+PEFT's `add_weighted_adapter(combination_type="cat")` builds nearly this, but puts the scaling into A (O-LoRA
+needs the bare A_s) and copies the first adapter's dropout onto the frozen path; hence a plain LoRA adapter of
+rank r·k (lora_alpha r·k: scaling 1, dropout 0) filled with the concatenated factors.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +41,9 @@ from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+PAST = "past"  # the PEFT adapter that holds the folded frozen adapters
+ADAPTER_FILE = "adapter_model.safetensors"
+_A, _B = ".lora_A.weight", ".lora_B.weight"  # key suffixes of a saved adapter (PEFT's format)
 
 
 @dataclass
@@ -31,6 +55,61 @@ class LoraFactors:
     scaling: float
 
 
+def folding(method, config) -> bool:
+    """Whether a run folds its frozen adapters: option 'fold_adapters' on, and a stacked method that declares
+    its frozen adapters always active together (`Method.folds_past`). The snapshot layout has nothing to fold."""
+    return bool(config.fold_adapters) and method.adapter_layout == "stacked" and bool(method.folds_past)
+
+
+def _saved_scaling(config: dict, folder: Path) -> float:
+    if config.get("use_dora") or config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise NloraError(f"adapter {folder}: DoRA or per-layer rank/alpha patterns cannot be folded into one "
+                         "LoRA path; set option 'fold_adapters' to false")
+    r = config["r"]
+    alpha = config.get("lora_alpha", r)
+    return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+
+
+def read_saved_adapter(folder: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """An adapter written by `ContinualAdapters.save`: (its adapter_config.json, {layer: (A, B)}), the layer named
+    by PEFT's key prefix (e.g. "base_model.model.encoder.layer.0.attention.self.query")."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        state = load_file(str(folder / ADAPTER_FILE))
+    except Exception as e:
+        raise NloraError(f"adapter {folder} is unreadable: {e}") from None
+    layers = {}
+    for key in state:
+        if key.endswith(_A):
+            layer = key[: -len(_A)]
+            if layer + _B not in state:
+                raise NloraError(f"adapter {folder}: layer {layer} has lora_A but no lora_B")
+            layers[layer] = (state[key], state[layer + _B])
+    if not layers:
+        raise NloraError(f"adapter {folder} holds no LoRA layers")
+    return config, layers
+
+
+def concatenate_saved(folders: list[str | Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The summed update of the adapters saved in `folders` as one LoRA per layer, in float32 or wider: A = the A's
+    concatenated along the rank, B = the scaled B's side by side, so that B @ A = Σ scaling_s · B_s @ A_s."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    first: set[str] | None = None
+    for folder in folders:
+        config, layers = read_saved_adapter(folder)
+        scaling = _saved_scaling(config, Path(folder))
+        if first is not None and set(layers) != first:
+            raise NloraError(f"adapter {folder} adapts other layers than {folders[0]}: "
+                             f"{sorted(set(layers) ^ first)[:3]}")
+        first = set(layers)
+        for layer, (A, B) in layers.items():
+            dtype = torch.promote_types(A.dtype, torch.float32)  # float32 at least (float64 stays)
+            parts.setdefault(layer, []).append((A.to(dtype), scaling * B.to(dtype)))
+    return {layer: (torch.cat([A for A, _ in ab]), torch.cat([B for _, B in ab], dim=1))
+            for layer, ab in parts.items()}
+
+
 class ContinualAdapters:
     def __init__(self, model: torch.nn.Module, kind: str, r: int, alpha: float, dropout: float,
                  target_modules: list[str]):
@@ -38,7 +117,8 @@ class ContinualAdapters:
         self.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                                 task_type=TASK_TYPES[kind])
         self.peft_model: PeftModel | None = None
-        self.names: list[str] = []
+        self.names: list[str] = []  # every adapter added, in task order (folded ones included)
+        self.folded: list[str] = []  # those whose updates the past path holds (see `fold`)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -70,7 +150,7 @@ class ContinualAdapters:
             self.peft_model.base_model.disable_adapter_layers()
             return
         self.peft_model.base_model.enable_adapter_layers()
-        self.peft_model.base_model.set_adapter(list(names), inference_mode=True)
+        self.peft_model.base_model.set_adapter(self._peft_names(names), inference_mode=True)
         if trainable is not None:
             for p in self.adapter_parameters(trainable):
                 p.requires_grad_(True)
@@ -78,13 +158,78 @@ class ContinualAdapters:
     def lora_layers(self) -> list[tuple[str, LoraLayer]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
 
-    def factors(self, name: str) -> list[LoraFactors]:
+    def _peft_names(self, names: list[str]) -> list[str]:
+        """The PEFT adapters that compute the sum of `names`: the past path stands for all the folded ones."""
+        names = list(names)
+        folded = [n for n in names if n in self.folded]
+        if folded and folded != self.folded:
+            raise NloraError(f"adapters {self.folded} are folded into one path and can only be active together, "
+                             f"but {folded} were asked for; a method that activates earlier adapters one by one "
+                             "must set folds_past = False")
+        return ([PAST] if folded else []) + [n for n in names if n not in self.folded]
+
+    def _factors(self, peft_name: str) -> list[LoraFactors]:
         out = []
         for layer_name, layer in self.lora_layers():
-            if name in layer.lora_A:
-                out.append(LoraFactors(layer_name, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                       float(layer.scaling[name])))
+            if peft_name in layer.lora_A:
+                out.append(LoraFactors(layer_name, layer.lora_A[peft_name].weight, layer.lora_B[peft_name].weight,
+                                       float(layer.scaling[peft_name])))
         return out
+
+    def factors(self, name: str) -> list[LoraFactors]:
+        """The factors of adapter `name` (one that is not folded: the current one, or any with folding off)."""
+        if name in self.folded:
+            raise ValueError(f"adapter {name!r} is folded into the past path; read past_factors() or earlier_A()")
+        return self._factors(name)
+
+    def past_factors(self) -> list[LoraFactors]:
+        """The past path, per adapted layer: A_past (r·k × d_in), B_past (d_out × r·k, each task's scaling
+        folded in), scaling 1. Empty while nothing is folded."""
+        return self._factors(PAST) if self.folded else []
+
+    def earlier_A(self) -> dict[str, torch.Tensor]:
+        """Per adapted layer, the A of every adapter before the current one, concatenated along the rank (the
+        past path's A, then any earlier adapter that is not folded), so Σ|earlier_A · A_tᵀ| = Σ_s Σ|A_s · A_tᵀ|.
+        Empty at the first task."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for peft_name in self._peft_names(self.names[:-1]):
+            for f in self._factors(peft_name):
+                parts.setdefault(f.layer, []).append(f.A)
+        return {layer: A[0] if len(A) == 1 else torch.cat(A) for layer, A in parts.items()}
+
+    def fold(self, saved: dict[str, str | Path]) -> None:
+        """Replace the adapters `saved` (name → the folder `save` wrote it to; the first adapters of the run, in
+        order, including every one folded before) by one frozen past path built from those files. The past path
+        has no dropout; evaluation sums it with any adapter not folded, as before."""
+        names = list(saved)
+        if names != self.names[: len(names)] or len(names) < len(self.folded):
+            raise ValueError(f"fold: {names} are not the first adapters {self.names} (folded: {self.folded})")
+        layers = concatenate_saved(list(saved.values()))
+        live = {n for n, _ in self.lora_layers()}
+        if set(layers) != live:
+            raise NloraError(f"adapters {list(saved.values())} do not match the model's adapted layers: "
+                             f"{sorted(set(layers) ^ live)[:3]}")
+        ranks = {A.shape[0] for A, _ in layers.values()}
+        if len(ranks) != 1:
+            raise NloraError(f"adapters {list(saved.values())} have different ranks per layer; set option "
+                             "'fold_adapters' to false")
+        rank = ranks.pop()
+        with warnings.catch_warnings():  # PEFT names a new active adapter for each deleted one; activate() decides
+            warnings.simplefilter("ignore", UserWarning)
+            for name in [*names, PAST]:
+                if name in self.peft_model.peft_config:
+                    self.peft_model.delete_adapter(name)
+        config = LoraConfig(**{**self.lora_config, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0})
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; leave the RNG as it was
+            self.peft_model.add_adapter(PAST, config)
+        self.peft_model.active_adapter = PAST  # PeftModel's own pointer (its config), not what the layers sum
+        with torch.no_grad():
+            for layer_name, layer in self.lora_layers():
+                A, B = layers[layer_name]
+                for weight, value in ((layer.lora_A[PAST].weight, A), (layer.lora_B[PAST].weight, B)):
+                    weight.copy_(value)
+                    weight.requires_grad_(False)
+        self.folded = names
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for f in self.factors(name) for p in (f.A, f.B)]

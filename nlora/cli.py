@@ -23,7 +23,10 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         dest = "cfg__" + f.name
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})"
-        if base_type(f) is bool:
+        if base_type(f) is bool and default is True:  # on by default: --no-<flag> turns it off
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif base_type(f) is bool:
             parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=dest, default=None, metavar=public_name(f.name).upper(), help=help_text)
@@ -77,7 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(collision, orthogonality, sparsity, norms of the task updates)")
     p_diagnose.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     _add_threshold_options(p_diagnose, "0.01")
+
+    p_export = sub.add_parser("export", help="write the model a run trained as one PEFT adapter holding every "
+                              "task's update summed (no task id needed), or as a merged full model")
+    p_export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p_export.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write")
+    p_export.add_argument("--merge", action="store_true",
+                          help="write the base model with the updates merged into its weights (save_pretrained)")
+    _add_upto_option(p_export)
+    p_export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+
+    p_predict = sub.add_parser("predict", help="predictions of the model a run trained, as JSONL")
+    p_predict.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    source = p_predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tasks", metavar="A,B,...", help="dataset names to predict (their test split)")
+    source.add_argument("--input", metavar="FILE.jsonl",
+                        help='one example a line: {"sentence": ..., "options": [...]}, optionally "label", '
+                             '"task", "instruction"')
+    p_predict.add_argument("--data-dir", metavar="DIR", help="data folder of --tasks (default: the run's)")
+    _add_upto_option(p_predict)
+    p_predict.add_argument("--output", metavar="FILE.jsonl", help="where to write (default: standard output)")
+    p_predict.add_argument("--batch-size", type=int, metavar="N", help="default: the run's eval_batch_size")
+    p_predict.add_argument("--max-samples", type=int, metavar="N",
+                           help="test examples per task of --tasks (default: the run's max_eval_samples; 0: all)")
+    p_predict.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p_predict.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _add_upto_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upto", type=int, metavar="K",
+                        help="the model as it was after task K (1 = the first task; default: the last trained)")
 
 
 def _add_launch_option(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
                 diagnostics = diagnose_run(run_dir, **options)
                 print(format_diagnostics(diagnostics))
                 print(f"written: {(Path(run_dir) / DIAGNOSTICS_FILE).resolve()}")
+        elif args.command == "export":
+            from .export import export_run
+
+            out = export_run(args.run_dir, args.out_dir, merge=args.merge, upto=args.upto, overwrite=args.overwrite)
+            print(f"{'merged model' if args.merge else 'PEFT adapter'}: {out.resolve()}")
+        elif args.command == "predict":
+            from .predict import accuracy_lines, predict_run
+
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            records = predict_run(args.run_dir, tasks=tasks, data_dir=args.data_dir, input_file=args.input,
+                                  upto=args.upto, output=args.output, batch_size=args.batch_size,
+                                  max_samples=args.max_samples, device=args.device, progress=not args.quiet)
+            for line in accuracy_lines(records):
+                print(line, file=sys.stderr)
         elif args.command == "methods":
             from .methods import METHODS
 

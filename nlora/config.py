@@ -114,6 +114,11 @@ class RunConfig:
     target_modules: list[str] | None = _opt("module names to adapt (default: the attention query and value "
                                             "projections of the architecture)", default=None)
 
+    # adapters
+    fold_adapters: bool = _opt("fold the frozen adapters of a method that sums them all into one frozen LoRA "
+                               "path (no dropout) after each task, so the cost per step stays flat in the number "
+                               "of tasks; false keeps one path per task", default=True)
+
     # N-LoRA
     lambda_: float = _opt("weight of N-LoRA's L1 penalty", default=0.4)
     penalty_form: str = _opt("N-LoRA penalty: delta (paper: |scaling*B*A|_1), reference (the public code's "

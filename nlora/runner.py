@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from .adapters import ContinualAdapters
+from .adapters import ContinualAdapters, folding
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint, remove_checkpoint
 from .config import RunConfig, load_yaml_file
 from .data import TaskData, load_instructions, load_task
@@ -281,6 +281,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                 remove_checkpoint(paths.root)
             accelerator.wait_for_everyone()
             fault_point("task_trained")
+        if folding(method, config):  # the frozen adapters become one path, rebuilt from the saved files
+            adapters.fold({method.adapter_name(j): paths.adapter(j, tasks[j].name) for j in range(k + 1)})
         if k in phases_done:
             continue
         start = time.perf_counter()

@@ -115,7 +115,9 @@ def _adapter_of(name):
     ("replay", lambda k: "shared", lambda k: ["shared"]),
 ])
 def test_sequential_methods(tmp_path, synthetic_dir, traced, evaluations, method, trained_adapter, active):
-    metrics = runner.run(_config(tmp_path, synthetic_dir, method, eval_future=True), progress=False)
+    """One PEFT adapter per task (folding off)."""
+    metrics = runner.run(_config(tmp_path, synthetic_dir, method, eval_future=True, fold_adapters=False),
+                         progress=False)
     assert [p["k"] for p in traced] == [0, 1, 2]
     for p in traced:
         name = trained_adapter(p["k"])
@@ -141,6 +143,31 @@ def test_sequential_methods(tmp_path, synthetic_dir, traced, evaluations, method
         assert all(r > 0 for r in regs)  # the L2 term from phase 0, orthogonality from phase 1
     else:
         assert regs == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["n-lora", "o-lora"])
+def test_folded_methods_train_the_current_adapter_beside_one_past_path(tmp_path, synthetic_dir, traced, method):
+    metrics = runner.run(_config(tmp_path, synthetic_dir, method), progress=False)
+    for p in traced:
+        k = p["k"]
+        assert p["trainable"] and all(_adapter_of(f"task{k}")(n) for n in p["trainable"])
+        assert p["changed"] and p["changed"] <= p["trainable"]
+        assert p["active"] == (["past", f"task{k}"] if k else ["task0"])
+    # at the end, the past path holds every task: the saved A's stacked, the saved B's scaled side by side
+    adapters = traced[-1]["adapters"]
+    assert adapters.folded == ["task0", "task1", "task2"]
+    assert list(adapters.peft_model.peft_config) == ["past"]
+    saved = [load_file(str(tmp_path / method / "adapters" / f"{k}-{t}" / "adapter_model.safetensors"))
+             for k, t in enumerate(TASKS)]
+    scaling = 32.0 / 8
+    past = adapters.past_factors()
+    assert len(past) == 4 and all(f.scaling == 1.0 and not f.A.requires_grad for f in past)
+    for f in past:
+        key = f.layer + ".lora_{}.weight"
+        assert torch.equal(f.A, torch.cat([s[key.format("A")] for s in saved]))
+        assert torch.equal(f.B, torch.cat([scaling * s[key.format("B")] for s in saved], dim=1))
+    _check_metrics(tmp_path / method, metrics, full_rows=True)
+    assert all(p["stats"].mean_regularizer > 0 for p in traced)
 
 
 def test_olora_orthogonality_enters_from_the_second_task(tmp_path, synthetic_dir, traced):

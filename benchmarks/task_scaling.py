@@ -1,0 +1,194 @@
+"""Cost per task of the stacked methods, folded against unfolded (nlora.adapters.ContinualAdapters.fold).
+
+In phase k of n-lora / o-lora / inc-lora, the k frozen adapters are either k separate LoRA paths per layer
+(unfolded, `fold_adapters: false`), each with its own dropout, or one frozen past path of rank r·k (folded, the
+default). For k + 1 = 1, 4, 8, 15 tasks, on one base model with the same random adapters in both forms, this
+measures:
+
+  train   one training step: forward + backward of the current adapter (dropout on, no optimizer step: the
+          optimizer touches only the current adapter, whatever the task count);
+  eval    one evaluation forward (eval mode, no grad, teacher-forced for T5);
+  saved   bytes of the distinct tensors autograd saves for backward in one training forward
+          (torch.autograd.graph.saved_tensors_hooks), parameters excluded: activations and dropout masks.
+
+Times are the best of --repeats after one warm-up (the machine may be shared). Models:
+  minilm    all-MiniLM-L6-v2 (d 384, 6 layers), LoRA r 8 on query/value, batch 16 x 128 tokens;
+  t5-slice  a T5 of T5-large's width (d_model 1024, d_ff 4096, 16 heads) with 2 encoder + 2 decoder layers and
+            random weights, LoRA r 8 on q/v, batch 4 x 128 source and 16 target tokens;
+  tiny-bert the built-in test model (a smoke test of this script).
+
+  python benchmarks/task_scaling.py --models minilm,t5-slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nlora.adapters import ContinualAdapters
+from nlora.models import default_target_modules, load_backbone
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def build_model(name: str):
+    """(model, kind, target modules, make_batch(seed) -> kwargs of a forward with a loss)."""
+    if name == "t5-slice":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        config = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=2,
+                          num_decoder_layers=2, decoder_start_token_id=0)
+        model = T5ForConditionalGeneration(config)
+
+        def batch(g):
+            return {"input_ids": torch.randint(3, 32000, (4, 128), generator=g),
+                    "labels": torch.randint(3, 32000, (4, 16), generator=g)}
+        return model, "seq2seq", ["q", "v"], batch
+    backbone = load_backbone(MINILM if name == "minilm" else name)
+    vocab = backbone.model.config.vocab_size
+    shape = (16, 128) if name == "minilm" else (4, 32)
+
+    def batch(g):
+        return {"input_ids": torch.randint(3, vocab, shape, generator=g)}
+    return backbone.model, backbone.kind, default_target_modules(backbone.model_type), batch
+
+
+def loss_of(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.loss if getattr(out, "loss", None) is not None else out.last_hidden_state.pow(2).mean()
+
+
+def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float):
+    """A model with n_max adapters of random weights (B seeded per task; B starts at zero in training), saved
+    under `folder`; a second call loads the same weights back from there."""
+    model, kind, targets, make_batch = build_model(name)
+    adapters = ContinualAdapters(model, kind, r=r, alpha=4 * r, dropout=dropout, target_modules=targets)
+    saved = {}
+    for t in range(n_max):
+        task = adapters.add(f"task{t}")
+        g = torch.Generator().manual_seed(100 + t)
+        with torch.no_grad():
+            for f in adapters.factors(task):
+                f.B.copy_(torch.randn(f.B.shape, generator=g) * 0.01)
+        saved[task] = folder / task
+        if saved[task].exists():
+            adapters.load(task, saved[task])
+        else:
+            adapters.save(task, saved[task])
+    return adapters, saved, make_batch
+
+
+def configure(adapters: ContinualAdapters, saved: dict, n: int, fold: bool) -> None:
+    """Phase n-1: adapters 0..n-2 frozen (folded or separate), adapter n-1 trainable."""
+    names = list(saved)[:n]
+    if fold and n > 1:
+        adapters.fold({k: saved[k] for k in names[:-1]})
+    for p in adapters.model.parameters():
+        p.requires_grad_(False)
+    adapters.activate(names, trainable=names[-1])
+
+
+def saved_bytes(model, inputs) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model, inputs)
+    del loss
+    return sum(seen.values())
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fold in (False, True):
+            torch.manual_seed(0)
+            adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout)
+            inputs = make_batch(torch.Generator().manual_seed(0))
+            model = adapters.model
+            for n in tasks:
+                configure(adapters, saved, n, fold)
+
+                def train_step():
+                    model.train()
+                    loss_of(model, inputs).backward()
+                    model.zero_grad(set_to_none=True)
+
+                def eval_step():
+                    model.eval()
+                    with torch.no_grad():
+                        loss_of(model, inputs)
+
+                model.train()  # dropout on: the masks of the frozen paths are what folding saves
+                kept = saved_bytes(model, inputs)
+                rows.append({"model": name, "mode": "folded" if fold else "unfolded", "tasks": n,
+                             "paths": len(list(adapters.peft_model.base_model.active_adapters)),
+                             "train_s": best_time(train_step, repeats), "eval_s": best_time(eval_step, repeats),
+                             "saved": kept})
+                print(f"  {name} {rows[-1]['mode']:8s} tasks {n:2d}: train {rows[-1]['train_s'] * 1e3:8.1f} ms  "
+                      f"eval {rows[-1]['eval_s'] * 1e3:8.1f} ms  saved {rows[-1]['saved'] / 2**20:8.1f} MiB",
+                      flush=True)
+            del adapters, model
+    return rows
+
+
+def table(rows: list[dict], target: float) -> str:
+    lines = ["| model | mode | tasks | LoRA paths | train step (ms) | eval (ms) | saved for backward (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['tasks']} | {r['paths']} | {r['train_s'] * 1e3:.1f} | "
+                     f"{r['eval_s'] * 1e3:.1f} | {r['saved'] / 2**20:.1f} |")
+    lines += ["", f"| model | mode | train last/first | eval last/first | saved last/first | target ≤ {target} |",
+              "|---|---|---:|---:|---:|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for mode in ("unfolded", "folded"):
+            mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
+            first, last = mine[0], mine[-1]
+            ratios = [last[k] / first[k] for k in ("train_s", "eval_s", "saved")]
+            met = "met" if ratios[0] <= target and ratios[1] <= target and ratios[2] <= target else "not met"
+            lines.append(f"| {model} | {mode} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="minilm,t5-slice", help="minilm, t5-slice, tiny-bert (comma-separated)")
+    p.add_argument("--tasks", default="1,4,8,15", help="task counts to measure (the first is the reference)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--target", type=float, default=1.10, help="the target ratio, last task count / first")
+    args = p.parse_args()
+    tasks = sorted(int(t) for t in args.tasks.split(","))
+    torch.set_grad_enabled(True)
+    rows = []
+    for name in args.models.split(","):
+        rows += measure(name.strip(), tasks, args.repeats, args.lora_r, args.lora_dropout)
+    print()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeats}")
+    print(table(rows, args.target))
+
+
+if __name__ == "__main__":
+    main()

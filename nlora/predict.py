@@ -1,0 +1,151 @@
+"""`nlora predict RUN_DIR`: the predictions of the model a run trained (as it was after task K), on tasks of a
+data folder (`--tasks`) or on the examples of a JSONL file (`--input`), written as JSONL. The model is rebuilt
+from the run's saved adapters as the run itself rebuilds it on resume, and predicted with the evaluation code of
+training (nlora.evaluation.evaluate, the run's eval_mode), so on a run's own test examples it gives exactly the
+predictions the run wrote.
+
+An --input line: {"sentence": "...", "options": ["a", "b", ...]} plus, optionally, "label" (the gold answer:
+then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id, and the
+instruction by task name) and "instruction" (the prompt's instruction; default: the run's instruction for the
+task, else a generic one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .adapters import ContinualAdapters
+from .data import GENERIC_INSTRUCTION, Example, format_prompt, load_instructions, load_task
+from .errors import NloraError
+from .evaluation import evaluate
+from .export import TrainedRun, read_run
+from .io import write_jsonl_atomic
+from .models import load_backbone
+from .objectives import make_objective
+
+
+def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters, object]:
+    """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
+    its adapters gets them folded into one path (the same sum, one LoRA path per layer)."""
+    config, method = run.config, run.method
+    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
+    adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
+                                 config.lora_dropout, config.target_modules)
+    phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
+    for k, folder in zip(phases, run.folders):
+        name = method.adapter_name(k)
+        if name not in adapters.names:
+            adapters.add(name)
+        adapters.load(name, folder)
+    if method.adapter_layout == "stacked" and method.folds_past:
+        adapters.fold(dict(zip(adapters.names, run.folders)))
+    backbone.model.to(device).eval()
+    objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
+                               config.max_target_length, config.eval_mode)
+    return adapters, objective
+
+
+def _task_index(run: TrainedRun, task: str | None) -> int:
+    """The task index the method's active_for_eval gets: the run's index of the task; a method that sums all
+    its adapters does not read it, one that needs the task id (per-task) must know the task."""
+    trained = run.config.tasks[: run.upto]
+    if task in trained:
+        return trained.index(task)
+    if run.method.adapter_layout == "stacked" and not run.method.folds_past:
+        raise NloraError(f"method '{run.config.method}' needs the task id: task {task!r} is not one of the tasks "
+                         f"the run trained up to task {run.upto} ({', '.join(trained)})")
+    return run.phase
+
+
+def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
+    """The examples of a JSONL file, each with whether it has a gold label; errors name the line."""
+    path = Path(path)
+    instructions = load_instructions(run.config.instructions)
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise NloraError(f"option --input: cannot read {path} ({e.strerror or e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NloraError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("sentence"), str):
+            raise NloraError(f"{path}:{n}: expected an object with a \"sentence\" string")
+        options = row.get("options")
+        if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
+            raise NloraError(f"{path}:{n}: \"options\" must be a non-empty list of strings (the labels to choose "
+                             "from)")
+        label, task = row.get("label"), row.get("task")
+        if label is not None and not isinstance(label, str) or task is not None and not isinstance(task, str):
+            raise NloraError(f"{path}:{n}: \"label\" and \"task\" must be strings when given")
+        instruction = row.get("instruction") or instructions.get(task or "") or GENERIC_INSTRUCTION
+        out.append((Example(task or "", row["sentence"], label or "", tuple(options),
+                            format_prompt(instruction, options, row["sentence"])), label is not None))
+    if not out:
+        raise NloraError(f"option --input: {path} holds no examples")
+    return out
+
+
+def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: str | None = None,
+                input_file: str | Path | None = None, upto: int | None = None, output: str | Path | None = None,
+                batch_size: int | None = None, max_samples: int | None = None, device: str = "auto",
+                progress: bool = True) -> list[dict]:
+    """Predict with the run's model after task `upto` (default: its last); returns the records (also written to
+    `output` as JSONL, else to stdout). Each record: task, input, prediction, and target/correct when known."""
+    if (tasks is None) == (input_file is None):
+        raise NloraError("give either --tasks (with the run's or another --data-dir) or --input FILE.jsonl")
+    run = read_run(run_dir, upto)
+    config = run.config
+    groups: dict[str, list[tuple[int, Example, bool]]] = {}  # task → (position in the output, example, labelled)
+    if tasks is not None:
+        data_dir = data_dir or config.data_dir
+        if data_dir is None:
+            raise NloraError("option --data-dir: the run records no data folder; give one")
+        instructions = load_instructions(config.instructions)
+        limit = config.max_eval_samples if max_samples is None else max_samples or None
+        position = 0
+        for name in tasks:
+            _task_index(run, name)
+            task = load_task(data_dir, name, instructions, 1, limit, config.seed)
+            groups[name] = [(position + i, e, True) for i, e in enumerate(task.test)]
+            position += len(task.test)
+    else:
+        for i, (example, labelled) in enumerate(read_input(input_file, run)):
+            groups.setdefault(example.task, []).append((i, example, labelled))
+        for task in groups:
+            _task_index(run, task or None)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapters, objective = load_model(run, device)
+    records: dict[int, dict] = {}
+    for task, items in groups.items():
+        adapters.activate(run.method.active_for_eval(run.phase, _task_index(run, task or None), adapters.names))
+        _, rows = evaluate(objective, adapters.model, [e for _, e, _ in items], batch_size or config.eval_batch_size,
+                           desc=f"predict {task or 'input'}", progress=progress)
+        for (position, _, labelled), row in zip(items, rows):
+            record = {"task": task or None, **row}
+            if not labelled:
+                del record["target"], record["correct"]
+            records[position] = record
+    out = [records[i] for i in sorted(records)]
+    if output is not None:
+        write_jsonl_atomic(output, out)
+    else:
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+    return out
+
+
+def accuracy_lines(records: list[dict]) -> list[str]:
+    """Per task, the accuracy of the labelled records."""
+    by_task: dict[str, list[bool]] = {}
+    for r in records:
+        if "correct" in r:
+            by_task.setdefault(r["task"] or "input", []).append(r["correct"])
+    return [f"{task}: {100.0 * sum(c) / len(c):.2f}% of {len(c)}" for task, c in by_task.items()]
