@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="recompute each run's diagnostics.json from its saved adapters first")
     _add_threshold_options(p_report, "that of the run's diagnostics.json, else 0.01")
 
+    p_status = sub.add_parser("status", help="where a run is (task, step, elapsed and remaining time), its matrix "
+                              "so far and its last logged losses; works while it runs, once stopped, or complete")
+    p_status.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+
     p_diagnose = sub.add_parser("diagnose", help="recompute RUN_DIR/diagnostics.json from the saved adapters "
                                 "(collision, orthogonality, sparsity, norms of the task updates)")
     p_diagnose.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -234,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
                                   rel_eps=args.rel_eps, eps_scale=args.eps_scale)
             print(f"report: {(folder / 'report.md').resolve()}")
+        elif args.command == "status":
+            from .status import format_status, run_status
+
+            print(format_status(run_status(args.run_dir)))
         elif args.command == "diagnose":
             from .diagnostics import DIAGNOSTICS_FILE, diagnose_run, format_diagnostics
 

@@ -186,6 +186,12 @@ class RunConfig:
     load_in_8bit: bool = _opt("load the frozen base in 8-bit through bitsandbytes (CUDA; pip install "
                               "\"nlora[qlora]\")", default=False)
 
+    # tracking
+    log_steps: int = _opt("write a line to RUN_DIR/log.jsonl (and the trackers) every N optimizer steps, and at "
+                          "the last step of each task", default=10)
+    report_to: str = _opt("trackers through accelerate: tensorboard, wandb, mlflow (comma-separated), all (every "
+                          "one installed) or none; log.jsonl is always written", default="none")
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
@@ -220,7 +226,7 @@ class RunConfig:
         if len(set(self.tasks)) != len(self.tasks):
             bad("tasks", f"a task appears twice in {self.tasks}")
         for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
-                    "max_target_length", "penalty_chunk_size", "gradient_accumulation_steps"):
+                    "max_target_length", "penalty_chunk_size", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("max_train_samples", "max_eval_samples"):
@@ -273,6 +279,9 @@ class RunConfig:
 
         get_method(self.method)
         check_benchmark_order(self.benchmark, self.order)
+        from .tracking import check_trackers
+
+        check_trackers(self.report_to)  # a tracker asked for but not installed fails here, before any work
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             bad("data_dir", f"{self.data_dir} is a file, not a folder" if Path(self.data_dir).exists()
                 else f"folder {self.data_dir} does not exist")

@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType
 from .config import RunConfig
 from .errors import NloraError
 from .precision import select_device
+from .tracking import accelerator_tracking
 
 _SHARDED = "_nlora_fsdp2"  # attribute set on a model whose base is sharded
 
@@ -56,7 +57,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # split_batches: batch_size is the global batch, so the prepared scheduler steps once per optimizer step.
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              **accelerator_tracking(config))
     _check_engine(accelerator, config)
     return accelerator
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from .diagnostics import diagnose_run, load_or_diagnose, natural_key
 from .errors import NloraError
 from .io import write_bytes_atomic, write_text_atomic
+from .tracking import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
 
@@ -29,6 +30,7 @@ PLOTS = {
     "layer_sparsity_collision.png": "Sparsity and collision per layer",
     "nuclear_norms.png": "Nuclear norms of the task updates",
 }
+CURVES = "training_curves.png"  # written when a run has a log.jsonl (older runs have none)
 _NO_VALUE = "–"
 
 
@@ -93,6 +95,8 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
         "layer_sparsity_collision.png": plot_layer_bars(runs),
         "nuclear_norms.png": plot_nuclear_norms(runs),
     }
+    if any(_train_lines(r) for r in runs):
+        figures[CURVES] = plot_training_curves(runs)
     try:
         for name, fig in figures.items():
             buffer = io.BytesIO()
@@ -204,6 +208,7 @@ def report_markdown(runs: list[RunData]) -> str:
         else:
             parts += ["Fewer than two task updates: no pairwise diagnostics.", ""]
     parts += _images("collision_heatmap.png", "layer_sparsity_collision.png", "nuclear_norms.png")
+    parts += training_section(runs)
 
     parts += ["## Definitions", "",
               "- **collision rate**: fraction of the positions of a layer's weight matrix where both ΔW_s and ΔW_t "
@@ -496,4 +501,80 @@ def plot_nuclear_norms(runs: list[RunData]) -> Figure:
     ax.set_title(r"Nuclear norm $\|\Delta W_t\|_*$ of each adapted layer (box: quartiles over layers)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- training curves
+
+def _log(r: RunData) -> list[dict]:
+    return read_log(r.path / LOG_FILE)
+
+
+def _train_lines(r: RunData) -> list[dict]:
+    return [line for line in _log(r) if line.get("event") == "train" and "global_step" in line]
+
+
+def training_section(runs: list[RunData]) -> list[str]:
+    """The per-task training statistics of log.jsonl, and the curves' figure where there is one."""
+    parts = ["## Training", "",
+             "From each run's log.jsonl: task loss and regulariser are means per step (over the steps since the "
+             "previous logging step in the curves, over the task in the table).", ""]
+    for r in runs:
+        ends = [line for line in _log(r) if line.get("event") == "train_end"]
+        parts += [f"### {r.label}", ""]
+        if not ends:
+            parts += ["No training logged (no log.jsonl: a run from before training logs, or no task trained "
+                      "yet).", ""]
+            continue
+        parts += [_table(["task", "steps", "mean task loss", "mean regulariser", "seconds"],
+                         [[line.get("task"), line.get("steps"), fmt_value(line.get("mean_loss")),
+                           fmt_value(line.get("mean_regularizer")), fmt_value(line.get("seconds"))]
+                          for line in ends]), ""]
+    if any(_train_lines(r) for r in runs):
+        parts += [f"![Training curves]({CURVES})", ""]
+    return parts
+
+
+def plot_training_curves(runs: list[RunData]) -> Figure:
+    """Task loss (top) and regulariser (bottom) at each logging step along the whole sequence; one line per task
+    (no line joins two tasks), dotted lines where a task starts."""
+    fig = Figure(figsize=(10.0, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    single = len(runs) == 1
+    colors = _colors(len(runs[0].tasks) if single else len(runs))
+    any_reg = False
+    for k, r in enumerate(runs):
+        lines = _train_lines(r)
+        for phase in sorted({line["phase"] for line in lines}):
+            mine = [line for line in lines if line["phase"] == phase]
+            color = colors[phase % len(colors)] if single else colors[k]
+            label = mine[0].get("task") if single else r.label
+            xs = [line["global_step"] for line in mine]
+            top.plot(xs, [line.get("loss") for line in mine], color=color, marker=".", label=label)
+            regs = [line.get("regularizer") for line in mine]
+            if any(isinstance(v, (int, float)) and v != 0 for v in regs):
+                any_reg = True
+                bottom.plot(xs, regs, color=color, marker=".")
+            if single or k == 0:
+                start = xs[0] - mine[0]["step"]  # the global step where this task started
+                for ax in (top, bottom):
+                    ax.axvline(start, color="0.6", linestyle=":", linewidth=1)
+                top.annotate(mine[0].get("task", ""), (start, 1.0), xycoords=("data", "axes fraction"),
+                             xytext=(2, -2), textcoords="offset points", va="top", fontsize=7, color="0.35")
+    top.set_ylabel("task loss")
+    top.set_title("Task loss along the sequence", fontsize=11)
+    bottom.set_ylabel("regulariser")
+    bottom.set_title("Regulariser (the method's penalty, weighted) along the sequence", fontsize=11)
+    bottom.set_xlabel("optimizer step (over the whole run)")
+    if not any_reg:
+        bottom.text(0.5, 0.5, "the method adds no regulariser", ha="center", va="center",
+                    transform=bottom.transAxes, color="0.35")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    handles, labels = top.get_legend_handles_labels()
+    if handles:
+        # one entry per label: a comparison draws each run's tasks as separate lines of one color
+        unique = dict(zip(labels, handles))
+        top.legend(unique.values(), unique.keys(), title="task" if single else "run", fontsize=8,
+                   loc="upper right")
     return fig

@@ -1,9 +1,11 @@
 """A continual-learning run: train the tasks one after another, evaluate after each, and write the run directory.
 
-Run directory (the contract every feature writes into; every file is written atomically):
+Run directory (the contract every feature writes into; every file but the append-only log is written atomically):
     config.yaml                          the fully resolved configuration
     run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
     metrics.json                         accuracy matrix and summary metrics, rewritten after each task
+    log.jsonl                            training and evaluation log (nlora.tracking), appended line by line
+    tensorboard/                         TensorBoard event files, with --report-to tensorboard
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
     predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
     checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
@@ -46,13 +48,14 @@ from .prompts import PromptSpec, check_prompt_budget
 from .provenance import collect as collect_provenance
 from .provenance import record_run
 from .precision import check_runtime, warn_precision
+from .tracking import LOG_FILE, TENSORBOARD_DIR, RunLogger
 from .training import train_task
 
 SCHEMA_VERSION = 1
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
-               CHECKPOINT_DIR, "run.json")
+               CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR)
 # Keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = ("overwrite", "output_dir")
+RESUME_FREE_KEYS = ("overwrite", "output_dir", "log_steps", "report_to")
 
 
 class RunPaths:
@@ -219,6 +222,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
         record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
                                                                accelerator.num_processes), resume)
+    # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
+    logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
                                  config.lora_dropout, resolved.target_modules)
@@ -245,13 +250,16 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
 
     def evaluate_into(k: int, j: int, names: list[str], label: str) -> float:
         adapters.activate(method.active_for_eval(k, j, names)) if adapters.peft_model else None
+        start = time.perf_counter()
         acc, records = evaluate(objective, adapters.model, tasks[j].test, config.eval_batch_size, accelerator,
                                 desc=f"{label} eval {tasks[j].name}", progress=progress)
         if accelerator.is_main_process and k >= 0:
             write_jsonl_atomic(paths.predictions(k, tasks[k].name, tasks[j].name), records)
+        logger.log_eval(k, tasks[j].name, round(acc, 4), len(records), time.perf_counter() - start)
         return round(acc, 4)
 
     if config.eval_future and baseline is None:  # the base model's score: the reference of forward transfer
+        logger.eval_begin(-1)
         baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
         save_metrics()
 
@@ -273,7 +281,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             phase = config.replace(epochs=int(config.epochs_per_task[k])) if config.epochs_per_task else config
             stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase, k,
                                accelerator, run_dir=paths.root, resume=checkpoint,
-                               desc=f"{label} train {tasks[k].name}", progress=progress)
+                               desc=f"{label} train {tasks[k].name}", progress=progress, logger=logger)
             train_stats[tasks[k].name] = stats.to_dict()
             if accelerator.is_main_process:
                 adapters.save(name, adapter_dir)
@@ -289,6 +297,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         columns = range(n) if config.eval_future else range(k + 1)
         if k not in eval_rows:  # not in the evaluation plan: the row stays null
             columns = range(0)
+        logger.eval_begin(k)
         for j in columns:
             matrix[k][j] = evaluate_into(k, j, adapters.names, label)
         if columns:
@@ -296,6 +305,9 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         phases_done.append(k)
         save_metrics()
     metrics = save_metrics()
+    if metrics["complete"]:
+        logger.log_summary(metrics)
+    logger.close()
     if accelerator.is_main_process and metrics["complete"]:
         write_diagnostics(paths.root)
     return metrics

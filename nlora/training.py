@@ -13,6 +13,7 @@ on every process and is added once per optimizer step (averaged over the accumul
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .faults import fault_point
 from .methods import Method
 from .objectives import Objective, to_device
 from .regularization import Regularization
+from .tracking import RunLogger, StepWindow, batch_tokens, peak_memory_mb, reset_peak_memory
 
 
 @dataclass
@@ -72,7 +74,7 @@ def _check_finite(named: dict[str, torch.nn.Parameter], phase: int, step: int, d
 def train_task(adapters: ContinualAdapters, objective: Objective, method: Method, examples: list[Example],
                config: RunConfig, phase: int, accelerator: Accelerator, run_dir: Path | None = None,
                resume: tuple[Progress, dict, dict] | None = None, desc: str = "train",
-               progress: bool = True) -> TrainStats:
+               progress: bool = True, logger: RunLogger | None = None) -> TrainStats:
     named = trainable_state(adapters)
     params = list(named.values())
     if not params:
@@ -105,6 +107,12 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     n_batches = -(-len(examples) // config.batch_size)
     bar = tqdm(total=config.epochs * n_batches, initial=pos.epoch * n_batches + pos.batch, desc=desc,
                disable=not (progress and accelerator.is_local_main_process), leave=False, dynamic_ncols=True)
+    steps_per_epoch = -(-n_batches // accum)
+    total_steps = config.epochs * steps_per_epoch
+    if logger is not None:
+        logger.train_begin(phase, pos.step, total_steps)
+    window = StepWindow()
+    reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
     try:
@@ -127,6 +135,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 weight = 1.0 if local else 0.0
                 batch = objective.collate(local or batches[b][:1])
                 terms = objective.count_terms(batch) * weight
+                tokens = batch_tokens(batch) if local and logger is not None else 0
                 batch = to_device(batch, accelerator.device)
                 accelerator.sync_gradients = boundary  # DeepSpeed steps its engine inside backward at a boundary
                 sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
@@ -146,14 +155,23 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                             f"task {phase} ({desc}): non-finite loss at step {pos.step} (task loss "
                             f"{step_loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
                             "lower option 'lr' or 'lambda'. The last checkpoint is kept.")
-                pos.loss_sum += step_loss.item()
-                pos.reg_sum += 0.0 if reg is None else reg.item() / in_group
+                loss_share, reg_share = step_loss.item(), 0.0 if reg is None else reg.item() / in_group
+                pos.loss_sum += loss_share
+                pos.reg_sum += reg_share
+                window.add(loss_share, reg_share, tokens, len(batches[b]),
+                           {name: v.item() / in_group for name, v in values.items()})
                 bar.update(1)
                 if not boundary:
                     continue
                 reduce_replicated_gradients(model, params)  # FSDP2: the LoRA factors are whole on every process
+                logging = logger is not None and ((pos.step + 1) % config.log_steps == 0
+                                                  or pos.step + 1 == total_steps)
+                grad_norm = None
                 if config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                elif logging:  # the norm alone: an infinite max norm scales the gradients by exactly 1
+                    grad_norm = accelerator.clip_grad_norm_(params, math.inf)
+                lr = scheduler.get_last_lr()[0]  # the rate of this step, before the scheduler moves on
                 try:
                     optimizer.step()
                 except RuntimeError as e:
@@ -165,6 +183,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 optimizer.zero_grad(set_to_none=True)
                 pos.step += 1
                 pos.epoch, pos.batch = (epoch, b + 1) if b + 1 < n_batches else (epoch + 1, 0)
+                window.end_step()
+                if logging:
+                    _log_step(logger, accelerator, window, phase, pos.step, total_steps, steps_per_epoch, lr,
+                              grad_norm)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.step:.4f}", reg=f"{pos.reg_sum / pos.step:.4g}")
                 fault_point("train_step")
                 if (run_dir is not None and config.checkpoint_steps and pos.step % config.checkpoint_steps == 0
@@ -181,4 +203,22 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
         accelerator.free_memory()
     _check_finite(named, phase, pos.step, desc)
     steps = max(pos.step, 1)
-    return TrainStats(pos.step, pos.loss_sum / steps, pos.reg_sum / steps, time.perf_counter() - start)
+    stats = TrainStats(pos.step, pos.loss_sum / steps, pos.reg_sum / steps, time.perf_counter() - start)
+    if logger is not None:
+        logger.train_end(phase, stats.to_dict())
+    return stats
+
+
+def _log_step(logger: RunLogger, accelerator: Accelerator, window: StepWindow, phase: int, step: int,
+              total_steps: int, steps_per_epoch: int, lr: float, grad_norm) -> None:
+    """One line of log.jsonl. Every process calls this at the same steps: the token count is summed over them."""
+    tokens = window.tokens
+    if accelerator.num_processes > 1:
+        tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
+    values = window.flush(tokens)
+    values["lr"] = lr
+    values["grad_norm"] = None if grad_norm is None else float(grad_norm)
+    memory = peak_memory_mb(accelerator.device)
+    if memory is not None:
+        values["peak_memory_mb"] = memory
+    logger.log_train(phase, step / steps_per_epoch, step, total_steps, values)

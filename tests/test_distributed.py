@@ -93,6 +93,19 @@ def _assert_same_adapters(a: Path, b: Path) -> None:
     assert max(v.abs().max().item() for v in moved) > 100 * ADAPTER_ATOL, "the adapters barely trained"
 
 
+def _same_log(a: Path, b: Path) -> None:
+    """log.jsonl: the same steps with the same losses, and the tokens per step summed over the processes."""
+    from nlora.tracking import read_log
+
+    left, right = ([line for line in read_log(run / "log.jsonl") if line["event"] == "train"] for run in (a, b))
+    assert [(x["phase"], x["step"], x["global_step"]) for x in left] == \
+        [(x["phase"], x["step"], x["global_step"]) for x in right] and left
+    for x, y in zip(left, right):
+        for key in ("loss", "regularizer", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-7), key
+        assert y["tokens_per_s"] * y["s_per_step"] == pytest.approx(x["tokens_per_s"] * x["s_per_step"], rel=1e-4)
+
+
 def _same_training(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for task in a:
@@ -125,7 +138,8 @@ def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
     assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
     _same_training(m1["train"], m2["train"])
     _assert_same_adapters(single, multi)
-    for path in sorted(single.rglob("*.jsonl")):  # complete, in input order, the same predictions
+    _same_log(single, multi)
+    for path in sorted((single / "predictions").rglob("*.jsonl")):  # complete, in input order, the same predictions
         rows = [json.loads(line) for line in (multi / path.relative_to(single)).open()]
         assert len(rows) == 7
         assert rows == [json.loads(line) for line in path.open()]

@@ -2,7 +2,8 @@
 process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built in this
 process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl, O-LoRA
 (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future."""
+eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is
+checked on each killed run and on the resumed one."""
 
 import functools
 import json
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from nlora.cli import main
+from nlora.tracking import read_log
 
 ARGS = ["--model", "tiny-t5", "--method", "n-lora", "--lambda", "0.001", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
-        "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet"]
+        "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet",
+        "--log-steps", "1"]
+LOG_TIMING = ("elapsed", "time", "seconds", "tokens_per_s", "examples_per_s", "s_per_step")
 # 3 optimizer steps per epoch, 6 per task, a checkpoint every 2 steps
 CONFIGS = {
     "n-lora": [],
@@ -28,6 +32,11 @@ CONFIGS = {
     "decoder-accum-future": ["--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                              "--eval-future"],
 }
+# where `nlora status` must place each killed run of 2 tasks of 6 steps (n-lora, seq-lora, o-lora)
+STOPPED_AT = {"train_step:3": "task 1 of 2 (harbor): training, step 3 of 6",
+              "train_step:9": "task 2 of 2 (orchard): training, step 3 of 6",
+              "task_trained:1": "task 1 of 2 (harbor): trained (6 steps), evaluated 0 of 1 tasks",
+              "eval_batch:2": "task 1 of 2 (harbor): trained (6 steps), evaluated 0 of 1 tasks"}
 
 
 def _argv(config: str, data: Path, out: Path) -> list[str]:
@@ -46,8 +55,10 @@ def _outcome(run_dir: Path) -> dict:
     for stats in metrics["train"].values():
         stats.pop("seconds")
     files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".jsonl")}
-    return {"metrics": metrics, "files": files}
+             if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
+    log = [{k: v for k, v in line.items() if k not in LOG_TIMING} for line in read_log(run_dir / "log.jsonl")
+           if line["event"] != "start"]
+    return {"metrics": metrics, "files": files, "log": log}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +67,18 @@ def reference(tmp_path_factory, synthetic_dir):
     def build(config: str) -> dict:
         out = tmp_path_factory.mktemp("ref") / config
         assert main(_argv(config, synthetic_dir, out)) == 0
-        return _outcome(out)
+        outcome = _outcome(out)
+        if config == "n-lora":
+            steps = [(x["phase"], x["step"], x["global_step"]) for x in outcome["log"] if x["event"] == "train"]
+            assert steps == [(k, s, 6 * k + s) for k in (0, 1) for s in range(1, 7)]
+        return outcome
     return build
+
+
+def _status(run_dir, capsys) -> str:
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("config,fault", [
@@ -79,12 +100,24 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, referenc
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if (out / "metrics.json").exists():  # whatever is on disk is complete and valid
         json.loads((out / "metrics.json").read_text())
+    status = _status(out, capsys)
+    assert "state: in progress or stopped" in status
+    if config in ("n-lora", "seq-lora", "o-lora"):
+        assert STOPPED_AT.get(fault, "task ") in status
+    if fault.startswith("train_step"):
+        assert "estimated remaining: " in status and "last logged steps:" in status
+    if fault == "train_step:9":  # a line cut by the crash: dropped before appending
+        with open(out / "log.jsonl", "a") as f:
+            f.write('{"event": "train", "phase": 1, "st')
     if fault == "dir_swap:1":  # the kill hit the window between the renames
         assert (out / ".checkpoint.old").is_dir() and not (out / "checkpoint").exists()
     assert main(["resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert _outcome(out) == reference(config)
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))], "leftovers of the crash"
     assert not (out / "checkpoint").exists()
+    status = _status(out, capsys)
+    assert "state: complete" in status
+    assert f"AP {reference(config)['metrics']['average_accuracy']:.2f}" in status
 
 
 def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir, capsys):
