@@ -17,7 +17,7 @@ from nlora.objectives import (IGNORE, Objective, align_right, cache_keyword, col
                               option_at, option_slots, token_log_likelihood)
 from nlora.precision import check_runtime, resolve_dtype, warn_precision
 from nlora.runner import run
-from nlora.training import make_accelerator
+from nlora.engine import make_accelerator
 
 
 def _ex(label, sentence="some text", options=("yes", "no", "maybe")):

@@ -19,7 +19,8 @@ from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
 from nlora.tracking import RunLogger, StepWindow, batch_tokens, read_log
-from nlora.training import epoch_order, make_accelerator, train_task
+from nlora.engine import make_accelerator
+from nlora.training import epoch_order, train_task
 
 # 12 examples in batches of 4 for 2 epochs: 6 steps per task; warm-up over 3 steps; a line every 2 steps
 TINY = ["--model", "tiny-t5", "--method", "o-lora", "--orth-lambda", "0.5", "--l2-lambda", "0.01",

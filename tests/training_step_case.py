@@ -24,7 +24,8 @@ from nlora.data import Example
 from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
-from nlora.training import make_accelerator, train_task
+from nlora.engine import make_accelerator
+from nlora.training import train_task
 
 MODELS = {"tiny-t5": ["q", "v"], "tiny-llama": ["q_proj", "v_proj"], "tiny-bert": ["query", "value"]}
 R, ALPHA, LAM = 4, 8.0, 0.01
