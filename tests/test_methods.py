@@ -2,6 +2,8 @@
 which examples each phase trains, which adapters answer each evaluation (every task after every phase, with
 eval_future), and that metrics.json is complete."""
 
+import copy
+import functools
 import json
 
 import pytest
@@ -76,12 +78,17 @@ def _expected_eval_adapters(method: str, k: int, j: int) -> list[str]:
     return [f"{i}-{TASKS[i]}" for i in range(k + 1)]
 
 
+@functools.cache
+def _base():
+    return load_backbone("tiny-bert").model
+
+
 def _check_evaluations(run_dir, method, seen, phases):
     calls = [(-1, j) for j in range(3)] + [(k, j) for k in phases for j in range(3)]
     assert len(seen) == len(calls)
     for (k, j), got in zip(calls, seen):
         folders = [run_dir / "adapters" / f for f in _expected_eval_adapters(method, k, j)]
-        want = _probe(add_adapters(load_backbone("tiny-bert").model, folders))
+        want = _probe(add_adapters(copy.deepcopy(_base()), folders))
         assert torch.allclose(got, want, atol=1e-5), f"{method}: evaluation of task {j} after phase {k}"
 
 
