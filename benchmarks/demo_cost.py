@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--wall", type=float, required=True, help="measured wall seconds of the whole demo")
     args = p.parse_args()
     rows = run_costs(args.demo_dir)
-    print(f"| run | train steps | train s | examples evaluated | eval s |\n|---|---|---|---|---|")
+    print("| run | train steps | train s | examples evaluated | eval s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['steps']} | {r['train_s']:.1f} | {r['evaluated']} | {r['eval_s']:.1f} |")
     steps, train_s = sum(r["steps"] for r in rows), sum(r["train_s"] for r in rows)
@@ -55,7 +55,7 @@ def main() -> None:
     old_steps = old_runs * OLD["tasks"] * OLD["epochs"] * math.ceil(OLD["n_train"] / OLD["batch_size"])
     old_evaluated = old_runs * OLD["n_test"] * OLD["tasks"] * (OLD["tasks"] + 1) // 2
     old_wall = old_steps * per_step + old_evaluated * per_example + old_runs * per_run_other
-    print(f"\n| demo | runs | train steps | examples evaluated | wall s |\n|---|---|---|---|---|")
+    print("\n| demo | runs | train steps | examples evaluated | wall s |\n|---|---|---|---|---|")
     print(f"| this demo (measured) | {len(rows)} | {steps} | {evaluated} | {args.wall:.0f} |")
     print(f"| one seed, 300/150 per task (estimated at the same per-unit costs) | {old_runs} | {old_steps} | "
           f"{old_evaluated} | {old_wall:.0f} |")
