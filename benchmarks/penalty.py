@@ -122,12 +122,12 @@ def run_worker(spec: dict) -> dict:
             total = total + L2_LAMBDA * l2_squared(params)
         return total
 
-    def step():
+    def step(penalised=config != "plain"):
         h = x
         for W, a, b in zip(weights, A, B):
             h = F.linear(h, W) + scaling * F.linear(F.linear(h, a), b)
         loss = h.float().square().mean()
-        if config != "plain":
+        if penalised:
             loss = loss + penalty()
         loss.backward()
         for p in params:
@@ -146,6 +146,19 @@ def run_worker(spec: dict) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - t0)
+
+    # paired: a plain step and a penalised one back to back in this process, so that a load change on a shared
+    # machine hits both; the median of the per-pair ratios
+    paired = []
+    for i in range(spec["repeats"] if config != "plain" else 0):
+        pair = {}
+        for penalised in ((False, True) if i % 2 else (True, False)):  # alternate which runs first
+            sync()
+            t0 = time.perf_counter()
+            step(penalised)
+            sync()
+            pair[penalised] = time.perf_counter() - t0
+        paired.append(pair[True] / pair[False])
 
     # tensors saved for backward that are not resident anyway (deduplicated by storage)
     resident_ptrs = {t.untyped_storage().data_ptr() for t in resident}
@@ -179,6 +192,7 @@ def run_worker(spec: dict) -> dict:
         peak = resident_bytes + step_peak
 
     return dict(config=config, d=d, layers=n_layers, time_s=statistics.median(times), times_s=times,
+                paired_ratio=statistics.median(paired) if paired else 1.0,
                 peak_bytes=peak, step_peak_bytes=step_peak, saved_bytes=sum(saved.values()),
                 resident_bytes=resident_bytes)
 
@@ -276,17 +290,21 @@ def main(argv=None) -> int:
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"memory: {memory}; saved = non-resident bytes saved for backward (saved_tensors_hooks)")
     print()
-    print("| d | method | step ms | x plain | peak MiB | x plain | step peak MiB | saved for bwd MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("paired = median over steps of (penalised step / plain step), run back to back in the same process")
+    print()
+    print("| d | method | step ms | x plain | x plain, paired | peak MiB | x plain | step peak MiB | "
+          "saved for bwd MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for d in dims:
         base = next((r for r in results if r["d"] == d and r["config"] == "plain" and "error" not in r), None)
         for r in (r for r in results if r["d"] == d):
             if "error" in r:
-                print(f"| {d} | {r['config']} | failed: {r['error']} | | | | | |")
+                print(f"| {d} | {r['config']} | failed: {r['error']} | | | | | | |")
                 continue
             t_ratio = f"{r['time_s'] / base['time_s']:.3f}" if base else "-"
             m_ratio = f"{r['peak_bytes'] / base['peak_bytes']:.3f}" if base else "-"
-            print(f"| {d} | {r['config']} | {r['time_s'] * 1e3:.2f} | {t_ratio} | {r['peak_bytes'] / mib:.1f} | "
+            print(f"| {d} | {r['config']} | {r['time_s'] * 1e3:.2f} | {t_ratio} | {r['paired_ratio']:.3f} | "
+                  f"{r['peak_bytes'] / mib:.1f} | "
                   f"{m_ratio} | {r['step_peak_bytes'] / mib:.1f} | {r['saved_bytes'] / mib:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=device, dtype=dtype, args=vars(args), results=results),
