@@ -133,7 +133,7 @@ def _outcome(run_dir):
     for stats in metrics["train"].values():
         stats.pop("seconds")
     files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".jsonl")}
+             if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
     return metrics, files
 
 

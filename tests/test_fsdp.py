@@ -34,7 +34,7 @@ def _same_run(single, other):
     assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
     _same_training(m1["train"], m2["train"])
     _assert_same_adapters(single, other)
-    for path in sorted(single.rglob("*.jsonl")):
+    for path in sorted(single.glob("predictions/*/*.jsonl")):
         rows = [json.loads(line) for line in (other / path.relative_to(single)).open()]
         assert len(rows) == 7 and rows == [json.loads(line) for line in path.open()]
 

@@ -178,12 +178,12 @@ def test_report_has_the_training_curves_of_runs_with_a_log(demo, tmp_path):
     from nlora.report import CURVES
     from nlora.tracking import read_log
 
-    out = write_report([demo / "n-lora", demo / "inc-lora"], tmp_path / "cmp")
+    out = write_report([demo / "seed-42" / "n-lora", demo / "seed-42" / "inc-lora"], tmp_path / "cmp")
     image = imread(str(out / CURVES))
     assert image.shape[0] > 200 and image[..., :3].std() > 0.01
     markdown = (out / "report.md").read_text()
     assert f"]({CURVES})" in markdown
-    ends = [x for x in read_log(demo / "n-lora" / "log.jsonl") if x["event"] == "train_end"]
+    ends = [x for x in read_log(demo / "seed-42" / "n-lora" / "log.jsonl") if x["event"] == "train_end"]
     rows = [r for r in tables(markdown) if r[0] == ["task", "steps", "mean task loss", "mean regulariser", "seconds"]]
     assert len(rows) == 2 and [[r[0], int(r[1])] for r in rows[0][1:]] == [[x["task"], x["steps"]] for x in ends]
     for row, x in zip(rows[0][1:], ends):

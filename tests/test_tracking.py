@@ -14,12 +14,13 @@ from nlora.adapters import ContinualAdapters
 from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.data import Example
+from nlora.engine import make_accelerator
 from nlora.errors import NloraError
 from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
+from nlora.regularization import LayerFactors
 from nlora.tracking import RunLogger, StepWindow, batch_tokens, read_log
-from nlora.engine import make_accelerator
 from nlora.training import epoch_order, train_task
 
 # 12 examples in batches of 4 for 2 epochs: 6 steps per task; warm-up over 3 steps; a line every 2 steps
@@ -199,7 +200,8 @@ def test_grad_norm_is_the_norm_before_clipping(tmp_path, max_grad_norm):
     bb.model.train()
     batch = obj.collate([examples[i] for i in epoch_order(4, config.seed, 0, 0)])
     loss = obj.loss(bb.model, batch)
-    reg = method.regularizer(adapters, 0)
+    reg = sum(term.weight * term.per_layer(LayerFactors(f.layer, f.A, f.B, f.scaling))
+              for term in method.loss_terms(0) for f in adapters.factors("task0"))
     (loss + reg).backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
     for p in params:
