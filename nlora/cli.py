@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "resume"):
             from accelerate import PartialState
 
+            from .engine import shutdown
             from .runner import run
             from .summary import format_run
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             if PartialState().is_main_process:
                 print(format_run(metrics))
                 print(f"run directory: {Path(config.output_dir).resolve()}")
+            shutdown()
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -168,3 +168,11 @@ def evaluation_split(model, accelerator) -> tuple[int, int]:
     if accelerator is None or is_sharded(model):
         return 0, 1
     return accelerator.process_index, accelerator.num_processes
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a launched run: every process waits for the others, then the group
+    is destroyed. A gloo process that exits with its group alive can abort in the group's worker threads."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
