@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType
 from .config import RunConfig
 from .errors import NloraError
 from .precision import select_device
+from .preflight import check_batch_split
 from .tracking import accelerator_tracking
 
 _SHARDED = "_nlora_fsdp2"  # attribute set on a model whose base is sharded
@@ -81,9 +82,7 @@ def _check_engine(accelerator: Accelerator, config: RunConfig) -> None:
                              "bf16 instead); autocast around a sharded model is not supported yet")
     if engine != DistributedType.DEEPSPEED:
         return
-    if config.batch_size % accelerator.num_processes:
-        raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
-                         f"{accelerator.num_processes} processes")
+    check_batch_split(config, accelerator.num_processes)  # DeepSpeed's micro-batch below divides by it
     plugin = accelerator.state.deepspeed_plugin
     if plugin.zero_stage == 3:
         raise NloraError("DeepSpeed ZeRO stage 3 is not supported: it gathers each parameter only inside the "

@@ -32,6 +32,7 @@ from .errors import NloraError
 from .faults import fault_point
 from .methods import Method
 from .objectives import Objective, to_device
+from .preflight import check_batch_split
 from .regularization import Regularization
 from .tracking import RunLogger, StepWindow, batch_tokens, peak_memory_mb, reset_peak_memory
 
@@ -79,9 +80,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     params = list(named.values())
     if not params:
         raise NloraError(f"method '{method.name}' left no trainable parameters for task {phase}")
-    if config.batch_size % accelerator.num_processes:
-        raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
-                         f"{accelerator.num_processes} processes")
+    check_batch_split(config, accelerator.num_processes)  # run() checked it already; train_task is public
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
