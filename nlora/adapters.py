@@ -179,23 +179,13 @@ class ContinualAdapters:
     def factors(self, name: str) -> list[LoraFactors]:
         """The factors of adapter `name` (one that is not folded: the current one, or any with folding off)."""
         if name in self.folded:
-            raise ValueError(f"adapter {name!r} is folded into the past path; read past_factors() or earlier_A()")
+            raise ValueError(f"adapter {name!r} is folded into the past path; read past_factors()")
         return self._factors(name)
 
     def past_factors(self) -> list[LoraFactors]:
         """The past path, per adapted layer: A_past (r·k × d_in), B_past (d_out × r·k, each task's scaling
         folded in), scaling 1. Empty while nothing is folded."""
         return self._factors(PAST) if self.folded else []
-
-    def earlier_A(self) -> dict[str, torch.Tensor]:
-        """Per adapted layer, the A of every adapter before the current one, concatenated along the rank (the
-        past path's A, then any earlier adapter that is not folded), so Σ|earlier_A · A_tᵀ| = Σ_s Σ|A_s · A_tᵀ|.
-        Empty at the first task."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        for peft_name in self._peft_names(self.names[:-1]):
-            for f in self._factors(peft_name):
-                parts.setdefault(f.layer, []).append(f.A)
-        return {layer: A[0] if len(A) == 1 else torch.cat(A) for layer, A in parts.items()}
 
     def fold(self, saved: dict[str, str | Path]) -> None:
         """Replace the adapters `saved` (name → the folder `save` wrote it to; the first adapters of the run, in

@@ -17,6 +17,7 @@ from nlora.methods import get_method
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
 from nlora.penalties import olora_orthogonality
+from nlora.regularization import Regularization
 from nlora.synthetic import TASK_NAMES
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -100,14 +101,19 @@ def test_orthogonality_against_the_past_A_equals_the_sum_over_earlier_tasks(tmp_
     reference = {f.layer: sum(sum(abs(float(x)) for x in (g.A @ f.A.T).detach().flatten())
                               for t in range(4) for g in ad.factors(f"task{t}") if g.layer == f.layer)
                  for f in current}
-    unfolded = ad.earlier_A()
+    def earlier_A():  # what the in-forward regulariser hands O-LoRA's term: the layer's other adapters' A
+        reg = Regularization(ad.model, "task4", [])
+        return {name: reg.layer_factors(name, module).earlier_A for name, module in ad.lora_layers()}
+
+    unfolded = earlier_A()
     ad.fold(folders)
-    folded = ad.earlier_A()
+    folded = earlier_A()
     for f in current:
-        assert folded[f.layer].shape == (16, f.A.shape[1])
-        assert torch.equal(folded[f.layer], unfolded[f.layer])
+        assert len(unfolded[f.layer]) == 4 and len(folded[f.layer]) == 1
+        assert folded[f.layer][0].shape == (16, f.A.shape[1])
+        assert torch.equal(folded[f.layer][0], torch.cat(unfolded[f.layer]))
         assert olora_orthogonality(f.A, folded[f.layer]).item() == pytest.approx(reference[f.layer], rel=1e-5)
-    assert ad.past_factors() and all(p.A is folded[p.layer] for p in ad.past_factors())
+    assert ad.past_factors() and all(p.A is folded[p.layer][0] for p in ad.past_factors())
 
 
 @pytest.mark.parametrize("method,extra,folds", [
