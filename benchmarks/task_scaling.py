@@ -1,9 +1,10 @@
 """Cost per task of the stacked methods, folded against unfolded (nlora.adapters.ContinualAdapters.fold).
 
 In phase k of n-lora / o-lora / inc-lora, the k frozen adapters are either k separate LoRA paths per layer
-(unfolded, `fold_adapters: false`), each with its own dropout, or one frozen past path of rank r·k (folded, the
-default). For k + 1 = 1, 4, 8, 15 tasks, on one base model with the same random adapters in both forms, this
-measures:
+(`unfolded`, `fold_adapters: false`), each with its own dropout, or folded (the default), in one of two forms:
+`merge`, added into the float32 base weights (what a float32 base gets), or `concat`, one frozen past path of rank
+r·k (what a bf16, quantized or sharded base gets). For k + 1 = 1, 4, 8, 15 tasks, on one base model with the same
+random adapters in every mode, this measures:
 
   train   one training step: forward + backward of the current adapter (dropout on, no optimizer step: the
           optimizer touches only the current adapter, whatever the task count);
@@ -63,11 +64,15 @@ def loss_of(model, inputs) -> torch.Tensor:
     return out.loss if getattr(out, "loss", None) is not None else out.last_hidden_state.pow(2).mean()
 
 
-def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float):
+MODES = ("unfolded", "concat", "merge")
+
+
+def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float, mode: str):
     """A model with n_max adapters of random weights (B seeded per task; B starts at zero in training), saved
     under `folder`; a second call loads the same weights back from there."""
     model, kind, targets, make_batch = build_model(name)
-    adapters = ContinualAdapters(model, kind, r=r, alpha=4 * r, dropout=dropout, target_modules=targets)
+    adapters = ContinualAdapters(model, kind, r=r, alpha=4 * r, dropout=dropout, target_modules=targets,
+                                 merge_fp32=mode == "merge")
     saved = {}
     for t in range(n_max):
         task = adapters.add(f"task{t}")
@@ -83,14 +88,15 @@ def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float):
     return adapters, saved, make_batch
 
 
-def configure(adapters: ContinualAdapters, saved: dict, n: int, fold: bool) -> None:
-    """Phase n-1: adapters 0..n-2 frozen (folded or separate), adapter n-1 trainable."""
+def configure(adapters: ContinualAdapters, saved: dict, n: int, fold: bool) -> list[str]:
+    """Phase n-1: adapters 0..n-2 frozen (folded or separate), adapter n-1 trainable; the LoRA paths run."""
     names = list(saved)[:n]
     if fold and n > 1:
         adapters.fold({k: saved[k] for k in names[:-1]})
     for p in adapters.model.parameters():
         p.requires_grad_(False)
     adapters.activate(names, trainable=names[-1])
+    return adapters.lora_paths(names)
 
 
 def saved_bytes(model, inputs) -> int:
@@ -122,13 +128,13 @@ def best_time(fn, repeats: int) -> float:
 def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for fold in (False, True):
+        for mode in MODES:
             torch.manual_seed(0)
-            adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout)
+            adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout, mode)
             inputs = make_batch(torch.Generator().manual_seed(0))
             model = adapters.model
             for n in tasks:
-                configure(adapters, saved, n, fold)
+                paths = configure(adapters, saved, n, mode != "unfolded")
 
                 def train_step():
                     model.train()
@@ -142,8 +148,7 @@ def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -
 
                 model.train()  # dropout on: the masks of the frozen paths are what folding saves
                 kept = saved_bytes(model, inputs)
-                rows.append({"model": name, "mode": "folded" if fold else "unfolded", "tasks": n,
-                             "paths": len(list(adapters.peft_model.base_model.active_adapters)),
+                rows.append({"model": name, "mode": mode, "tasks": n, "paths": len(paths),
                              "train_s": best_time(train_step, repeats), "eval_s": best_time(eval_step, repeats),
                              "saved": kept})
                 print(f"  {name} {rows[-1]['mode']:8s} tasks {n:2d}: train {rows[-1]['train_s'] * 1e3:8.1f} ms  "
@@ -162,7 +167,7 @@ def table(rows: list[dict], target: float) -> str:
     lines += ["", f"| model | mode | train last/first | eval last/first | saved last/first | target ≤ {target} |",
               "|---|---|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
-        for mode in ("unfolded", "folded"):
+        for mode in MODES:
             mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
             first, last = mine[0], mine[-1]
             ratios = [last[k] / first[k] for k in ("train_s", "eval_s", "saved")]

@@ -12,16 +12,23 @@ so that B_past·A_past = Σ_s s_s·B_s·A_s exactly, and training and evaluation
 and current) whatever the number of tasks. Built from the saved per-task files (float32), so a resumed run
 rebuilds the very same past path from any point.
 
-Why a concatenated LoRA path rather than merging the frozen updates into the base weights (fp32 merge):
-  - it is exact in any base dtype: the update stays in the adapter's float32 and never rounds into a bf16/fp16
-    base weight, and it works on 4-bit (bitsandbytes) bases, where PEFT cannot merge losslessly, and on bases
-    whose weights are sharded;
-  - the base weights stay untouched, so the bare base model (FWT baseline, `nlora export`) stays available and
-    nothing has to be unmerged;
-  - it costs two small matmuls of rank r·k per layer, against the base layer's d_out × d_in one.
-PEFT's `add_weighted_adapter(combination_type="cat")` builds nearly this, but puts the scaling into A (O-LoRA
-needs the bare A_s) and copies the first adapter's dropout onto the frozen path; hence a plain LoRA adapter of
-rank r·k (lora_alpha r·k: scaling 1, dropout 0) filled with the concatenated factors.
+Two forms, chosen per run at the first fold (`fold_form`):
+  merge   where every adapted base weight is a plain float32 tensor (not quantized, not sharded, not offloaded),
+          each task's update is added into the base weight once, when the task is folded:
+          W ← fp32(W + s_k·B_k·A_k), the product formed in float64, so the only error is one float32 rounding of
+          W per task (relative 6e-8 of |W|). The frozen tasks then cost nothing: training and evaluation run the
+          base layer plus the current adapter, exactly what task 1 runs. Tasks are added one at a time in task
+          order, so a resumed run, which re-adds them from the saved files, rebuilds the very same weights.
+  concat  otherwise (a bf16/fp16 base, where the update would round into the weight; a 4-bit/8-bit base, which
+          PEFT cannot merge losslessly; a sharded base): the past path above is a second LoRA path per layer.
+Both keep the past adapter (A_past, B_past) in the model: in the merge form it is never active and serves only
+the terms that read the earlier A's (O-LoRA). After a merge, the bare base model is gone from this model
+(`activate([])` refuses); the base model's scores (FWT baseline) are taken before the first fold, and
+`nlora export` / `predict` load the base afresh.
+PEFT's `add_weighted_adapter(combination_type="cat")` builds nearly the concat form, but puts the scaling into A
+(O-LoRA needs the bare A_s) and copies the first adapter's dropout onto the frozen path; hence a plain LoRA adapter
+of rank r·k (lora_alpha r·k: scaling 1, dropout 0) filled with the concatenated factors. PEFT's own `merge()` is
+not used for the merge form: it keeps the adapter and unmerges it whenever adapter layers are disabled.
 """
 
 from __future__ import annotations
@@ -110,15 +117,26 @@ def concatenate_saved(folders: list[str | Path]) -> dict[str, tuple[torch.Tensor
             for layer, ab in parts.items()}
 
 
+def _mergeable(layer: LoraLayer) -> bool:
+    """Whether a folded update can be added exactly into this layer's base weight: that of a torch.nn.Linear,
+    float32, a plain tensor in memory (not quantized, not a DTensor shard, not offloaded to meta)."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    return (isinstance(base, torch.nn.Linear) and weight is not None and weight.dtype == torch.float32
+            and not weight.is_meta and type(weight.data) is torch.Tensor)
+
+
 class ContinualAdapters:
     def __init__(self, model: torch.nn.Module, kind: str, r: int, alpha: float, dropout: float,
-                 target_modules: list[str]):
+                 target_modules: list[str], merge_fp32: bool = True):
         self.base_model = model
         self.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                                 task_type=TASK_TYPES[kind])
         self.peft_model: PeftModel | None = None
         self.names: list[str] = []  # every adapter added, in task order (folded ones included)
         self.folded: list[str] = []  # those whose updates the past path holds (see `fold`)
+        self.merge_fp32 = merge_fp32  # False: always the concat form
+        self.fold_form: str | None = None  # "merge" or "concat", set by the first fold
 
     @property
     def model(self) -> torch.nn.Module:
@@ -146,11 +164,12 @@ class ContinualAdapters:
 
     def activate(self, names: list[str], trainable: str | None = None) -> None:
         """Make `names` the summed active adapters (none: the bare base model); freeze all but `trainable`."""
-        if not names:
+        peft_names = self.lora_paths(names)
+        if not peft_names:  # the bare base (or, merged, the base holding every folded task)
             self.peft_model.base_model.disable_adapter_layers()
             return
         self.peft_model.base_model.enable_adapter_layers()
-        self.peft_model.base_model.set_adapter(self._peft_names(names), inference_mode=True)
+        self.peft_model.base_model.set_adapter(peft_names, inference_mode=True)
         if trainable is not None:
             for p in self.adapter_parameters(trainable):
                 p.requires_grad_(True)
@@ -158,15 +177,20 @@ class ContinualAdapters:
     def lora_layers(self) -> list[tuple[str, LoraLayer]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
 
-    def _peft_names(self, names: list[str]) -> list[str]:
-        """The PEFT adapters that compute the sum of `names`: the past path stands for all the folded ones."""
+    def lora_paths(self, names: list[str]) -> list[str]:
+        """The PEFT adapters the forward pass runs to compute the sum of `names`: the past path stands for all the
+        folded ones (concat form), or nothing does, as the base weights hold them (merge form)."""
         names = list(names)
         folded = [n for n in names if n in self.folded]
         if folded and folded != self.folded:
             raise NloraError(f"adapters {self.folded} are folded into one path and can only be active together, "
                              f"but {folded} were asked for; a method that activates earlier adapters one by one "
                              "must set folds_past = False")
-        return ([PAST] if folded else []) + [n for n in names if n not in self.folded]
+        if self.fold_form == "merge" and self.folded and not folded:
+            raise NloraError(f"adapters {self.folded} are merged into the base weights, so this model cannot run "
+                             "without them; load the base model afresh for that")
+        past = [PAST] if folded and self.fold_form == "concat" else []
+        return past + [n for n in names if n not in self.folded]
 
     def _factors(self, peft_name: str) -> list[LoraFactors]:
         out = []
@@ -189,8 +213,9 @@ class ContinualAdapters:
 
     def fold(self, saved: dict[str, str | Path]) -> None:
         """Replace the adapters `saved` (name → the folder `save` wrote it to; the first adapters of the run, in
-        order, including every one folded before) by one frozen past path built from those files. The past path
-        has no dropout; evaluation sums it with any adapter not folded, as before."""
+        order, including every one folded before) by their sum, built from those files: merged into the float32
+        base weights or as one frozen past LoRA path (see the module's doc). No dropout on the folded tasks;
+        evaluation sums them with any adapter not folded, as before."""
         names = list(saved)
         if names != self.names[: len(names)] or len(names) < len(self.folded):
             raise ValueError(f"fold: {names} are not the first adapters {self.names} (folded: {self.folded})")
@@ -219,7 +244,24 @@ class ContinualAdapters:
                 for weight, value in ((layer.lora_A[PAST].weight, A), (layer.lora_B[PAST].weight, B)):
                     weight.copy_(value)
                     weight.requires_grad_(False)
+        if self.fold_form is None:
+            mergeable = self.merge_fp32 and all(_mergeable(layer) for _, layer in self.lora_layers())
+            self.fold_form = "merge" if mergeable else "concat"
+        if self.fold_form == "merge":
+            for name in names[len(self.folded):]:  # one at a time, in task order: a resumed run adds the same
+                self._merge_into_base(saved[name])
         self.folded = names
+
+    def _merge_into_base(self, folder: str | Path) -> None:
+        """W ← fp32(W + s·B·A) for each layer of the adapter saved in `folder`, the product in float64."""
+        config, layers = read_saved_adapter(folder)
+        scaling = _saved_scaling(config, Path(folder))
+        modules = dict(self.lora_layers())
+        with torch.no_grad():
+            for layer_name, (A, B) in layers.items():
+                weight = modules[layer_name].get_base_layer().weight
+                delta = B.to(weight.device, torch.float64) @ A.to(weight.device, torch.float64)
+                weight.copy_(weight.double().add_(delta, alpha=scaling))
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for f in self.factors(name) for p in (f.A, f.B)]

@@ -23,11 +23,12 @@ from nlora.synthetic import TASK_NAMES
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def _four_random_adapters(model_name, tmp_path, dropout=0.1):
-    """4 adapters with random A and B (B is zero at init), each saved; all 4 summed and active."""
+def _four_random_adapters(model_name, tmp_path, dropout=0.1, form="merge"):
+    """4 adapters with random A and B (B is zero at init), each saved; all 4 summed and active. `form`: the fold
+    form the float32 tiny models get ("merge", the default) or the one of other bases ("concat")."""
     bb = load_backbone(model_name)
     ad = ContinualAdapters(bb.model, bb.kind, r=4, alpha=8, dropout=dropout,
-                           target_modules=default_target_modules(bb.model_type))
+                           target_modules=default_target_modules(bb.model_type), merge_fp32=form == "merge")
     folders = {}
     for t in range(4):
         name = ad.add(f"task{t}")
@@ -49,9 +50,10 @@ def _outputs(objective, model, examples):
         objective.predict(model, examples, "cpu")
 
 
+@pytest.mark.parametrize("form", ["merge", "concat"])
 @pytest.mark.parametrize("model_name", ["tiny-t5", "tiny-llama", MINILM])
-def test_folded_adapters_compute_what_the_separate_adapters_compute(tmp_path, synthetic_dir, model_name):
-    bb, ad, folders = _four_random_adapters(model_name, tmp_path)
+def test_folded_adapters_compute_what_the_separate_adapters_compute(tmp_path, synthetic_dir, model_name, form):
+    bb, ad, folders = _four_random_adapters(model_name, tmp_path, form=form)
     examples = [e for name in TASK_NAMES for e in load_task(synthetic_dir, name).test[:3]]
     objective = make_objective(bb.kind, bb.tokenizer, 128, 8, "generate")
     ad.activate([])
@@ -59,12 +61,15 @@ def test_folded_adapters_compute_what_the_separate_adapters_compute(tmp_path, sy
     ad.activate(ad.names)
     logits, scores, predictions = _outputs(objective, ad.model, examples)
     assert not torch.allclose(logits, base[0], atol=1e-3), "the adapters must change the model for this test"
-    steps = [(list(folders)[:3], [PAST, "task3"]), (list(folders), [PAST])]  # past + current, then all folded
-    for names, active in steps:
+    past = [PAST] if form == "concat" else []  # merged, the base weights hold the folded tasks
+    steps = [(list(folders)[:3], [*past, "task3"]), (list(folders), past)]  # past + current, then all folded
+    for names, paths in steps:
         ad.fold({n: folders[n] for n in names})
         ad.activate(ad.names)
-        assert list(ad.peft_model.base_model.active_adapters) == active
-        assert set(ad.peft_model.peft_config) == set(active)
+        assert ad.fold_form == form and ad.lora_paths(ad.names) == paths
+        if paths:
+            assert list(ad.peft_model.base_model.active_adapters) == paths
+        assert set(ad.peft_model.peft_config) == {PAST, "task3"} - set(names)
         folded = _outputs(objective, ad.model, examples)
         torch.testing.assert_close(folded[0], logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.tensor(folded[1]), torch.tensor(scores), rtol=1e-4, atol=1e-4)
@@ -72,7 +77,7 @@ def test_folded_adapters_compute_what_the_separate_adapters_compute(tmp_path, sy
 
 
 def test_past_path_is_the_concatenation_without_dropout(tmp_path):
-    bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path)
+    bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path, form="concat")
     separate = {f"task{t}": {f.layer: (f.A.detach().clone(), f.B.detach().clone(), f.scaling)
                              for f in ad.factors(f"task{t}")} for t in range(4)}
     rng = torch.get_rng_state()
@@ -90,8 +95,44 @@ def test_past_path_is_the_concatenation_without_dropout(tmp_path):
         ad.activate(["task1"])
 
 
-def test_orthogonality_against_the_past_A_equals_the_sum_over_earlier_tasks(tmp_path):
+def _base_weights(ad):
+    return {name: layer.get_base_layer().weight.detach().clone() for name, layer in ad.lora_layers()}
+
+
+def test_merge_adds_each_task_into_the_float32_base_once_in_task_order(tmp_path):
     bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path)
+    before = _base_weights(ad)
+    updates = {f"task{t}": {f.layer: (f.scaling * f.B.double() @ f.A.double()).detach() for f in
+                            ad.factors(f"task{t}")} for t in range(4)}
+    ad.fold({n: folders[n] for n in list(folders)[:2]})  # as a run folds: after task 2, then after task 4
+    ad.fold(folders)
+    after = _base_weights(ad)
+    for name, w in after.items():
+        expected = before[name].double() + sum(updates[f"task{t}"][name] for t in range(4))
+        assert not torch.equal(w, before[name])
+        torch.testing.assert_close(w.double(), expected, rtol=0, atol=4 * 2 ** -24 * float(expected.abs().max()))
+    # a resumed run folds them all at once into a fresh base: the very same bits
+    _, fresh, _ = _four_random_adapters("tiny-bert", tmp_path / "again")
+    fresh.fold(folders)
+    assert all(torch.equal(w, after[name]) for name, w in _base_weights(fresh).items())
+    assert fresh.lora_paths(fresh.names) == [] and fresh.past_factors()  # the past A's stay for O-LoRA
+    with pytest.raises(NloraError, match="merged into the base weights"):
+        fresh.activate([])
+    with pytest.raises(NloraError, match="folded into one path"):
+        fresh.activate(["task1"])
+
+
+def test_merge_only_into_float32_base_weights(tmp_path):
+    bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path)
+    for _, layer in ad.lora_layers():
+        layer.get_base_layer().to(torch.bfloat16)  # a bf16 base: the update would round into the weight
+    ad.fold(folders)
+    assert ad.fold_form == "concat" and ad.lora_paths(ad.names) == [PAST]
+
+
+@pytest.mark.parametrize("form", ["merge", "concat"])
+def test_orthogonality_against_the_past_A_equals_the_sum_over_earlier_tasks(tmp_path, form):
+    bb, ad, folders = _four_random_adapters("tiny-bert", tmp_path, form=form)
     ad.add("task4")
     current = ad.factors("task4")
     with torch.no_grad():

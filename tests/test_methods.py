@@ -153,16 +153,16 @@ def test_sequential_methods(tmp_path, synthetic_dir, traced, evaluations, method
 
 
 @pytest.mark.parametrize("method", ["n-lora", "o-lora"])
-def test_folded_methods_train_the_current_adapter_beside_one_past_path(tmp_path, synthetic_dir, traced, method):
+def test_folded_methods_train_only_the_current_adapter_on_the_folded_past(tmp_path, synthetic_dir, traced, method):
     metrics = runner.run(_config(tmp_path, synthetic_dir, method), progress=False)
     for p in traced:
         k = p["k"]
         assert p["trainable"] and all(_adapter_of(f"task{k}")(n) for n in p["trainable"])
         assert p["changed"] and p["changed"] <= p["trainable"]
-        assert p["active"] == (["past", f"task{k}"] if k else ["task0"])
-    # at the end, the past path holds every task: the saved A's stacked, the saved B's scaled side by side
+        assert p["active"] == [f"task{k}"]  # the float32 base weights hold the earlier tasks (merge form)
+    # at the end, the past adapter holds every task: the saved A's stacked, the saved B's scaled side by side
     adapters = traced[-1]["adapters"]
-    assert adapters.folded == ["task0", "task1", "task2"]
+    assert adapters.folded == ["task0", "task1", "task2"] and adapters.fold_form == "merge"
     assert list(adapters.peft_model.peft_config) == ["past"]
     saved = [load_file(str(tmp_path / method / "adapters" / f"{k}-{t}" / "adapter_model.safetensors"))
              for k, t in enumerate(TASKS)]
