@@ -157,7 +157,7 @@ def _read_metrics(paths: RunPaths) -> dict | None:
 
 
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
-                  baseline, train_stats: dict, eval_seconds: dict) -> dict:
+                  baseline, train_stats: dict, eval_seconds: dict, fold_form: str | None = None) -> dict:
     last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
     summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None,
                         complete_only=config.eval_plan != "full") if last else {}
@@ -177,6 +177,7 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "phases_completed": phases_done,
         "complete": phases_done == method.phases(len(tasks)),
         "adapter_layout": method.adapter_layout,
+        "fold_form": fold_form,  # how the frozen adapters are folded (nlora.adapters): merge, concat, or none yet
         "train": train_stats,
         "eval_seconds": eval_seconds,
         "eval_mode": config.eval_mode,
@@ -243,7 +244,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         baseline = previous.get("baseline_accuracy")
 
     def save_metrics() -> dict:
-        metrics = build_metrics(config, method, tasks, matrix, phases_done, baseline, train_stats, eval_seconds)
+        metrics = build_metrics(config, method, tasks, matrix, phases_done, baseline, train_stats, eval_seconds,
+                                adapters.fold_form)
         if accelerator.is_main_process:
             write_json_atomic(paths.metrics, metrics)
         return metrics

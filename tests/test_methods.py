@@ -174,6 +174,7 @@ def test_folded_methods_train_only_the_current_adapter_on_the_folded_past(tmp_pa
         assert torch.equal(f.A, torch.cat([s[key.format("A")] for s in saved]))
         assert torch.equal(f.B, torch.cat([scaling * s[key.format("B")] for s in saved], dim=1))
     _check_metrics(tmp_path / method, metrics, full_rows=False)
+    assert metrics["fold_form"] == "merge"
     assert all(p["stats"].mean_regularizer > 0 for p in traced)
 
 
