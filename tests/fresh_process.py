@@ -12,7 +12,15 @@ from types import SimpleNamespace
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # the modules the CLI imports lazily too, so the children import nothing heavy themselves
-_CONTEXT.set_forkserver_preload(["fresh_process", "nlora.cli", "nlora.runner", "nlora.summary", "nlora.engine"])
+_CONTEXT.set_forkserver_preload(["nlora.cli", "nlora.runner", "nlora.summary", "nlora.engine"])
+
+
+def start() -> None:
+    """Start the server now (its imports take seconds): called where the tests using it are collected, so its
+    imports overlap the tests that run before them."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
 
 
 def _child(target, args, env, cwd, log):
@@ -26,7 +34,8 @@ def _child(target, args, env, cwd, log):
 
 
 def run(target, *args, log: Path, env: dict | None = None, cwd=None, timeout=300) -> SimpleNamespace:
-    """target(*args) in a fresh child; its return value is the exit code. Returns the exit code (-9 if killed by
+    """target(*args) in a fresh child; its return value is the exit code. The target is one of this module's
+    functions (the child imports the target's module: a test module would start a server of its own). Returns the exit code (-9 if killed by
     SIGKILL) and the child's output (stdout and stderr together, also left in `log`)."""
     process = _CONTEXT.Process(target=_child, args=(target, args, dict(env if env is not None else os.environ),
                                                    str(cwd or os.getcwd()), str(log)))
