@@ -41,24 +41,21 @@ def _same_run(single, other):
 
 @pytest.mark.distributed
 def test_fsdp2_gives_the_single_process_run_and_resumes(tmp_path, synthetic_dir):
-    single, sharded, resumed = tmp_path / "single", tmp_path / "fsdp2", tmp_path / "resumed"
+    """One sharded run, killed at the 3rd optimizer step of the first task (a checkpoint after every step) and
+    resumed: both launches run sharded, so the resumed run equal to the single-process one covers an uninterrupted
+    sharded run too (training before and after the kill, saving, evaluation)."""
+    single, resumed = tmp_path / "single", tmp_path / "resumed"
     data = ["--data-dir", str(synthetic_dir)]
-    first = _launch([*RUN, *data, "--output-dir", str(sharded), "--sharding", "fsdp2"])
-    assert main([*RUN, *data, "--output-dir", str(single)]) == 0  # meanwhile
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    assert out.count("run directory:") == 1
-    assert "sharding: fsdp2" in (sharded / "config.yaml").read_text()
-    _same_run(single, sharded)
-
-    # killed at the 3rd optimizer step of the first task (a checkpoint after every step), then resumed
     killed = _launch([*RUN, *data, "--output-dir", str(resumed), "--sharding", "fsdp2", "--checkpoint-steps", "1"],
                      {"NLORA_FAULT": "train_step:3"})
+    assert main([*RUN, *data, "--output-dir", str(single)]) == 0  # meanwhile
     killed.communicate(timeout=600)
     assert killed.returncode != 0 and (resumed / "checkpoint").is_dir()
+    assert "sharding: fsdp2" in (resumed / "config.yaml").read_text()
     again = _launch(["resume", str(resumed), "--quiet"])
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
+    assert out.count("run directory:") == 1
     _same_run(single, resumed)
 
 
