@@ -1,8 +1,7 @@
-"""FSDP2 (`--sharding fsdp2`): 2 CPU processes (gloo) with the base model sharded give the single-process run, also
-when the run is killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
+"""FSDP2 (`--sharding fsdp2`): 2 CPU processes (gloo) with the base model sharded give the single-process run, with
+the run killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
 evaluation (generation) all go through the sharded model. The multi-process tests are marked `distributed`."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from nlora.config import RunConfig
 from nlora.engine import _check_engine, transformer_blocks
 from nlora.errors import NloraError
 from nlora.models import load_backbone
-from test_distributed import EXAMPLES, ROOT, RUN, _assert_same_adapters, _fake_accelerator, _same_training
+from test_distributed import EXAMPLES, ROOT, RUN, _fake_accelerator, _same_run
 
 
 def _launch(args, env_extra=None):
@@ -25,18 +24,6 @@ def _launch(args, env_extra=None):
     return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                              str(EXAMPLES / "fsdp2.yaml"), "--num_processes", "2", "-m", "nlora", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _same_run(single, other):
-    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
-    assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*"))
-    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, other))
-    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
-    _same_training(m1["train"], m2["train"])
-    _assert_same_adapters(single, other)
-    for path in sorted(single.glob("predictions/*/*.jsonl")):
-        rows = [json.loads(line) for line in (other / path.relative_to(single)).open()]
-        assert len(rows) == 7 and rows == [json.loads(line) for line in path.open()]
 
 
 @pytest.mark.distributed
