@@ -16,6 +16,7 @@ import pytest
 import fresh_process
 from nlora.cli import main
 from nlora.tracking import read_log
+from test_fold import _outcome as _metrics_and_files
 
 fresh_process.start()
 
@@ -49,12 +50,7 @@ def _killed(argv: list[str], fault: str, log: Path):
 
 
 def _outcome(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("eval_seconds")
-    for stats in metrics["train"].values():
-        stats.pop("seconds")
-    files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
+    metrics, files = _metrics_and_files(run_dir)
     log = [{k: v for k, v in line.items() if k not in LOG_TIMING} for line in read_log(run_dir / "log.jsonl")
            if line["event"] != "start"]
     return {"metrics": metrics, "files": files, "log": log}
