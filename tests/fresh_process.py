@@ -35,8 +35,8 @@ def _child(target, args, env, cwd, log):
 
 def run(target, *args, log: Path, env: dict | None = None, cwd=None, timeout=300) -> SimpleNamespace:
     """target(*args) in a fresh child; its return value is the exit code. The target is one of this module's
-    functions (the child imports the target's module: a test module would start a server of its own). Returns the exit code (-9 if killed by
-    SIGKILL) and the child's output (stdout and stderr together, also left in `log`)."""
+    functions (the child imports the target's module: a test module would start a server of its own). Returns the
+    exit code (-9 if killed by SIGKILL) and the child's output (stdout and stderr together, also left in `log`)."""
     process = _CONTEXT.Process(target=_child, args=(target, args, dict(env if env is not None else os.environ),
                                                    str(cwd or os.getcwd()), str(log)))
     process.start()

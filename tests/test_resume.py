@@ -1,9 +1,9 @@
 """Crash and resume: a tiny run is killed (SIGKILL) at several points in a process of its own (tests/fresh_process.py),
-resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built in this
-process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl, O-LoRA
-(whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is
-checked on each killed run and on the resumed one."""
+resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built
+in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl,
+O-LoRA (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
+eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is checked
+on each killed run and on the resumed one."""
 
 import functools
 import json
