@@ -129,8 +129,8 @@ def _same_run(single: Path, other: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
-    single, multi, logs, site = tmp_path / "single", tmp_path / "multi", tmp_path / "logs", tmp_path / "site"
+def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir, single_run):
+    single, multi, logs, site = single_run, tmp_path / "multi", tmp_path / "logs", tmp_path / "site"
     logs.mkdir()
     site.mkdir()
     (site / "sitecustomize.py").write_text(WATCH)
@@ -141,7 +141,6 @@ def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp.yaml"),
          "--num_processes", "2", "-m", "nlora", *RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(multi)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(single)]) == 0  # meanwhile
     out, err = launched.communicate(timeout=600)
     assert launched.returncode == 0, err[-3000:]
     assert out.count("run directory:") == 1, "only the main process prints the summary"
