@@ -20,7 +20,8 @@ def start() -> None:
     imports overlap the tests that run before them."""
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    if multiprocessing.parent_process() is None:  # not in a child (test_fresh_clone's runs pytest)
+        forkserver.ensure_running()
 
 
 def _child(target, args, env, cwd, log):
