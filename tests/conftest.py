@@ -33,3 +33,16 @@ def write_task(root: Path, group: str, name: str, labels, train, test=None) -> P
 @pytest.fixture
 def make_task():
     return write_task
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory, synthetic_dir) -> Path:
+    """test_distributed's RUN in this process: what the launched runs of test_distributed.py and test_fsdp.py must
+    give (here to be built once for both). Built before a launch, not while it runs: on 2 cores the two slow each
+    other down more than running them in turn costs."""
+    from nlora.cli import main
+    from test_distributed import RUN
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 0
+    return out

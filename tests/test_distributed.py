@@ -114,9 +114,23 @@ def _same_training(a: dict, b: dict) -> None:
             assert b[task][key] == pytest.approx(a[task][key], rel=1e-5)
 
 
+def _same_run(single: Path, other: Path) -> None:
+    """The same files, accuracy matrix, training statistics, adapters and predictions."""
+    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
+    assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, other))
+    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
+    _same_training(m1["train"], m2["train"])
+    _assert_same_adapters(single, other)
+    for path in sorted((single / "predictions").rglob("*.jsonl")):  # complete, in input order, the same predictions
+        rows = [json.loads(line) for line in (other / path.relative_to(single)).open()]
+        assert len(rows) == 7
+        assert rows == [json.loads(line) for line in path.open()]
+
+
 @pytest.mark.distributed
-def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
-    single, multi, logs, site = tmp_path / "single", tmp_path / "multi", tmp_path / "logs", tmp_path / "site"
+def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir, single_run):
+    single, multi, logs, site = single_run, tmp_path / "multi", tmp_path / "logs", tmp_path / "site"
     logs.mkdir()
     site.mkdir()
     (site / "sitecustomize.py").write_text(WATCH)
@@ -127,22 +141,12 @@ def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir):
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp.yaml"),
          "--num_processes", "2", "-m", "nlora", *RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(multi)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(single)]) == 0  # meanwhile
     out, err = launched.communicate(timeout=600)
     assert launched.returncode == 0, err[-3000:]
     assert out.count("run directory:") == 1, "only the main process prints the summary"
 
-    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
-    assert files == sorted(str(p.relative_to(multi)) for p in multi.rglob("*"))
-    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, multi))
-    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
-    _same_training(m1["train"], m2["train"])
-    _assert_same_adapters(single, multi)
+    _same_run(single, multi)
     _same_log(single, multi)
-    for path in sorted((single / "predictions").rglob("*.jsonl")):  # complete, in input order, the same predictions
-        rows = [json.loads(line) for line in (multi / path.relative_to(single)).open()]
-        assert len(rows) == 7
-        assert rows == [json.loads(line) for line in path.open()]
 
     writers = {}
     for log in logs.glob("writes-*.json"):

@@ -175,6 +175,7 @@ def _config(tmp_path, synthetic_dir, out, **kw):
 
 
 def _outcome(run_dir):
+    """metrics.json without its timings, and the bytes of the adapters and predictions (also used by test_resume)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("eval_seconds")
     for stats in metrics["train"].values():

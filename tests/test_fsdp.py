@@ -1,8 +1,7 @@
-"""FSDP2 (`--sharding fsdp2`): 2 CPU processes (gloo) with the base model sharded give the single-process run, also
-when the run is killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
+"""FSDP2 (`--sharding fsdp2`): 2 CPU processes (gloo) with the base model sharded give the single-process run, with
+the run killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
 evaluation (generation) all go through the sharded model. The multi-process tests are marked `distributed`."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,12 +9,11 @@ import sys
 import pytest
 import torch
 
-from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.engine import _check_engine, transformer_blocks
 from nlora.errors import NloraError
 from nlora.models import load_backbone
-from test_distributed import EXAMPLES, ROOT, RUN, _assert_same_adapters, _fake_accelerator, _same_training
+from test_distributed import EXAMPLES, ROOT, RUN, _fake_accelerator, _same_run
 
 
 def _launch(args, env_extra=None):
@@ -27,38 +25,22 @@ def _launch(args, env_extra=None):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _same_run(single, other):
-    files = sorted(str(p.relative_to(single)) for p in single.rglob("*"))
-    assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*"))
-    m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, other))
-    assert m2["accuracy_matrix"] == m1["accuracy_matrix"] and m2["complete"]
-    _same_training(m1["train"], m2["train"])
-    _assert_same_adapters(single, other)
-    for path in sorted(single.glob("predictions/*/*.jsonl")):
-        rows = [json.loads(line) for line in (other / path.relative_to(single)).open()]
-        assert len(rows) == 7 and rows == [json.loads(line) for line in path.open()]
-
-
 @pytest.mark.distributed
-def test_fsdp2_gives_the_single_process_run_and_resumes(tmp_path, synthetic_dir):
-    single, sharded, resumed = tmp_path / "single", tmp_path / "fsdp2", tmp_path / "resumed"
+def test_fsdp2_gives_the_single_process_run_and_resumes(tmp_path, synthetic_dir, single_run):
+    """One sharded run, killed at the 3rd optimizer step of the first task (a checkpoint after every step) and
+    resumed: both launches run sharded, so the resumed run equal to the single-process one covers an uninterrupted
+    sharded run too (training before and after the kill, saving, evaluation)."""
+    single, resumed = single_run, tmp_path / "resumed"
     data = ["--data-dir", str(synthetic_dir)]
-    first = _launch([*RUN, *data, "--output-dir", str(sharded), "--sharding", "fsdp2"])
-    assert main([*RUN, *data, "--output-dir", str(single)]) == 0  # meanwhile
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    assert out.count("run directory:") == 1
-    assert "sharding: fsdp2" in (sharded / "config.yaml").read_text()
-    _same_run(single, sharded)
-
-    # killed at the 3rd optimizer step of the first task (a checkpoint after every step), then resumed
     killed = _launch([*RUN, *data, "--output-dir", str(resumed), "--sharding", "fsdp2", "--checkpoint-steps", "1"],
                      {"NLORA_FAULT": "train_step:3"})
     killed.communicate(timeout=600)
     assert killed.returncode != 0 and (resumed / "checkpoint").is_dir()
+    assert "sharding: fsdp2" in (resumed / "config.yaml").read_text()
     again = _launch(["resume", str(resumed), "--quiet"])
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
+    assert out.count("run directory:") == 1
     _same_run(single, resumed)
 
 

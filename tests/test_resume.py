@@ -1,22 +1,24 @@
-"""Crash and resume: a tiny run is killed (SIGKILL) at several points in a subprocess of its own, resumed in this
-process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built in this
-process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl, O-LoRA
-(whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is
-checked on each killed run and on the resumed one."""
+"""Crash and resume: a tiny run is killed (SIGKILL) at several points in a process of its own (tests/fresh_process.py),
+resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built
+in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl,
+O-LoRA (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
+eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is checked
+on each killed run and on the resumed one."""
 
 import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import fresh_process
 from nlora.cli import main
 from nlora.tracking import read_log
+from test_fold import _outcome as _metrics_and_files
+
+fresh_process.start()
 
 ARGS = ["--model", "tiny-t5", "--method", "n-lora", "--lambda", "0.001", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
@@ -43,19 +45,12 @@ def _argv(config: str, data: Path, out: Path) -> list[str]:
     return ["run", "--data-dir", str(data), "--output-dir", str(out), *ARGS, *CONFIGS[config]]
 
 
-def _killed(argv: list[str], fault: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NLORA_FAULT=fault)
-    return subprocess.run([sys.executable, "-m", "nlora", *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _killed(argv: list[str], fault: str, log: Path):
+    return fresh_process.run(fresh_process.nlora_main, argv, log=log, env=dict(os.environ, NLORA_FAULT=fault))
 
 
 def _outcome(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("eval_seconds")
-    for stats in metrics["train"].values():
-        stats.pop("seconds")
-    files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
+    metrics, files = _metrics_and_files(run_dir)
     log = [{k: v for k, v in line.items() if k not in LOG_TIMING} for line in read_log(run_dir / "log.jsonl")
            if line["event"] != "start"]
     return {"metrics": metrics, "files": files, "log": log}
@@ -96,8 +91,8 @@ def _status(run_dir, capsys) -> str:
 ])
 def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, reference, capsys, config, fault):
     out = tmp_path / "run"
-    killed = _killed(_argv(config, synthetic_dir, out), fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = _killed(_argv(config, synthetic_dir, out), fault, tmp_path / "killed.log")
+    assert killed.returncode == -signal.SIGKILL, killed.output
     if (out / "metrics.json").exists():  # whatever is on disk is complete and valid
         json.loads((out / "metrics.json").read_text())
     status = _status(out, capsys)
@@ -122,8 +117,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, referenc
 
 def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "run"
-    killed = _killed(_argv("n-lora", synthetic_dir, out), "task_trained:1")
-    assert killed.returncode == -signal.SIGKILL
+    killed = _killed(_argv("n-lora", synthetic_dir, out), "task_trained:1", tmp_path / "killed.log")
+    assert killed.returncode == -signal.SIGKILL, killed.output
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main([*_argv("n-lora", synthetic_dir, out), "--resume", "--lr", "0.01", "--seed", "3"]) == 2
     err = capsys.readouterr().err

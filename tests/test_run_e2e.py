@@ -1,14 +1,15 @@
 """End to end through the CLI: tiny random models for the plumbing, the pretrained MiniLM for real learning."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+import fresh_process
 from lora_reference import assert_run_reproduces
 from nlora.cli import main
+
+fresh_process.start()
 
 TINY = ["--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "1", "--device", "cpu", "--quiet"]
@@ -80,9 +81,10 @@ def test_config_file_and_python_entry_point(tmp_path, synthetic_dir):
     cfg.write_text(yaml.safe_dump({"model": "tiny-t5", "tasks": ["harbor"], "data_dir": str(synthetic_dir),
                                    "output_dir": str(tmp_path / "viayaml"), "max_train_samples": 4,
                                    "max_eval_samples": 2, "batch_size": 2, "device": "cpu"}))
-    proc = subprocess.run([sys.executable, "-m", "nlora", "run", "--config", str(cfg), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    # `python -m nlora`, its __main__ run in a fresh process
+    proc = fresh_process.run(fresh_process.run_module, "nlora", ["run", "--config", str(cfg), "--quiet"],
+                             log=tmp_path / "run.log")
+    assert proc.returncode == 0, proc.output
     assert json.loads((tmp_path / "viayaml" / "metrics.json").read_text())["tasks"] == ["harbor"]
 
 
