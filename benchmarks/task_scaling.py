@@ -12,7 +12,9 @@ random adapters in every mode, this measures:
   saved   bytes of the distinct tensors autograd saves for backward in one training forward
           (torch.autograd.graph.saved_tensors_hooks), parameters excluded: activations and dropout masks.
 
-Times are the best of --repeats after one warm-up (the machine may be shared). Models:
+Per mode, one model per task count is built and all are timed in turn, --repeats rounds after a warm-up: the
+ratio to the first task count is the median of the rounds' ratios (paired, so a change in the machine's speed
+hits both sides), times are medians. Models:
   minilm    all-MiniLM-L6-v2 (d 384, 6 layers), LoRA r 8 on query/value, batch 16 x 128 tokens;
   t5-slice  a T5 of T5-large's width (d_model 1024, d_ff 4096, 16 heads) with 2 encoder + 2 decoder layers and
             random weights, LoRA r 8 on q/v, batch 4 x 128 source and 16 target tokens;
@@ -24,6 +26,7 @@ Times are the best of --repeats after one warm-up (the machine may be shared). M
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -115,62 +118,77 @@ def saved_bytes(model, inputs) -> int:
     return sum(seen.values())
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _steps(model, inputs):
+    def train_step():
+        model.train()
+        loss_of(model, inputs).backward()
+        model.zero_grad(set_to_none=True)
+
+    def eval_step():
+        model.eval()
+        with torch.no_grad():
+            loss_of(model, inputs)
+    return train_step, eval_step
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -> list[dict]:
+    """Per mode, one model per task count, all held at once and timed in turn (round robin, after one warm-up
+    each), so that drift of the machine's speed hits every task count alike. Ratios to the first task count are
+    the median over rounds of that round's ratio (paired); times are medians."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            torch.manual_seed(0)
-            adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout, mode)
-            inputs = make_batch(torch.Generator().manual_seed(0))
-            model = adapters.model
+            setups = []
             for n in tasks:
+                torch.manual_seed(0)
+                adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout, mode)
                 paths = configure(adapters, saved, n, mode != "unfolded")
-
-                def train_step():
-                    model.train()
-                    loss_of(model, inputs).backward()
-                    model.zero_grad(set_to_none=True)
-
-                def eval_step():
-                    model.eval()
-                    with torch.no_grad():
-                        loss_of(model, inputs)
-
-                model.train()  # dropout on: the masks of the frozen paths are what folding saves
-                kept = saved_bytes(model, inputs)
-                rows.append({"model": name, "mode": mode, "tasks": n, "paths": len(paths),
-                             "train_s": best_time(train_step, repeats), "eval_s": best_time(eval_step, repeats),
-                             "saved": kept})
-                print(f"  {name} {rows[-1]['mode']:8s} tasks {n:2d}: train {rows[-1]['train_s'] * 1e3:8.1f} ms  "
-                      f"eval {rows[-1]['eval_s'] * 1e3:8.1f} ms  saved {rows[-1]['saved'] / 2**20:8.1f} MiB",
-                      flush=True)
-            del adapters, model
+                inputs = make_batch(torch.Generator().manual_seed(0))
+                adapters.model.train()  # dropout on: the masks of the frozen paths are what folding saves
+                kept = saved_bytes(adapters.model, inputs)
+                setups.append((n, paths, kept, *_steps(adapters.model, inputs)))
+            for _, _, _, train_step, eval_step in setups:  # warm-up
+                train_step(), eval_step()
+            times = {n: {"train_s": [], "eval_s": []} for n in tasks}
+            for _ in range(repeats):
+                for n, _, _, train_step, eval_step in setups:
+                    times[n]["train_s"].append(_timed(train_step))
+                    times[n]["eval_s"].append(_timed(eval_step))
+            first = times[tasks[0]]
+            for n, paths, kept, _, _ in setups:
+                row = {"model": name, "mode": mode, "tasks": n, "paths": len(paths), "saved": kept}
+                for key in ("train_s", "eval_s"):
+                    row[key] = statistics.median(times[n][key])
+                    row[key.replace("_s", "_ratio")] = statistics.median(
+                        t / t0 for t, t0 in zip(times[n][key], first[key]))
+                rows.append(row)
+                print(f"  {name} {mode:8s} tasks {n:2d}: train {row['train_s'] * 1e3:8.1f} ms "
+                      f"(x{row['train_ratio']:.2f})  eval {row['eval_s'] * 1e3:8.1f} ms (x{row['eval_ratio']:.2f})  "
+                      f"saved {row['saved'] / 2**20:8.1f} MiB", flush=True)
+            del setups
     return rows
 
 
 def table(rows: list[dict], target: float) -> str:
-    lines = ["| model | mode | tasks | LoRA paths | train step (ms) | eval (ms) | saved for backward (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | mode | tasks | LoRA paths | train step (ms) | x first, paired | eval (ms) | x first, paired "
+             "| saved for backward (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['mode']} | {r['tasks']} | {r['paths']} | {r['train_s'] * 1e3:.1f} | "
-                     f"{r['eval_s'] * 1e3:.1f} | {r['saved'] / 2**20:.1f} |")
+                     f"{r['train_ratio']:.2f} | {r['eval_s'] * 1e3:.1f} | {r['eval_ratio']:.2f} | "
+                     f"{r['saved'] / 2**20:.1f} |")
     lines += ["", f"| model | mode | train last/first | eval last/first | saved last/first | target ≤ {target} |",
               "|---|---|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for mode in MODES:
             mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
             first, last = mine[0], mine[-1]
-            ratios = [last[k] / first[k] for k in ("train_s", "eval_s", "saved")]
+            ratios = [last["train_ratio"], last["eval_ratio"], last["saved"] / first["saved"]]
             met = "met" if ratios[0] <= target and ratios[1] <= target and ratios[2] <= target else "not met"
             lines.append(f"| {model} | {mode} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {met} |")
     return "\n".join(lines)
@@ -191,7 +209,8 @@ def main() -> None:
     for name in args.models.split(","):
         rows += measure(name.strip(), tasks, args.repeats, args.lora_r, args.lora_dropout)
     print()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} rounds, "
+          "ratios paired by round")
     print(table(rows, args.target))
 
 
