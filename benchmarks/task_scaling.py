@@ -10,7 +10,9 @@ random adapters in every mode, this measures:
           optimizer touches only the current adapter, whatever the task count);
   eval    one evaluation forward (eval mode, no grad, teacher-forced for T5);
   saved   bytes of the distinct tensors autograd saves for backward in one training forward
-          (torch.autograd.graph.saved_tensors_hooks), parameters excluded: activations and dropout masks.
+          (torch.autograd.graph.saved_tensors_hooks), parameters excluded: activations and dropout masks;
+  work    FLOPs of one training step (torch.utils.flop_counter) and the ATen operators it dispatches (on a GPU
+          about one kernel launch each, what small LoRA paths cost there): exact, unlike times on a shared CPU.
 
 Per mode, one model per task count is built and all are timed in turn, --repeats rounds after a warm-up: the
 ratio to the first task count is the median of the rounds' ratios (paired, so a change in the machine's speed
@@ -32,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from nlora.adapters import ContinualAdapters
 from nlora.models import default_target_modules, load_backbone
@@ -131,6 +135,26 @@ def _steps(model, inputs):
     return train_step, eval_step
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a step dispatches (on a GPU, about one kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_work(step) -> tuple[int, int]:
+    """(FLOPs, operators dispatched) of one call of `step`: exact, whatever the machine's load."""
+    flops, ops = FlopCounterMode(display=False), _OpCounter()
+    with flops, ops:
+        step()
+    return flops.get_total_flops(), ops.count
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -152,7 +176,9 @@ def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -
                 inputs = make_batch(torch.Generator().manual_seed(0))
                 adapters.model.train()  # dropout on: the masks of the frozen paths are what folding saves
                 kept = saved_bytes(adapters.model, inputs)
-                setups.append((n, paths, kept, *_steps(adapters.model, inputs)))
+                train_step, eval_step = _steps(adapters.model, inputs)
+                setups.append((n, paths, {"saved": kept, **dict(zip(("flops", "ops"), step_work(train_step)))},
+                               train_step, eval_step))
             for _, _, _, train_step, eval_step in setups:  # warm-up
                 train_step(), eval_step()
             times = {n: {"train_s": [], "eval_s": []} for n in tasks}
@@ -161,8 +187,8 @@ def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -
                     times[n]["train_s"].append(_timed(train_step))
                     times[n]["eval_s"].append(_timed(eval_step))
             first = times[tasks[0]]
-            for n, paths, kept, _, _ in setups:
-                row = {"model": name, "mode": mode, "tasks": n, "paths": len(paths), "saved": kept}
+            for n, paths, work, _, _ in setups:
+                row = {"model": name, "mode": mode, "tasks": n, "paths": len(paths), **work}
                 for key in ("train_s", "eval_s"):
                     row[key] = statistics.median(times[n][key])
                     row[key.replace("_s", "_ratio")] = statistics.median(
@@ -170,27 +196,30 @@ def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -
                 rows.append(row)
                 print(f"  {name} {mode:8s} tasks {n:2d}: train {row['train_s'] * 1e3:8.1f} ms "
                       f"(x{row['train_ratio']:.2f})  eval {row['eval_s'] * 1e3:8.1f} ms (x{row['eval_ratio']:.2f})  "
-                      f"saved {row['saved'] / 2**20:8.1f} MiB", flush=True)
+                      f"saved {row['saved'] / 2**20:8.1f} MiB  {row['flops'] / 1e9:.2f} GFLOP  {row['ops']} ops",
+                      flush=True)
             del setups
     return rows
 
 
 def table(rows: list[dict], target: float) -> str:
     lines = ["| model | mode | tasks | LoRA paths | train step (ms) | x first, paired | eval (ms) | x first, paired "
-             "| saved for backward (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| saved for backward (MiB) | train GFLOP | train ops |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['mode']} | {r['tasks']} | {r['paths']} | {r['train_s'] * 1e3:.1f} | "
                      f"{r['train_ratio']:.2f} | {r['eval_s'] * 1e3:.1f} | {r['eval_ratio']:.2f} | "
-                     f"{r['saved'] / 2**20:.1f} |")
-    lines += ["", f"| model | mode | train last/first | eval last/first | saved last/first | target ≤ {target} |",
-              "|---|---|---:|---:|---:|---|"]
+                     f"{r['saved'] / 2**20:.1f} | {r['flops'] / 1e9:.2f} | {r['ops']} |")
+    lines += ["", f"| model | mode | train last/first | eval last/first | saved last/first | FLOP last/first "
+              f"| ops last/first | target ≤ {target} (time and saved) |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for mode in MODES:
             mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
             first, last = mine[0], mine[-1]
             ratios = [last["train_ratio"], last["eval_ratio"], last["saved"] / first["saved"]]
             met = "met" if ratios[0] <= target and ratios[1] <= target and ratios[2] <= target else "not met"
-            lines.append(f"| {model} | {mode} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {met} |")
+            lines.append(f"| {model} | {mode} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | "
+                         f"{last['flops'] / first['flops']:.3f} | {last['ops'] / first['ops']:.2f} | {met} |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 the run killed mid-task and resumed; the in-forward regularisers, adapter saving (PEFT format) and
 evaluation (generation) all go through the sharded model. The multi-process tests are marked `distributed`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def test_fsdp2_gives_the_single_process_run_and_resumes(tmp_path, synthetic_dir,
     assert again.returncode == 0, err[-3000:]
     assert out.count("run directory:") == 1
     _same_run(single, resumed)
+    # the same run, though the sharded base folds the frozen adapters as a past path and the float32 one merges them
+    forms = [json.loads((run / "metrics.json").read_text())["fold_form"] for run in (single, resumed)]
+    assert forms == ["merge", "concat"]
 
 
 def test_transformer_blocks_of_each_model_kind():

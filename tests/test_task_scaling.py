@@ -21,5 +21,9 @@ def test_task_scaling_measures_what_it_claims():
         assert by[(mode, 3)]["saved"] == by[(mode, 1)]["saved"] == by[("unfolded", 1)]["saved"]
     assert by[("unfolded", 3)]["saved"] > by[("unfolded", 1)]["saved"]  # one dropout mask per frozen path
     assert all(r["train_s"] > 0 and r["eval_s"] > 0 for r in rows)
+    # the exact work of a step: merged, task 3 runs what task 1 runs; each separate path adds operators
+    assert (by[("merge", 3)]["flops"], by[("merge", 3)]["ops"]) == (by[("merge", 1)]["flops"], by[("merge", 1)]["ops"])
+    assert by[("unfolded", 3)]["ops"] > by[("concat", 3)]["ops"] > by[("concat", 1)]["ops"]
+    assert by[("unfolded", 3)]["flops"] == by[("concat", 3)]["flops"] > by[("merge", 3)]["flops"]
     text = module.table(rows, 1.10)
     assert "| tiny-bert | merge |" in text and "| tiny-bert | concat |" in text and ("met |" in text)
