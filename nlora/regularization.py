@@ -17,8 +17,10 @@ The coefficient. A term must enter the step's gradient as if it had been added t
 step. Whatever multiplies the loss before backward (accelerate's 1/accumulation, a gradient scaler's loss scale,
 DeepSpeed's own scaling) is read from the gradient that reaches the loss: `anchor(loss, weight)` hooks the loss
 tensor, and the terms attached in that forward get coefficient = (gradient of the loss) × weight. With `weight =
-1 / micro-batches per step`, the accumulated gradient is the term's gradient once per step. Under DDP every
-process attaches the same term and DDP averages, so it counts once.
+1 / micro-batches per step` in each micro-batch, or `weight = 1` in the one micro-batch that computes the terms
+(the training loop's choice, `enabled`: A and B are the same in every micro-batch of a step, so it computes them
+in the first one only), the accumulated gradient is the term's gradient once per step. Under DDP every process
+attaches the same term in the same micro-batch and DDP averages, so it counts once.
 
 Once per step. A loss may run a layer more than once (the encoder objective embeds prompts and options in two
 forwards), and gradient checkpointing re-runs a layer's forward during backward. Every forward computes and
@@ -91,6 +93,9 @@ class Regularization:
         self._loss_grad: torch.Tensor | None = None
         self._weight = 1.0
         self._calls: dict[str, int] = {}  # forwards of each layer since the last backward
+        # False: forwards attach nothing. The factors do not change between the micro-batches of one optimizer
+        # step, so the training loop computes the terms in the step's first micro-batch only, with weight 1.
+        self.enabled = True
         self._handles = []
         if self.terms:
             for name, module in model.named_modules():
@@ -119,7 +124,7 @@ class Regularization:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():  # evaluation, or a no-grad forward: nothing to train
+            if not (torch.is_grad_enabled() and self.enabled):  # evaluation, a no-grad forward, or switched off
                 return None
             calls = self._calls.get(name, 0)
             self._calls[name] = calls + 1

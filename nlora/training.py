@@ -124,8 +124,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 group_start = b // accum * accum
                 group_end = min(group_start + accum, n_batches)
                 boundary = b + 1 == group_end
-                in_group = group_end - group_start
-                if b == group_start or b == first:
+                group_first = b == group_start or b == first
+                # the regularisers once per optimizer step: their factors are the same in every micro-batch
+                regularization.enabled = group_first
+                if group_first:
                     step_terms = objective.count_terms(
                         objective.collate([e for batch in batches[group_start:group_end] for e in batch]))
                 local = shard(batches[b], rank, world)
@@ -143,7 +145,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                     share = loss * (terms / step_terms)  # this process's part of the step's mean task loss
                     step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
                     # the regulariser's gradient enters in backward, once per optimizer step
-                    total = regularization.anchor(share * world, weight=1.0 / in_group)
+                    total = regularization.anchor(share * world)
                     # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
                     accelerator.backward(total * accelerator.gradient_accumulation_steps)
                     # computed inside the forward pass (reentrant checkpointing: its recomputation in backward)
@@ -154,11 +156,11 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                             f"task {phase} ({desc}): non-finite loss at step {pos.step} (task loss "
                             f"{step_loss.item():.4g}, regulariser {'none' if reg is None else f'{reg.item():.4g}'}); "
                             "lower option 'lr' or 'lambda'. The last checkpoint is kept.")
-                loss_share, reg_share = step_loss.item(), 0.0 if reg is None else reg.item() / in_group
+                loss_share, reg_share = step_loss.item(), 0.0 if reg is None else reg.item()
                 pos.loss_sum += loss_share
                 pos.reg_sum += reg_share
                 window.add(loss_share, reg_share, tokens, len(batches[b]),
-                           {name: v.item() / in_group for name, v in values.items()})
+                           {name: v.item() for name, v in values.items()})
                 bar.update(1)
                 if not boundary:
                     continue

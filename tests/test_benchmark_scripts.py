@@ -110,3 +110,12 @@ def test_demo_cost_estimates_the_one_seed_demo_from_per_unit_costs(tmp_path, mon
     # 456 + 180 + 4 = 640 s, ratio 60 / 640 = 0.09
     assert "| this demo (measured) | 4 | 40 | 120 | 60 |" in out
     assert "| 2 | 456 | 1800 | 640 |" in out and "ratio this / earlier demo: 0.09" in out
+
+
+def test_penalty_chunks_prints_one_row_per_chunk_size(monkeypatch, capsys):
+    module = _load("penalty_chunks")
+    monkeypatch.setattr(sys, "argv", ["penalty_chunks.py", "--dim", "64", "--tokens", "8", "--chunks", "64,16",
+                                      "--repeats", "1"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "| delta_l1, chunk 64 |" in out and "| delta_l1, chunk 16 |" in out and "| layer fwd" in out

@@ -81,3 +81,19 @@ def test_count_terms_counts_the_answer_tokens(name):
     long = case.examples(1)[0].__class__("t", "s", "x" * 40, ("x" * 40,), "p")  # beyond max_target_length
     cut = {"seq2seq": 16, "decoder": 17, "encoder": 1}[backbone.kind]
     assert objective.count_terms(objective.collate([long])) == cut
+
+
+def test_the_penalty_is_computed_once_per_optimizer_step(monkeypatch):
+    """A and B are the same in every micro-batch of a step: with 3 micro-batches the penalty is evaluated as
+    often as with one batch (once per adapted layer), and the gradient above is still the reference one."""
+    from nlora.methods import n_lora
+
+    calls, real = [], n_lora.lora_l1
+    monkeypatch.setattr(n_lora, "lora_l1", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = {}
+    for shape in ("b6", "b2x3"):
+        calls.clear()
+        case.captured_step("tiny-llama", shape)
+        counts[shape] = len(calls)
+    layers = len(case.MODELS["tiny-llama"]) * load_backbone("tiny-llama").model.config.num_hidden_layers
+    assert counts == {"b6": layers, "b2x3": layers}
