@@ -5,12 +5,12 @@ needs no task id); only the current task's adapter has requires_grad. Adapters a
 PEFT's own format, so `PeftModel.from_pretrained(base, folder)` loads any of them.
 
 Folding (`ContinualAdapters.fold`): once a task's adapter is trained and saved, the frozen adapters of a method
-that always sums them all are replaced by one frozen LoRA path per layer, the "past" path,
+that always sums them all are replaced by their sum, built from the saved per-task files (float32), so that a
+resumed run rebuilds the very same model from any point. The sum is kept as one frozen "past" LoRA adapter,
     A_past = [A_0; A_1; ...; A_k]                    (r·(k+1) × d_in, concatenated along the rank)
     B_past = [s_0·B_0, s_1·B_1, ..., s_k·B_k]         (d_out × r·(k+1)), scaling 1, no dropout,
-so that B_past·A_past = Σ_s s_s·B_s·A_s exactly, and training and evaluation run two LoRA paths per layer (past
-and current) whatever the number of tasks. Built from the saved per-task files (float32), so a resumed run
-rebuilds the very same past path from any point.
+so that B_past·A_past = Σ_s s_s·B_s·A_s exactly, and either runs as a second LoRA path per layer or is merged
+into the base weights.
 
 Two forms, chosen per run at the first fold (`fold_form`):
   merge   where every adapted base weight is a plain float32 tensor (not quantized, not sharded, not offloaded),
@@ -134,7 +134,7 @@ class ContinualAdapters:
                                 task_type=TASK_TYPES[kind])
         self.peft_model: PeftModel | None = None
         self.names: list[str] = []  # every adapter added, in task order (folded ones included)
-        self.folded: list[str] = []  # those whose updates the past path holds (see `fold`)
+        self.folded: list[str] = []  # those replaced by their sum (see `fold`)
         self.merge_fp32 = merge_fp32  # False: always the concat form
         self.fold_form: str | None = None  # "merge" or "concat", set by the first fold
 
@@ -260,8 +260,10 @@ class ContinualAdapters:
         with torch.no_grad():
             for layer_name, (A, B) in layers.items():
                 weight = modules[layer_name].get_base_layer().weight
-                delta = B.to(weight.device, torch.float64) @ A.to(weight.device, torch.float64)
-                weight.copy_(weight.double().add_(delta, alpha=scaling))
+                # MPS has no float64: the sum is formed on the CPU there
+                at = torch.device("cpu") if weight.device.type == "mps" else weight.device
+                delta = B.to(at, torch.float64) @ A.to(at, torch.float64)
+                weight.copy_(weight.to(at, torch.float64).add_(delta, alpha=scaling))
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for f in self.factors(name) for p in (f.A, f.B)]
