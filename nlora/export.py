@@ -124,7 +124,9 @@ def _merge_into_base(run: TrainedRun, folder: Path) -> None:
 
     from .models import load_backbone
 
-    backbone = load_backbone(run.config.model, run.config.model_kind, run.config.trust_remote_code)
+    # in the run's dtype (a bf16 run's model is written in bf16), never quantized: a merge needs the full weights
+    backbone = load_backbone(run.config.model, run.config.model_kind, run.config.trust_remote_code,
+                             dtype=run.config.dtype)
     merged = PeftModel.from_pretrained(backbone.model, str(folder)).merge_and_unload()
     for name in (ADAPTER_FILE, "adapter_config.json"):
         (folder / name).unlink()

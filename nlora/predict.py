@@ -23,15 +23,17 @@ from .errors import NloraError
 from .evaluation import evaluate
 from .export import TrainedRun, read_run
 from .io import write_jsonl_atomic
-from .models import load_backbone
+from .models import backbone_options, load_backbone
 from .objectives import make_objective
 
 
 def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters, object]:
     """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
-    its adapters gets them folded into one path (the same sum, one LoRA path per layer)."""
+    its adapters gets them folded as the run folded them (nlora.adapters: the same sum)."""
     config, method = run.config, run.method
-    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code)
+    # the base as the run loaded it (dtype, quantization, attention), so the sum folds the way the run's did
+    options = {**backbone_options(config), "gradient_checkpointing": False}
+    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code, device=device, **options)
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
                                  config.lora_dropout, config.target_modules)
     phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
@@ -42,7 +44,7 @@ def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters,
         adapters.load(name, folder)
     if method.adapter_layout == "stacked" and method.folds_past:
         adapters.fold(dict(zip(adapters.names, run.folders)))
-    backbone.model.to(device).eval()
+    backbone.model.eval()
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     return adapters, objective

@@ -2,6 +2,7 @@
 precision/device/quantization option checks."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from nlora.config import RunConfig
 from nlora.data import Example
 from nlora.errors import NloraError
 from nlora.evaluation import eval_batches, evaluate
+from nlora.export import read_run
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import (IGNORE, Objective, align_right, cache_keyword, collect_scores, make_objective,
                               option_at, option_slots, token_log_likelihood)
 from nlora.precision import check_runtime, resolve_dtype, warn_precision
+from nlora.predict import load_model, predict_run
 from nlora.runner import run
 from nlora.engine import make_accelerator
 
@@ -280,6 +283,14 @@ def test_run_records_the_resolved_precision_and_trains_a_bf16_base(tmp_path, syn
     assert saved["dtype"] == "bfloat16" and saved["attn_implementation"] == "sdpa"
     assert saved["gradient_checkpointing"] is True
     assert metrics["complete"] and metrics["train"]["harbor"]["steps"] == 2
+    # bf16: the frozen adapters fold as a past path (no merge into a bf16 weight); `nlora predict` rebuilds the
+    # run's bf16 base and fold, and gives the predictions the run wrote
+    assert metrics["fold_form"] == "concat"
+    adapters, _ = load_model(read_run(out))
+    assert adapters.fold_form == "concat" and adapters.base_model.dtype == torch.bfloat16
+    rows = predict_run(out, tasks=["harbor"], output=tmp_path / "p.jsonl", progress=False)
+    written = [json.loads(line) for line in (out / "predictions" / "0-harbor" / "harbor.jsonl").open()]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in written] and len(rows) == 4
     auto = run(RunConfig(model="tiny-llama", tasks=["harbor"], data_dir=str(synthetic_dir),
                          output_dir=str(tmp_path / "auto"), max_train_samples=4, max_eval_samples=2, batch_size=4,
                          device="cpu"), progress=False)

@@ -19,7 +19,7 @@ class Method:
     # phase (adapters/<k>-<task>/ then holds its state after phase k).
     adapter_layout: ClassVar[str] = "stacked"
     # Stacked layout: True when the frozen adapters are always active together (summed in training and at
-    # evaluation), so they may be folded into one frozen LoRA path (nlora.adapters, option fold_adapters); a
+    # evaluation), so they may be folded into their sum (nlora.adapters, option fold_adapters); a
     # method that activates earlier adapters one by one sets False.
     folds_past: ClassVar[bool] = True
     # The config keys this method reads besides the common ones (documentation and `nlora methods`).
