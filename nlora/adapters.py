@@ -98,14 +98,20 @@ def read_saved_adapter(folder: str | Path) -> tuple[dict, dict[str, tuple[torch.
     return config, layers
 
 
-def concatenate_saved(folders: list[str | Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The summed update of the adapters saved in `folders` as one LoRA per layer, in float32 or wider: A = the A's
-    concatenated along the rank, B = the scaled B's side by side, so that B @ A = Σ scaling_s · B_s @ A_s."""
+SavedLayers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {layer: (A, B)} of one saved adapter
+
+
+def _read_scaled(folder: str | Path) -> tuple[float, SavedLayers]:
+    """(scaling, {layer: (A, B)}) of the adapter saved in `folder`."""
+    config, layers = read_saved_adapter(folder)
+    return _saved_scaling(config, Path(folder)), layers
+
+
+def _concatenate(folders: list[str | Path], read: list[tuple[float, SavedLayers]]) -> SavedLayers:
+    """`concatenate_saved` of adapters already read (`read[i]` from `folders[i]`)."""
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     first: set[str] | None = None
-    for folder in folders:
-        config, layers = read_saved_adapter(folder)
-        scaling = _saved_scaling(config, Path(folder))
+    for folder, (scaling, layers) in zip(folders, read):
         if first is not None and set(layers) != first:
             raise NloraError(f"adapter {folder} adapts other layers than {folders[0]}: "
                              f"{sorted(set(layers) ^ first)[:3]}")
@@ -115,6 +121,12 @@ def concatenate_saved(folders: list[str | Path]) -> dict[str, tuple[torch.Tensor
             parts.setdefault(layer, []).append((A.to(dtype), scaling * B.to(dtype)))
     return {layer: (torch.cat([A for A, _ in ab]), torch.cat([B for _, B in ab], dim=1))
             for layer, ab in parts.items()}
+
+
+def concatenate_saved(folders: list[str | Path]) -> SavedLayers:
+    """The summed update of the adapters saved in `folders` as one LoRA per layer, in float32 or wider: A = the A's
+    concatenated along the rank, B = the scaled B's side by side, so that B @ A = Σ scaling_s · B_s @ A_s."""
+    return _concatenate(folders, [_read_scaled(folder) for folder in folders])
 
 
 def _mergeable(layer: LoraLayer) -> bool:
@@ -219,7 +231,9 @@ class ContinualAdapters:
         names = list(saved)
         if names != self.names[: len(names)] or len(names) < len(self.folded):
             raise ValueError(f"fold: {names} are not the first adapters {self.names} (folded: {self.folded})")
-        layers = concatenate_saved(list(saved.values()))
+        folders = list(saved.values())
+        read = [_read_scaled(folder) for folder in folders]  # each file once: for the past adapter and the merge
+        layers = _concatenate(folders, read)
         live = {n for n, _ in self.lora_layers()}
         if set(layers) != live:
             raise NloraError(f"adapters {list(saved.values())} do not match the model's adapted layers: "
@@ -248,14 +262,12 @@ class ContinualAdapters:
             mergeable = self.merge_fp32 and all(_mergeable(layer) for _, layer in self.lora_layers())
             self.fold_form = "merge" if mergeable else "concat"
         if self.fold_form == "merge":
-            for name in names[len(self.folded):]:  # one at a time, in task order: a resumed run adds the same
-                self._merge_into_base(saved[name])
+            for scaling, task_layers in read[len(self.folded):]:  # one at a time, in task order, as on resume
+                self._merge_into_base(scaling, task_layers)
         self.folded = names
 
-    def _merge_into_base(self, folder: str | Path) -> None:
-        """W ← fp32(W + s·B·A) for each layer of the adapter saved in `folder`, the product in float64."""
-        config, layers = read_saved_adapter(folder)
-        scaling = _saved_scaling(config, Path(folder))
+    def _merge_into_base(self, scaling: float, layers: SavedLayers) -> None:
+        """W ← fp32(W + s·B·A) for each layer of one saved adapter, the product in float64."""
         modules = dict(self.lora_layers())
         with torch.no_grad():
             for layer_name, (A, B) in layers.items():
