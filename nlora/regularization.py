@@ -15,12 +15,11 @@ then serves one process, DDP, FSDP2 and ZeRO-3.
 
 The coefficient. A term must enter the step's gradient as if it had been added to the loss once per optimizer
 step. Whatever multiplies the loss before backward (accelerate's 1/accumulation, a gradient scaler's loss scale,
-DeepSpeed's own scaling) is read from the gradient that reaches the loss: `anchor(loss, weight)` hooks the loss
-tensor, and the terms attached in that forward get coefficient = (gradient of the loss) × weight. With `weight =
-1 / micro-batches per step` in each micro-batch, or `weight = 1` in the one micro-batch that computes the terms
-(the training loop's choice, `enabled`: A and B are the same in every micro-batch of a step, so it computes them
-in the first one only), the accumulated gradient is the term's gradient once per step. Under DDP every process
-attaches the same term in the same micro-batch and DDP averages, so it counts once.
+DeepSpeed's own scaling) is read from the gradient that reaches the loss: `anchor(loss)` hooks the loss tensor,
+and the terms attached in that forward get coefficient = the gradient of the loss. A and B are the same in every
+micro-batch of a step, so the training loop computes the terms in the step's first micro-batch only (`enabled`),
+and the accumulated gradient is the term's gradient once per step. Under DDP every process attaches the same
+term in the same micro-batch and DDP averages, so it counts once.
 
 Once per step. A loss may run a layer more than once (the encoder objective embeds prompts and options in two
 forwards), and gradient checkpointing re-runs a layer's forward during backward. Every forward computes and
@@ -91,10 +90,8 @@ class Regularization:
         self.terms = [t for t in terms if t.weight != 0]
         self._values: dict[str, dict[str, torch.Tensor]] = {}
         self._loss_grad: torch.Tensor | None = None
-        self._weight = 1.0
         self._calls: dict[str, int] = {}  # forwards of each layer since the last backward
-        # False: forwards attach nothing. The factors do not change between the micro-batches of one optimizer
-        # step, so the training loop computes the terms in the step's first micro-batch only, with weight 1.
+        # False: forwards attach nothing (the training loop's micro-batches after a step's first one)
         self.enabled = True
         self._handles = []
         if self.terms:
@@ -135,11 +132,10 @@ class Regularization:
             return _AttachTerm.apply(output, torch.stack(list(values.values())).sum(), self, calls == 0)
         return hook
 
-    def anchor(self, loss: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def anchor(self, loss: torch.Tensor) -> torch.Tensor:
         """Mark `loss` as what backward starts from for the terms attached since the last call: they get the
-        gradient that reaches `loss`, times `weight`. Returns `loss`."""
+        gradient that reaches `loss`. Returns `loss`."""
         if self.active:
-            self._weight = weight
             self._loss_grad = None
 
             def record(grad):
@@ -155,7 +151,7 @@ class Regularization:
         if self._loss_grad is None:
             raise RuntimeError("a regularised forward was backpropagated from a tensor that was not anchored "
                                "(Regularization.anchor)")
-        return self._loss_grad * self._weight
+        return self._loss_grad
 
     def collect(self) -> dict[str, torch.Tensor]:
         """Each term's weighted value summed over the layers of the last forward (0-dim tensors), then forget

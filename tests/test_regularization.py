@@ -3,8 +3,8 @@
 Values: for each phase, the collected regulariser equals λ_k · Σ over the layers of the chosen form of the
 *current* adapter's factors, computed here independently in float64 from the saved factors and the LoRA config
 (not from the code under test). Gradients: the gradient the mechanism produces equals plain autograd of
-(task loss + regulariser) written out by hand, also with gradient accumulation weights, a scaled loss, and
-gradient checkpointing, reentrant or not (which recomputes each layer's forward during backward)."""
+(task loss + regulariser) written out by hand, also with a scaled loss and with gradient checkpointing,
+reentrant or not (which recomputes each layer's forward during backward)."""
 
 from __future__ import annotations
 
@@ -228,21 +228,21 @@ def test_in_forward_gradient_equals_plain_autograd(model):
     assert any((plain[k][1] - task_only[k][1]).abs().max() > 1e-3 * plain[k][1].abs().max() for k in plain)
 
 
-def test_weight_and_loss_scale_reach_the_term():
-    """anchor(loss, w) under backward of c·loss gives the term the gradient c·w (accumulation weights, loss
-    scaling by accelerate or a gradient scaler), and the task gradient c."""
+def test_loss_scale_reaches_the_term():
+    """anchor(loss) under backward of c·loss gives the term the gradient c (loss scaling by accelerate or a
+    gradient scaler), as the task."""
     lam = 0.1
     bb, ad = _build("tiny-llama", n_adapters=1, seed=4)
     objective, batch = _batch(bb)
     ad.model.train()
-    c, w = 3.0, 0.25
-    (c * (objective.loss(ad.model, batch) + w * _plain_penalty(ad, "task0", lam))).backward()
+    c = 3.0
+    (c * (objective.loss(ad.model, batch) + _plain_penalty(ad, "task0", lam))).backward()
     plain = _grads(ad, "task0")
     _zero(ad)
     terms = [LossTerm("l1", lam, lambda f: (f.scaling * f.B @ f.A).abs().sum())]
     with Regularization(ad.model, "task0", terms) as reg:
         loss = objective.loss(ad.model, batch)
-        (c * reg.anchor(loss, weight=w)).backward()
+        (c * reg.anchor(loss)).backward()
     for layer, (gA, gB) in _grads(ad, "task0").items():
         torch.testing.assert_close(gA, plain[layer][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gB, plain[layer][1], rtol=1e-5, atol=1e-6)
