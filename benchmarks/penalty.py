@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (scaling = alpha / rank)")
     ap.add_argument("--previous", type=int, default=3, help="earlier adapters in the O-LoRA term")
-    ap.add_argument("--chunk-size", type=int, default=1024, help="rows of ΔW per chunk (delta-chunked)")
+    ap.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="rows of ΔW per chunk (delta-chunked); auto: nlora's default for the device")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)

@@ -126,7 +126,8 @@ class RunConfig:
                              choices=PENALTY_FORMS)
     lambda_per_task: list[float] | None = _opt("N-LoRA: one lambda per task in training order (overrides lambda)",
                                                default=None)
-    penalty_chunk_size: int = _opt("rows of the update computed at once by the delta penalty", default=1024)
+    penalty_chunk_size: int | None = _opt("rows of the update computed at once by the delta penalty (unset: 256 "
+                                          "on CPU, 1024 on a GPU)", default=None)
 
     # O-LoRA
     orth_lambda: float = _opt("O-LoRA: weight of the orthogonality loss |A_s A_t^T|", default=0.5)
@@ -226,10 +227,10 @@ class RunConfig:
         if len(set(self.tasks)) != len(self.tasks):
             bad("tasks", f"a task appears twice in {self.tasks}")
         for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
-                    "max_target_length", "penalty_chunk_size", "gradient_accumulation_steps", "log_steps"):
+                    "max_target_length", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("max_train_samples", "max_eval_samples"):
+        for key in ("max_train_samples", "max_eval_samples", "penalty_chunk_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 bad(key, f"must be >= 1 when set, got {value}")

@@ -8,6 +8,7 @@ import torch
 from nlora.penalties import (
     PENALTY_FORMS,
     delta_l1,
+    default_chunk_rows,
     delta_l1_naive,
     factors_l1,
     l2_norms,
@@ -62,7 +63,7 @@ def test_delta_by_hand():
     # dB = 0.5 * sign Aᵀ = 0.5 * [[1+2], [-1-2]] = [[1.5], [-1.5]].
     A = torch.tensor([[1.0, -2.0]])
     B = torch.tensor([[3.0], [-1.0]])
-    for chunk in (1, 2, 1024, None):
+    for chunk in (1, 2, 1024, "auto", None):
         value, (gA, gB) = _grads(lambda a, b: delta_l1(a, b, 0.5, chunk_size=chunk), A, B)
         assert value.item() == pytest.approx(6.0)
         torch.testing.assert_close(gA, torch.tensor([[2.0, -2.0]]))
@@ -135,6 +136,20 @@ def test_delta_matches_loops(d_out, d_in, r, chunk):
     ref_gA, ref_gB = _loop_delta_grads(A, B, s)
     torch.testing.assert_close(gA.double(), ref_gA, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gB.double(), ref_gB, rtol=1e-5, atol=1e-5)
+
+
+def test_delta_auto_chunk_is_the_device_default():
+    # "auto" takes default_chunk_rows of the factors' device: on CPU the same loop as an explicit 256, bit for bit
+    assert default_chunk_rows(torch.device("cpu")) == 256
+    assert default_chunk_rows(torch.device("meta")) == 1024  # any accelerator: the larger chunk
+    A, B = _factors(600, 40, 4, seed=5)  # 600 rows: 3 chunks of 256, the last one partial
+    v, (gA, gB) = _grads(lambda a, b: delta_l1(a, b, 1.5), A, B)
+    w, (hA, hB) = _grads(lambda a, b: delta_l1(a, b, 1.5, chunk_size=256), A, B)
+    assert torch.equal(v, w) and torch.equal(gA, hA) and torch.equal(gB, hB)
+    u, (kA, kB) = _grads(lambda a, b: delta_l1_naive(a, b, 1.5), A.double(), B.double())
+    assert v.item() == pytest.approx(u.item(), rel=1e-6)
+    torch.testing.assert_close(gA.double(), kA, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gB.double(), kB, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 11, 12, 13, 1000])

@@ -118,7 +118,7 @@ def test_nlora_regulariser_by_value_for_each_phase(form, chunk):
             assert k == 0 or abs(values["l1"] - earlier.item()) > 1e-3 * expected
 
 
-def test_nlora_single_lambda_and_naive_chunking():
+def test_nlora_single_lambda_and_default_chunking():
     config = RunConfig(tasks=["a", "b"], method="n-lora", penalty_form="delta", penalty_chunk_size=None,
                        lambda_=0.7)
     method = get_method("n-lora")(config)

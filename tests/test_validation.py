@@ -170,6 +170,8 @@ CASES = {
     "epochs zero": _option(["--epochs", "0"], "option 'epochs': must be >= 1, got 0"),
     "batch_size zero": _option(["--batch-size", "0"], "option 'batch_size': must be >= 1, got 0"),
     "batch_size negative": _option(["--batch-size", "-8"], "option 'batch_size': must be >= 1, got -8"),
+    "penalty_chunk_size zero": _option(["--penalty-chunk-size", "0"],
+                                       "option 'penalty_chunk_size': must be >= 1 when set, got 0"),
     "max_train_samples zero": _option(["--max-train-samples", "0"],
                                       "option 'max_train_samples': must be >= 1 when set, got 0"),
     "lora_dropout one": _option(["--lora-dropout", "1"], "option 'lora_dropout': must be in [0, 1), got 1.0"),

@@ -20,5 +20,5 @@ class NLoRA(Method):
         return per_task[k] if per_task else self.config.lambda_
 
     def loss_terms(self, k):
-        form, chunk_size = self.config.penalty_form, self.config.penalty_chunk_size
+        form, chunk_size = self.config.penalty_form, self.config.penalty_chunk_size or "auto"
         return [LossTerm("l1", self.lam(k), lambda f: lora_l1(form, f.A, f.B, f.scaling, chunk_size=chunk_size))]
