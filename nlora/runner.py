@@ -141,9 +141,15 @@ def check_same_config(saved: dict, current: dict, path: Path) -> None:
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k))
     if differ:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in differ)
-        raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). Resume with the "
-                         "saved configuration (`nlora resume RUN_DIR`), or pass --overwrite to start over")
+        def was(k):  # a key an older nlora did not write is named as such, not as a None the run never had
+            return f"{saved[k]!r} in the run" if k in saved else "not in the run's config.yaml (an older nlora)"
+        detail = "; ".join(f"{k}: {was(k)}, {current.get(k)!r} now" for k in differ)
+        if any(k not in saved for k in differ):  # `nlora resume` would refuse too: say how to go on
+            advice = f"To continue it, add those keys to {path} with the values to continue with"
+        else:
+            advice = "Resume with the saved configuration (`nlora resume RUN_DIR`)"
+        raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). {advice}, or pass "
+                         "--overwrite to start over")
 
 
 def _read_metrics(paths: RunPaths) -> dict | None:

@@ -129,6 +129,21 @@ def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
 
 
+def test_a_key_the_saved_configuration_lacks_is_named_as_missing(tmp_path):
+    from nlora.errors import NloraError
+    from nlora.runner import check_same_config
+
+    saved = {"lr": 0.001, "output_dir": "a"}  # written before fold_adapters existed
+    current = {"lr": 0.001, "output_dir": "b", "fold_adapters": True}
+    with pytest.raises(NloraError) as e:
+        check_same_config(saved, current, tmp_path / "config.yaml")
+    assert str(e.value) == (f"cannot resume {tmp_path}: the configuration changed (fold_adapters: not in the "
+                            f"run's config.yaml (an older nlora), True now). To continue it, add those keys to "
+                            f"{tmp_path / 'config.yaml'} with the values to continue with, or pass --overwrite to "
+                            "start over")
+    check_same_config(saved, {"lr": 0.001, "output_dir": "b"}, tmp_path / "config.yaml")  # output_dir: free
+
+
 def test_resume_puts_back_or_removes_folders_renamed_aside(tmp_path):
     from nlora.io import recover_replaced_dirs
 
