@@ -106,7 +106,8 @@ class _ChunkedDeltaL1(torch.autograd.Function):
     factor requires grad) the loop computes the value alone.
 
     Each chunk is held transposed, P_cᵀ = Aᵀ B_cᵀ (d_in × rows): with one side of width r the BLAS products
-    run faster in that layout (the whole loop 8-25% faster on a CPU with MKL, `benchmarks/penalty_chunks.py`).
+    run faster in that layout (with MKL on a CPU the loop takes about a quarter less time at d 2048-4096,
+    `benchmarks/penalty_chunks.py`).
     """
 
     @staticmethod
