@@ -290,7 +290,7 @@ class ContinualAdapters:
         tmp = staging_dir(folder)
         state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+                  str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         self.peft_model.peft_config[name].save_pretrained(str(tmp))
         fault_point("adapter_save")
         replace_dir_atomic(tmp, folder)
@@ -298,7 +298,7 @@ class ContinualAdapters:
 
     def load(self, name: str, folder: str | Path) -> None:
         """Load weights saved by `save` into the existing adapter `name`."""
-        path = Path(folder) / "adapter_model.safetensors"
+        path = Path(folder) / ADAPTER_FILE
         try:
             state = load_file(str(path))
         except Exception as e:

@@ -19,6 +19,7 @@ from .config import RunConfig, load_config
 from .errors import NloraError
 from .io import replace_dir_atomic, staging_dir, write_json_atomic
 from .methods import Method, get_method
+from .runner import RunPaths
 
 EXPORT_INFO = "nlora_export.json"
 
@@ -45,8 +46,8 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
         raise NloraError(f"{root} is not a run directory (no config.yaml)")
     config = load_config(root / "config.yaml", {"output_dir": str(root)})
     method = get_method(config.method)(config)
-    tasks = config.tasks
-    saved = [k for k in method.phases(len(tasks)) if (root / "adapters" / f"{k}-{tasks[k]}" / ADAPTER_FILE).is_file()]
+    tasks, paths = config.tasks, RunPaths(root)
+    saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
     if not saved:
         raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
     if upto is None:
@@ -57,10 +58,8 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
         raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
                          f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}")
     k = upto - 1
-    if method.adapter_layout == "snapshot":
-        folders = [root / "adapters" / f"{k}-{tasks[k]}"]
-    else:
-        folders = [root / "adapters" / f"{j}-{tasks[j]}" for j in range(k + 1)]
+    phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
+    folders = [paths.adapter(j, tasks[j]) for j in phases]
     return TrainedRun(root, config, method, upto, folders)
 
 

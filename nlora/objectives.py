@@ -185,9 +185,6 @@ class Seq2SeqObjective(Objective):
 class DecoderObjective(Objective):
     kind = "decoder"
 
-    def _prompt_ids(self, example: Example) -> list[int]:
-        return self.prompt_ids(example)  # nlora format: the answer cue stays next to the answer
-
     def _answer_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         if ids and ids[-1] == self.tokenizer.eos_token_id:
@@ -198,7 +195,7 @@ class DecoderObjective(Objective):
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
         for e in examples:
-            p, a = self._prompt_ids(e), self._answer_ids(e.label)
+            p, a = self.prompt_ids(e), self._answer_ids(e.label)
             seqs.append(p + a)
             labels.append([IGNORE] * len(p) + a)
         width = max(map(len, seqs))
@@ -232,7 +229,7 @@ class DecoderObjective(Objective):
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels: token t predicts t+1
 
     def _left_padded_prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor, int]:
-        prompts = [self._prompt_ids(e) for e in examples]
+        prompts = [self.prompt_ids(e) for e in examples]
         width = max(map(len, prompts))
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)

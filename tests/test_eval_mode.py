@@ -50,7 +50,7 @@ def _brute_force_log_likelihood(name, obj, model, example, option) -> float:
                      return_tensors="pt")["input_ids"]
         logits = model(input_ids=src, attention_mask=torch.ones_like(src), labels=target).logits
         return logits.log_softmax(-1)[0].gather(-1, target[0].unsqueeze(-1)).sum().item()
-    prompt, answer = obj._prompt_ids(example), obj._answer_ids(option)
+    prompt, answer = obj.prompt_ids(example), obj._answer_ids(option)
     ids = torch.tensor([prompt + answer])
     logp = model(input_ids=ids).logits.log_softmax(-1)[0]
     return sum(logp[len(prompt) + t - 1, a].item() for t, a in enumerate(answer))

@@ -19,13 +19,13 @@ def test_decoder_loss_only_on_answer_tokens():
         assert supervised == obj._answer_ids(label)
         assert bb.tokenizer.decode(supervised, skip_special_tokens=True) == " " + label
     for i, e in enumerate([_ex("yes"), _ex("no", "a much longer sentence here")]):
-        assert batch["attention_mask"][i].sum() == len(obj._prompt_ids(e)) + len(obj._answer_ids(e.label))
+        assert batch["attention_mask"][i].sum() == len(obj.prompt_ids(e)) + len(obj._answer_ids(e.label))
 
 
 def test_decoder_truncation_keeps_the_answer_cue():
     bb = load_backbone("tiny-llama")
     obj = make_objective("decoder", bb.tokenizer, 40, 8)
-    ids = obj._prompt_ids(_ex("yes", "x" * 200))
+    ids = obj.prompt_ids(_ex("yes", "x" * 200))
     # byte-level: 26 bytes before the text, 8 after it, so 6 bytes of the text fit
     assert len(ids) == 40 and bb.tokenizer.decode(ids) == "Q?\nOptions: yes, no\nText: xxxxxx\nAnswer:"
 
