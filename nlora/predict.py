@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ContinualAdapters
-from .data import GENERIC_INSTRUCTION, Example, format_prompt, load_instructions, load_task
+from .adapters import ContinualAdapters, folding
+from .data import GENERIC_INSTRUCTION, Example, load_instructions
 from .errors import NloraError
 from .evaluation import evaluate
 from .export import TrainedRun, read_run
 from .io import write_jsonl_atomic
 from .models import backbone_options, load_backbone
 from .objectives import make_objective
+from .prompts import PromptSpec, build_prompt
+from .runner import load_tasks
 
 
 def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters, object]:
@@ -42,7 +44,7 @@ def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters,
         if name not in adapters.names:
             adapters.add(name)
         adapters.load(name, folder)
-    if method.adapter_layout == "stacked" and method.folds_past:
+    if folding(method, config):  # as the run did: an unfolded run evaluated one path per task
         adapters.fold(dict(zip(adapters.names, run.folders)))
     backbone.model.eval()
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
@@ -63,9 +65,11 @@ def _task_index(run: TrainedRun, task: str | None) -> int:
 
 
 def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
-    """The examples of a JSONL file, each with whether it has a gold label; errors name the line."""
+    """The examples of a JSONL file, each with whether it has a gold label; errors name the line. Prompts take
+    the run's prompt format, the line's task name standing for its task family."""
     path = Path(path)
-    instructions = load_instructions(run.config.instructions)
+    spec = PromptSpec.of(run.config)
+    instructions = load_instructions(run.config.instructions, spec.format)
     out = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -88,8 +92,9 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
         if label is not None and not isinstance(label, str) or task is not None and not isinstance(task, str):
             raise NloraError(f"{path}:{n}: \"label\" and \"task\" must be strings when given")
         instruction = row.get("instruction") or instructions.get(task or "") or GENERIC_INSTRUCTION
-        out.append((Example(task or "", row["sentence"], label or "", tuple(options),
-                            format_prompt(instruction, options, row["sentence"])), label is not None))
+        prompt = build_prompt(spec, instruction, task or "", task or "", tuple(options), row["sentence"])
+        out.append((Example(task or "", row["sentence"], label or "", tuple(options), prompt, spec.format),
+                    label is not None))
     if not out:
         raise NloraError(f"option --input: {path} holds no examples")
     return out
@@ -110,13 +115,15 @@ def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: s
         data_dir = data_dir or config.data_dir
         if data_dir is None:
             raise NloraError("option --data-dir: the run records no data folder; give one")
-        instructions = load_instructions(config.instructions)
         limit = config.max_eval_samples if max_samples is None else max_samples or None
-        position = 0
         for name in tasks:
             _task_index(run, name)
-            task = load_task(data_dir, name, instructions, 1, limit, config.seed)
-            groups[name] = [(position + i, e, True) for i, e in enumerate(task.test)]
+        # read as the run read its tasks: prompt format, instructions, label policies, the same test subset
+        loaded = load_tasks(config.replace(tasks=list(tasks), data_dir=data_dir, max_train_samples=1,
+                                           max_eval_samples=limit))
+        position = 0
+        for task in loaded:
+            groups[task.name] = [(position + i, e, True) for i, e in enumerate(task.test)]
             position += len(task.test)
     else:
         for i, (example, labelled) in enumerate(read_input(input_file, run)):

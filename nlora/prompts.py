@@ -51,6 +51,11 @@ class PromptSpec:
     add_task_name: bool = False
     add_dataset_name: bool = False
 
+    @classmethod
+    def of(cls, config) -> "PromptSpec":
+        """The prompt options of a run's configuration."""
+        return cls(config.prompt_format, config.add_task_name, config.add_dataset_name)
+
     def __post_init__(self):
         if self.format not in PROMPT_FORMATS:
             raise NloraError(f"option 'prompt_format': {self.format!r} is not one of {', '.join(PROMPT_FORMATS)}")

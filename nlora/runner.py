@@ -76,7 +76,7 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
     if config.data_dir is None:
         raise NloraError("option 'data_dir': no data folder given (a folder in the CL_Benchmark layout)")
     instructions = load_instructions(config.instructions, config.prompt_format)
-    prompt = PromptSpec(config.prompt_format, config.add_task_name, config.add_dataset_name)
+    prompt = PromptSpec.of(config)
     policies = {"train": config.train_unknown_labels, "test": config.test_unknown_labels}
     return [load_task(config.data_dir, name, instructions, config.max_train_samples, config.max_eval_samples,
                       config.seed, unknown_labels=policies, prompt=prompt) for name in config.tasks]

@@ -15,10 +15,10 @@ from nlora.cli import main
 from nlora.config import load_config
 from nlora.errors import NloraError
 from nlora.evaluation import evaluate
-from nlora.export import export_run
+from nlora.export import export_run, read_run
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
-from nlora.predict import predict_run
+from nlora.predict import load_model, predict_run
 from nlora.runner import load_tasks, run
 
 TASKS = ["harbor", "orchard", "library"]
@@ -112,6 +112,29 @@ def test_predict_reproduces_the_runs_predictions(tmp_path, runs, synthetic_dir, 
     assert [r["prediction"] for r in records] == [r["prediction"] for r in want]
     assert [r["input"] for r in records] == [r["input"] for r in want]
     assert all(("correct" in r) == bool(i % 2) for i, r in enumerate(records))
+
+
+def test_predict_reads_and_folds_as_the_run_did(tmp_path, synthetic_dir):
+    # a run in the reference prompt format, with folding off: predict must build the run's prompts (not nlora's
+    # own layout) and sum the adapters as separate paths, as the run evaluated them
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps({t: f"Which label fits this {t} text? Choose one from the option.\n"
+                                        for t in TASKS}))
+    run_dir = _train(tmp_path, synthetic_dir, "tiny-bert", "n-lora", tasks=TASKS[:2], lr=0.05,
+                     prompt_format="reference", add_dataset_name=True, instructions=str(instructions),
+                     fold_adapters=False)
+    rows = predict_run(run_dir, tasks=TASKS[:2], output=tmp_path / "p.jsonl", progress=False)
+    want = [r for t in TASKS[:2] for r in _run_predictions(run_dir, 1, "orchard", t)]
+    assert [r["input"] for r in rows] == [r["input"] for r in want]
+    assert all(r["input"].startswith("Dataset:") for r in rows)
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in want]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"sentence": "a plain sentence", "options": ["x", "y"],
+                                                   "task": "harbor"}) + "\n")
+    (record,) = predict_run(run_dir, input_file=tmp_path / "in.jsonl", output=tmp_path / "o.jsonl", progress=False)
+    assert record["input"] == ("Dataset:harbor\nWhich label fits this harbor text? Choose one from the option.\n"
+                               "Option: x, y \na plain sentence\nAnswer:")
+    adapters, _ = load_model(read_run(run_dir))
+    assert adapters.fold_form is None and adapters.folded == []
 
 
 def test_snapshot_and_per_task_runs(tmp_path, synthetic_dir):
