@@ -2,17 +2,29 @@
 
     from nlora import RunConfig, run
     metrics = run(RunConfig(model="tiny-t5", tasks=["a", "b"], data_dir="data", output_dir="runs/x"))
+
+The names below are imported on first use, so `import nlora` (and `nlora --help`, `nlora status`) stays light:
+torch, transformers and peft load only with what needs them.
 """
 
-from .config import RunConfig, load_config
-from .errors import NloraError
-from .methods import METHODS, Method, register
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "load_config", "run", "NloraError", "METHODS", "Method", "register", "__version__"]
+__all__ = ["RunConfig", "load_config", "run", "NloraError", "METHODS", "Method", "MethodContext", "MethodOptions",
+           "option", "register", "__version__"]
+
+_LAZY = {"RunConfig": "config", "load_config": "config", "NloraError": "errors", "METHODS": "methods",
+         "Method": "methods", "MethodContext": "methods", "register": "methods", "MethodOptions": "options",
+         "option": "options"}
 
 
-def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'nlora' has no attribute {name!r}")
+
+
+def run(config, progress: bool = True, resume: bool = False) -> dict:
     """Train `config.tasks` in order with `config.method`; returns metrics.json's content. With `resume`,
     continue the run in `config.output_dir` from where it stopped."""
     from .runner import run as _run

@@ -33,8 +33,10 @@ not used for the merge form: it keeps the adapter and unmerges it whenever adapt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,8 +176,9 @@ class ContinualAdapters:
         self.activate(self.names, trainable=name)
         return name
 
-    def activate(self, names: list[str], trainable: str | None = None) -> None:
-        """Make `names` the summed active adapters (none: the bare base model); freeze all but `trainable`."""
+    def activate(self, names: list[str], trainable: str | None = None, factors: str = "both") -> None:
+        """Make `names` the summed active adapters (none: the bare base model); freeze all but `trainable`, of
+        which only `factors` train ("both", "A" or "B")."""
         peft_names = self.lora_paths(names)
         if not peft_names:  # the bare base (or, merged, the base holding every folded task)
             self.peft_model.base_model.disable_adapter_layers()
@@ -183,8 +186,36 @@ class ContinualAdapters:
         self.peft_model.base_model.enable_adapter_layers()
         self.peft_model.base_model.set_adapter(peft_names, inference_mode=True)
         if trainable is not None:
-            for p in self.adapter_parameters(trainable):
-                p.requires_grad_(True)
+            for f in self.factors(trainable):
+                f.A.requires_grad_(factors in ("both", "A"))
+                f.B.requires_grad_(factors in ("both", "B"))
+
+    def scale_by(self, name: str, scale: torch.Tensor | float | None) -> None:
+        """Multiply adapter `name`'s update in every layer by `scale` (a 0-dim tensor: a learnable scalar gets its
+        gradient through PEFT's `result + B(A(x)) * scaling`); None restores alpha / r. Saved adapter files keep
+        alpha / r: a method that scales adapters keeps the scale in its own state."""
+        for _, layer in self.lora_layers():
+            if name not in layer.lora_A:
+                continue
+            base = layer.lora_alpha[name] / layer.r[name]
+            layer.scaling[name] = base if scale is None else scale * base
+
+    @contextlib.contextmanager
+    def using(self, names: list[str]):
+        """Run the forward passes inside the block with the adapters `names` active instead (none: the base),
+        without touching which parameters train: for a method's extra pass (a teacher, a stable copy) on the same
+        model, with no copy of it. Restores the active set on exit."""
+        peft_names = self.lora_paths(names)
+        layers = [m for _, m in self.lora_layers()]
+        saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+        try:
+            for m in layers:  # PEFT's own set_adapter would also change requires_grad
+                m._active_adapter = list(peft_names) or m._active_adapter
+                m._disable_adapters = not peft_names
+            yield self.model
+        finally:
+            for m, (active, disabled) in zip(layers, saved):
+                m._active_adapter, m._disable_adapters = active, disabled
 
     def lora_layers(self) -> list[tuple[str, LoraLayer]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
@@ -283,15 +314,18 @@ class ContinualAdapters:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def save(self, name: str, folder: str | Path) -> Path:
+    def save(self, name: str, folder: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
         """Write adapter `name` to `folder` in PEFT's format (adapter_config.json + adapter_model.safetensors),
-        atomically: the folder appears complete or not at all."""
+        atomically: the folder appears complete or not at all. `extra(staging_folder)` writes further files that
+        must appear with it (the method's state)."""
         folder = Path(folder)
         tmp = staging_dir(folder)
         state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         self.peft_model.peft_config[name].save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
         fault_point("adapter_save")
         replace_dir_atomic(tmp, folder)
         return folder

@@ -1,5 +1,6 @@
 """Mid-task checkpoints: the current adapter's weights (safetensors), the optimizer/scheduler/RNG state
-(`torch.load(weights_only=True)`, no pickled code), and the position in the data, in one folder that is replaced
+(`torch.load(weights_only=True)`, no pickled code), the method's state (nlora.method_state), and the position in
+the data, in one folder that is replaced
 atomically, so a resumed task continues exactly where the last checkpoint left it."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
+from .method_state import load_state, save_state
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -29,7 +31,7 @@ class Progress:
 
 
 def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.Tensor], optimizer, scheduler,
-                    ) -> Path:
+                    method_state: dict | None = None) -> Path:
     final = Path(run_dir) / CHECKPOINT_DIR
     tmp = staging_dir(final)
     save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "adapter.safetensors"))
@@ -38,6 +40,7 @@ def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.T
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     torch.save(state, tmp / "trainer_state.pt")
+    save_state(method_state or {}, tmp)
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     fault_point("checkpoint_save")
     replace_dir_atomic(tmp, final)
@@ -52,6 +55,9 @@ def load_checkpoint(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor], d
         progress = Progress(**json.loads((folder / "progress.json").read_text()))
         params = load_file(str(folder / "adapter.safetensors"))
         state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+        method_state = load_state(folder)
+        if method_state is not None:
+            state["method"] = method_state
     except Exception as e:  # the folder is replaced atomically, so this means outside damage
         raise NloraError(f"checkpoint {folder} is unreadable ({e}); delete it to redo the task from its "
                          "start") from None

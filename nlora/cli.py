@@ -4,45 +4,84 @@ the YAML keys and the Python API stay one and the same."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from .config import base_type, config_fields, load_config, public_name
+from .config import config_fields, load_config
 from .errors import NloraError
+from .options import base_type, default_of, option_fields, public_name
 
-def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the keys below")
-    for f in config_fields():
+# Commands whose flags include every method's options (building them imports the methods, hence torch).
+METHOD_COMMANDS = ("run", "demo")
+
+
+def _add_fields(parser, cls, fields, skip: tuple[str, ...] = ()) -> None:
+    for f in fields:
         if f.name in skip:
             continue
         flag = "--" + public_name(f.name).replace("_", "-")
-        dest = "cfg__" + f.name
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        dest = "cfg__" + public_name(f.name)
+        default = default_of(f)
         help_text = f"{f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})"
-        if base_type(f) is bool and default is True:  # on by default: --no-<flag> turns it off
+        if base_type(cls, f) is bool and default is True:  # on by default: --no-<flag> turns it off
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
-        elif base_type(f) is bool:
+        elif base_type(cls, f) is bool:
             parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=dest, default=None, metavar=public_name(f.name).upper(), help=help_text)
 
 
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                        method_modules: list[str] | None = None) -> None:
+    """The core options, then one group per method with its own (when `method_modules` is given: the methods of
+    those modules, the package's and the entry points' are listed)."""
+    from .config import RunConfig
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the keys below")
+    _add_fields(parser, RunConfig, config_fields(), skip)
+    if method_modules is None:
+        return
+    from .methods import METHODS, get_method
+
+    get_method("n-lora", method_modules)  # imports the modules and entry points
+    seen: set[str] = set()
+    for name in sorted(METHODS):
+        options = METHODS[name].Options
+        fields = [f for f in option_fields(options) if public_name(f.name) not in seen]
+        if fields:
+            seen.update(public_name(f.name) for f in fields)
+            _add_fields(parser.add_argument_group(f"{name} options"), options, fields)
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    return {public_name(k[len("cfg__"):]): v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _method_modules(argv: list[str]) -> list[str]:
+    """--method-module values in argv, read before parsing: their methods' options become flags."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--method-module" and i + 1 < len(argv):
+            out += [m for m in argv[i + 1].split(",") if m]
+        elif arg.startswith("--method-module="):
+            out += [m for m in arg.split("=", 1)[1].split(",") if m]
+    return out
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlora", description="Continual learning of language models with "
                                      "per-task LoRA adapters (N-LoRA, IncLoRA, ...).")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    argv = list(argv or [])
+    with_methods = bool(argv) and argv[0] in METHOD_COMMANDS
+    modules = _method_modules(argv) if with_methods else None
     p_run = sub.add_parser("run", help="train a model on a sequence of tasks and write a run directory")
-    _add_config_options(p_run)
+    _add_config_options(p_run, method_modules=modules if with_methods and argv[0] == "run" else None)
     p_run.add_argument("--resume", action="store_true",
                        help="continue the run in --output-dir from where it stopped (same configuration)")
     p_run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -56,12 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_option(p_resume)
 
     p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
-    _add_config_options(p_demo, skip=("method", "benchmark", "order"))
+    _add_config_options(p_demo, skip=("method", "benchmark", "order"),
+                        method_modules=modules if with_methods and argv[0] == "demo" else None)
     p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
                         help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("methods", help="list the available methods")
+    p_methods = sub.add_parser("methods", help="list the available methods, or one method's options")
+    p_methods.add_argument("name", nargs="?", help="a method: print its options with their defaults")
+    p_methods.add_argument("--method-module", default=None, metavar="MODULE",
+                           help="modules or .py files registering methods of your own (comma-separated)")
     p_presets = sub.add_parser("presets", help="list the benchmark presets, or print one (a YAML file to copy)")
     p_presets.add_argument("benchmark", nargs="?", help="standard, long (N-LoRA's protocol), o-lora-standard or "
                            "o-lora-long (O-LoRA's)")
@@ -197,9 +240,29 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
           "`nlora run --benchmark B --order K --dry-run` shows the resolved configuration.")
 
 
+def print_methods(name: str | None, modules: list[str]) -> None:
+    from .methods import METHODS, get_method
+
+    if name is None:
+        get_method("n-lora", modules)
+        for method, cls in sorted(METHODS.items()):
+            print(f"{method:12s} {cls.description}")
+        print("\n`nlora methods NAME` lists a method's options.")
+        return
+    cls = get_method(name, modules)
+    print(f"{name}: {cls.description}")
+    fields = option_fields(cls.Options)
+    if not fields:
+        print("  no options of its own")
+    for f in fields:
+        default = default_of(f)
+        flag = "--" + public_name(f.name).replace("_", "-")
+        print(f"  {flag:<24} {f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         if args.command in ("run", "resume") and args.num_processes is not None \
                 and not getattr(args, "dry_run", False):
@@ -219,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(yaml.safe_dump(config.validate().to_dict(), sort_keys=False), end="")
                     return 0
             else:
-                config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir})
+                config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir},
+                                     saved_run=True)
                 resume = True
             metrics = run(config, progress=not args.quiet, resume=resume)
             if PartialState().is_main_process:
@@ -267,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in accuracy_lines(records):
                 print(line, file=sys.stderr)
         elif args.command == "methods":
-            from .methods import METHODS
-
-            for name, cls in sorted(METHODS.items()):
-                print(f"{name:12s} {cls.description}")
+            print_methods(args.name, [m for m in (args.method_module or "").split(",") if m])
         return 0
     except NloraError as e:
         print(f"nlora: error: {e}", file=sys.stderr)

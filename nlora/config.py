@@ -1,5 +1,7 @@
-"""The run configuration: one typed dataclass, the single source of the CLI options, the YAML keys and their
-validation. Every key of a YAML config file is a field name below (`lambda` for `lambda_`)."""
+"""The run configuration: one typed dataclass of the core options (what every run has), the single source of the
+CLI options, the YAML keys and their validation. A method's own options live in its file (`Method.Options`, see
+nlora.options); a run holds the chosen method's in `method_options`, and config.yaml records them flat beside the
+core keys (`lambda: 0.4` for n-lora)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ import dataclasses
 import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,23 +18,19 @@ import yaml
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .data import UNKNOWN_LABEL_POLICIES
 from .evaluation_plan import EVAL_PLANS
+from .options import base_type as _base_type
+from .options import check_fields, coerce, field_name, public_name
 from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
-PENALTY_FORMS = ("delta", "reference", "factors")
 EVAL_MODES = ("generate", "score")
-L2_FORMS = ("squared", "reference")
-# A scalar the user sets replaces the preset's per-task list of the same quantity (unless the user sets both).
-PER_TASK_OF = {"lambda": "lambda_per_task", "orth_lambda": "orth_lambda_per_task",
-               "l2_lambda": "l2_lambda_per_task", "epochs": "epochs_per_task"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-
-# Field names that are Python keywords get a trailing underscore; users write them without it.
-_ALIASES = {"lambda": "lambda_"}
-_PUBLIC_NAMES = {v: k for k, v in _ALIASES.items()}
+TRAIN_FACTORS = ("both", "A", "B")
+# Keys that hold per-task lists of a core scalar (a scalar the user sets drops a preset's list).
+CORE_PER_TASK_OF = {"epochs": "epochs_per_task"}
 
 
 def _opt(help: str, **kw) -> Any:
@@ -46,10 +42,12 @@ def _opt(help: str, **kw) -> Any:
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(init=False)
 class RunConfig:
     """Everything a run needs. Build it with `RunConfig(...)`, `RunConfig.from_dict(...)` or
-    `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key."""
+    `load_config(path, overrides)`; `validate()` checks it and raises NloraError naming the bad key. Keywords
+    that are not core fields are the method's options (`RunConfig(method="n-lora", lambda_=0.4)`), kept in
+    `method_options` under their public names and readable as attributes (`config.lambda_`)."""
 
     # a preset of the papers' benchmarks (see `nlora presets`); its keys sit under the config file and the flags
     benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6) with N-LoRA's "
@@ -62,7 +60,11 @@ class RunConfig:
                       "(tiny-t5, tiny-llama, tiny-bert)", default=DEFAULT_MODEL)
     model_kind: str = _opt("seq2seq, decoder, encoder, or auto (from the model's config)", default="auto",
                            choices=MODEL_KINDS)
-    method: str = _opt("continual-learning method (see `nlora methods`)", default="n-lora")
+    method: str = _opt("continual-learning method (see `nlora methods`; `nlora methods NAME` lists its options)",
+                       default="n-lora")
+    method_module: list[str] = _opt("modules or .py files to import before the method is looked up: they register "
+                                    "methods of your own with @nlora.register (also found through the "
+                                    "'nlora.methods' entry-point group)", default_factory=list)
     tasks: list[str] = _opt("dataset names in training order", default_factory=list)
     data_dir: str | None = _opt("folder in the CL_Benchmark layout <group>/<dataset>/{train,test,labels}.json",
                                 default=None)
@@ -114,39 +116,18 @@ class RunConfig:
     target_modules: list[str] | None = _opt("module names to adapt (default: the attention query and value "
                                             "projections of the architecture)", default=None)
 
+    train_factors: str = _opt("which LoRA factors of a new adapter train: both, A or B (the other stays at its "
+                              "random initialisation: LoRA-FA trains B, RAC-LoRA's asymmetric step one of them)",
+                              default="both", choices=TRAIN_FACTORS)
+
     # adapters
     fold_adapters: bool = _opt("fold the frozen adapters of a method that sums them all into one frozen LoRA "
                                "path (no dropout) after each task, so the cost per step stays flat in the number "
                                "of tasks; false keeps one path per task", default=True)
 
-    # N-LoRA
-    lambda_: float = _opt("weight of N-LoRA's L1 penalty", default=0.4)
-    penalty_form: str = _opt("N-LoRA penalty: delta (paper: |scaling*B*A|_1), reference (the public code's "
-                             "r x r product |A*B|_1) or factors (|A|_1 + |B|_1)", default="delta",
-                             choices=PENALTY_FORMS)
-    lambda_per_task: list[float] | None = _opt("N-LoRA: one lambda per task in training order (overrides lambda)",
-                                               default=None)
-    penalty_chunk_size: int | None = _opt("rows of the update computed at once by the delta penalty (unset: 256 "
-                                          "on CPU, 1024 on a GPU)", default=None)
-
-    # O-LoRA
-    orth_lambda: float = _opt("O-LoRA: weight of the orthogonality loss |A_s A_t^T|", default=0.5)
-    l2_lambda: float = _opt("O-LoRA: weight of the L2 loss on the current adapter", default=0.0)
-    orth_lambda_per_task: list[float] | None = _opt("O-LoRA: one orth_lambda per task in training order "
-                                                    "(overrides orth_lambda)", default=None)
-    l2_lambda_per_task: list[float] | None = _opt("O-LoRA: one l2_lambda per task in training order (overrides "
-                                                  "l2_lambda)", default=None)
-    l2_form: str = _opt("O-LoRA L2 loss: squared (sum of |theta|^2) or reference (the public code's sum of "
-                        "unsquared norms |theta|_2 of A and B)", default="squared", choices=L2_FORMS)
-
     # per-task schedule (O-LoRA's long-order script trains MNLI for 2 epochs)
     epochs_per_task: list[float] | None = _opt("one epoch count per task in training order (overrides epochs)",
                                                default=None)
-
-    # replay
-    replay_per_task: int = _opt("replay: stored training examples of each earlier task", default=50)
-    replay_base: str = _opt("replay: seq-lora (one shared adapter) or inc-lora (one adapter per task)",
-                            default="seq-lora", choices=("seq-lora", "inc-lora"))
 
     # evaluation
     eval_mode: str = _opt("generate: greedy generation scored by exact match (the papers' protocol); score: the "
@@ -193,32 +174,64 @@ class RunConfig:
     report_to: str = _opt("trackers through accelerate: tensorboard, wandb, mlflow (comma-separated), all (every "
                           "one installed) or none; log.jsonl is always written", default="none")
 
+    # the chosen method's options (public names); see nlora.options and `Method.Options`
+    method_options: dict[str, Any] = field(default_factory=dict)
+
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
-        """Build from user-facing keys, coercing strings (CLI) and checking names and types."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        unknown = []
-        for key, value in values.items():
-            name = _ALIASES.get(key, key).replace("-", "_")
-            if name not in known or name in _ALIASES:
-                unknown.append(key)
+    def __init__(self, **values: Any):
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        method_options = dict(values.pop("method_options", None) or {})
+        for name, f in fields.items():
+            if name == "method_options":
                 continue
-            kwargs[name] = _coerce(value, known[name], source)
-        if unknown:
-            valid = ", ".join(sorted(public_name(n) for n in known))
-            raise NloraError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {valid}")
-        return cls(**kwargs)
+            if name in values:
+                setattr(self, name, values.pop(name))
+            else:
+                setattr(self, name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else f.default)
+        method_options.update({public_name(k): v for k, v in values.items()})  # RunConfig(lambda_=0.4)
+        self.method_options = method_options
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("method_options") or {}
+        if public_name(name) in options and not name.startswith("__"):
+            return options[public_name(name)]
+        raise AttributeError(f"RunConfig has no option {name!r}" + (
+            f" (method '{self.__dict__.get('method')}' has no such option either)" if "method" in self.__dict__
+            else ""))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config", lenient: set[str] = frozenset(),
+                  saved_run: bool = False) -> "RunConfig":
+        """Build from user-facing keys, coercing strings (CLI) and checking names and types; each key is a core
+        option or an option of the chosen method (nlora.methods.split_method_options: a key of another method is
+        an error naming it, unless in `lenient`, or, in a run's saved config.yaml, at its default)."""
+        from .methods import split_method_options  # methods never import this module at run time: no cycle
+
+        known = {f.name: f for f in config_fields()}
+        core = {k: v for k, v in values.items() if field_name(k) in known}
+        kwargs = {field_name(k): coerce(cls, known[field_name(k)], v, source) for k, v in core.items()}
+        probe = cls(**{k: v for k, v in kwargs.items() if k in ("method", "method_module")})
+        rest = {k: v for k, v in values.items() if field_name(k) not in known and k != "method_options"}
+        rest.update(values.get("method_options") or {})
+        try:
+            _, options = split_method_options(probe.method, probe.method_module, rest, lenient, saved_run)
+        except NloraError as e:
+            raise NloraError(f"{source}: {e}") from None
+        return cls(**kwargs, method_options=options)
 
     def to_dict(self) -> dict[str, Any]:
-        return {public_name(k): v for k, v in dataclasses.asdict(self).items()}
+        """The core keys, then the method's options, flat (config.yaml)."""
+        core = {public_name(f.name): _plain(getattr(self, f.name)) for f in config_fields()}
+        return {**core, **{k: _plain(v) for k, v in self.method_options.items()}}
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
+        """Check every option: the core ones here, the method's through its Options (nlora.methods.resolve, which
+        also normalises `method_options` to the method's full set)."""
         def bad(key: str, why: str):
             raise NloraError(f"option '{public_name(key)}': {why}")
 
@@ -230,30 +243,21 @@ class RunConfig:
                     "max_target_length", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("max_train_samples", "max_eval_samples", "penalty_chunk_size"):
+        for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 bad(key, f"must be >= 1 when set, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", f"must be a positive number, got {self.lr}")
-        if not (self.lambda_ >= 0 and math.isfinite(self.lambda_)):
-            bad("lambda_", f"must be >= 0 and finite, got {self.lambda_}")
-        if self.lambda_per_task is not None:
-            if len(self.lambda_per_task) != len(self.tasks):
-                bad("lambda_per_task", f"has {len(self.lambda_per_task)} values for {len(self.tasks)} tasks")
-            if any(not (x >= 0 and math.isfinite(x)) for x in self.lambda_per_task):
-                bad("lambda_per_task", f"values must be >= 0 and finite, got {self.lambda_per_task}")
-        for key in ("orth_lambda_per_task", "l2_lambda_per_task", "epochs_per_task"):
-            values = getattr(self, key)
-            if values is not None and len(values) != len(self.tasks):
-                bad(key, f"has {len(values)} values for {len(self.tasks)} tasks")
-            if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
-                bad(key, f"values must be >= 0 and finite, got {values}")
-            if key == "epochs_per_task" and values is not None and any(x < 1 or x != int(x) for x in values):
-                bad(key, f"values must be whole numbers >= 1, got {values}")
-        for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
-            if not getattr(self, key) >= 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        values = self.epochs_per_task
+        if values is not None and len(values) != len(self.tasks):
+            bad("epochs_per_task", f"has {len(values)} values for {len(self.tasks)} tasks")
+        if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
+            bad("epochs_per_task", f"values must be >= 0 and finite, got {values}")
+        if values is not None and any(x < 1 or x != int(x) for x in values):
+            bad("epochs_per_task", f"values must be whole numbers >= 1, got {values}")
+        if not self.checkpoint_steps >= 0:
+            bad("checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
         if self.lora_alpha <= 0:
             bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -264,10 +268,7 @@ class RunConfig:
             bad("max_grad_norm", f"must be > 0 when set, got {self.max_grad_norm}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             bad("device", f"{self.device!r} is not one of cpu, cuda, cuda:N, mps, auto")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                bad(f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        check_fields(self, len(self.tasks))
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1, got {self.eval_every}")
         if self.load_in_4bit and self.load_in_8bit:
@@ -276,9 +277,9 @@ class RunConfig:
             bad("load_in_4bit" if self.load_in_4bit else "load_in_8bit",
                 f"the built-in '{self.model}' is built in memory, not loaded from weights; save it with "
                 "save_pretrained and pass its folder as 'model'")
-        from .methods import get_method  # late import: methods import this module
+        from .methods import resolve  # methods never import this module at run time: no cycle
 
-        get_method(self.method)
+        resolve(self)
         check_benchmark_order(self.benchmark, self.order)
         from .tracking import check_trackers
 
@@ -291,105 +292,17 @@ class RunConfig:
         return self
 
 
-def public_name(name: str) -> str:
-    return _PUBLIC_NAMES.get(name, name)
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(RunConfig))
+    """The core options (method_options excluded)."""
+    return [f for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
 
 
 def base_type(f: dataclasses.Field) -> type:
-    """The non-None type of a field: int for `int | None`, list for `list[str]`."""
-    hints = typing.get_type_hints(RunConfig)
-    tp = hints[f.name]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_origin(tp) or tp
-
-
-def list_item_type(f: dataclasses.Field) -> type:
-    tp = typing.get_type_hints(RunConfig)[f.name]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_args(tp)[0]
-
-
-def is_optional(f: dataclasses.Field) -> bool:
-    tp = typing.get_type_hints(RunConfig)[f.name]
-    return type(None) in typing.get_args(tp)
-
-
-def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
-    name = public_name(f.name)
-    tp = base_type(f)
-
-    def fail():
-        raise NloraError(f"{source}: key '{name}' must be {_type_name(tp, f)}, got {value!r}")
-
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and is_optional(f)):
-        if is_optional(f):
-            return None
-        fail()
-    if tp is list:
-        item = list_item_type(f)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            fail()
-        if item is float:
-            if any(isinstance(v, bool) for v in value):
-                fail()
-            try:
-                return [float(v) for v in value]
-            except (TypeError, ValueError):
-                fail()
-        if not all(isinstance(v, str) for v in value):
-            fail()
-        return list(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        fail()
-    if tp is int:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                fail()
-        fail()
-    if tp is float:
-        if isinstance(value, bool):
-            fail()
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            fail()
-        if math.isnan(out):
-            fail()
-        return out
-    if tp is str:
-        if isinstance(value, (str, os.PathLike)):
-            return str(value)
-        fail()
-    return value
-
-
-def _type_name(tp: type, f: dataclasses.Field) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             list: "a list of strings (or a comma-separated string)"}
-    text = names.get(tp, str(tp))
-    if tp is list and list_item_type(f) is float:
-        text = "a list of numbers (or a comma-separated string)"
-    return text + " or null" if is_optional(f) else text
+    return _base_type(RunConfig, f)
 
 
 def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -408,31 +321,38 @@ def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                defaults: dict[str, Any] | None = None) -> RunConfig:
+                defaults: dict[str, Any] | None = None, saved_run: bool = False) -> RunConfig:
     """RunConfig's defaults, then `defaults`, then the benchmark preset named by `benchmark`/`order` (wherever
-    they are set), then the YAML file's keys, then `overrides` (e.g. the command line)."""
+    they are set), then the YAML file's keys, then `overrides` (e.g. the command line). The method's options are
+    resolved against its Options: a preset's options of another method are dropped (a preset is for any method),
+    the user's are an error naming the method that owns them. `saved_run`: the file is a run's config.yaml, where
+    older releases recorded every method's options; those of other methods are dropped where they hold their
+    defaults."""
     values: dict[str, Any] = dict(defaults or {})
     user: dict[str, Any] = {}
     if path is not None:
         file_values = load_yaml_file(path)
-        RunConfig.from_dict(file_values, source=f"config file {path}")  # names the file in errors
+        RunConfig.from_dict(file_values, source=f"config file {path}", saved_run=saved_run)  # names the file
         user.update(file_values)
     user.update(overrides or {})
-    values.update(_resolve_preset({**values, **user}, user))
-    values.update(user)
-    return RunConfig.from_dict(values, source="options")
+    preset = _resolve_preset({**values, **user}, user)
+    return RunConfig.from_dict({**values, **preset, **user}, source="options", lenient=set(preset) - set(user),
+                               saved_run=saved_run)
 
 
 def _resolve_preset(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A `lambda` (or
-    `orth_lambda`, `l2_lambda`, `epochs`) the user sets replaces the preset's per-task list of it, unless the user
-    sets that list too."""
-    probe = RunConfig.from_dict({k: merged[k] for k in ("benchmark", "order") if k in merged}, source="options")
+    """The preset's keys for the `benchmark` and `order` of `merged` (none without a benchmark). A scalar option
+    the user sets (`lambda`, `epochs`, ...) replaces the preset's per-task list of it, unless the user sets that
+    list too."""
+    probe = RunConfig.from_dict({k: merged[k] for k in ("benchmark", "order", "method", "method_module")
+                                 if k in merged}, source="options")
     if probe.benchmark == "none" and probe.order is None:
         return {}
     check_benchmark_order(probe.benchmark, probe.order)
     preset = load_preset(probe.benchmark, probe.order)
-    for scalar, per_task in PER_TASK_OF.items():
+    from .methods import per_task_pairs
+
+    for scalar, per_task in {**CORE_PER_TASK_OF, **per_task_pairs()}.items():
         if scalar in user and per_task not in user:
             preset.pop(per_task, None)
     return {**preset, "benchmark": probe.benchmark, "order": probe.order}

@@ -148,11 +148,17 @@ def prepare(accelerator: Accelerator, model, optimizer, scheduler):
 def reduce_replicated_gradients(model, params: list[torch.nn.Parameter]) -> None:
     """Under sharding, average the gradients of the whole (unsharded) trainable parameters across processes, in
     one collective; DDP does this itself otherwise. Call once per optimizer step, before clipping."""
-    if not is_sharded(model):
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if len(grads) != len(params):
-        raise NloraError(f"{len(params) - len(grads)} trainable tensors got no gradient in this step")
+    if is_sharded(model):
+        average_gradients(params)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` across the processes, in one collective (a tensor without a gradient
+    this step counts as zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()

@@ -21,6 +21,7 @@ The encoder objective always scores its options with its similarity head, so bot
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,34 @@ from .prompts import prompt_token_ids
 
 IGNORE = -100
 EVAL_MODES = ("generate", "score")
+
+
+@dataclass
+class StepOutputs:
+    """One training forward: the task loss (the mean over the batch's loss items) and, for a method's own loss,
+    the logits that produced each item. Items are answer tokens (seq2seq, decoder: logits over the vocabulary,
+    targets the gold tokens) or examples (encoder: scores over the batch's option texts, -inf off the example's
+    options). `item_logits` is formed on first use, so a run that never reads it pays nothing."""
+    loss: torch.Tensor
+    logits: torch.Tensor  # (batch, positions, classes)
+    labels: torch.Tensor  # (batch, positions), IGNORE where no item
+
+    @property
+    def item_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE
+
+    @property
+    def item_logits(self) -> torch.Tensor:
+        """(items, classes), in row-major order of the batch's positions."""
+        return self.logits[self.item_mask]
+
+    @property
+    def item_targets(self) -> torch.Tensor:
+        return self.labels[self.item_mask]
+
+    @property
+    def items(self) -> int:
+        return int(self.item_mask.sum())
 
 
 class Objective:
@@ -58,8 +87,16 @@ class Objective:
         """input_ids and attention_mask of the prompts, padded on the tokenizer's side."""
         return self.tokenizer.pad({"input_ids": [self.prompt_ids(e) for e in examples]}, return_tensors="pt")
 
-    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, model, batch: dict[str, Any]) -> StepOutputs:
         raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        return self.forward(model, batch).loss
+
+    def input_mask(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """The attention mask of the token sequence `forward` feeds the model (a pass reading layer inputs
+        drops the padding with it)."""
+        return batch["attention_mask"]
 
     def count_terms(self, batch: dict[str, Any]) -> int:
         """How many terms `loss` averages over for this batch (training normalises by the count of a whole
@@ -153,8 +190,9 @@ class Seq2SeqObjective(Objective):
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, IGNORE)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
-    def loss(self, model, batch):
-        return model(**batch).loss
+    def forward(self, model, batch):
+        out = model(**batch)
+        return StepOutputs(out.loss, out.logits, batch["labels"])
 
     def count_terms(self, batch):
         return int((batch["labels"] != IGNORE).sum())
@@ -208,12 +246,13 @@ class DecoderObjective(Objective):
             mask[i, : len(s)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
 
-    def loss(self, model, batch):
+    def forward(self, model, batch):
         """Mean cross-entropy of the answer tokens. The LM head runs only over the last columns that hold answer
         tokens (rows aligned to end together), so the logits grow with the answer, not with the prompt: a
         128k-vocabulary model would otherwise materialise batch x sequence x vocabulary floats, and upcast them."""
-        if "logits_to_keep" not in forward_parameters(model):
-            return model(**batch).loss  # full logits: models without the keyword
+        if "logits_to_keep" not in forward_parameters(model):  # full logits: models without the keyword
+            out = model(**batch)
+            return StepOutputs(out.loss, out.logits[:, :-1], batch["labels"][:, 1:])
         mask, input_ids, labels = align_right(batch["attention_mask"], batch["input_ids"], batch["labels"])
         width = labels.shape[1]
         has_label = (labels != IGNORE).any(0)
@@ -222,11 +261,17 @@ class DecoderObjective(Objective):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                     logits_to_keep=span + 1, use_cache=False)
         logits = out.logits[:, :-1]  # column t predicts token t + 1
-        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, width - span:].flatten(),
-                               ignore_index=IGNORE)
+        targets = labels[:, width - span:]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        return StepOutputs(loss, logits, targets)
 
     def count_terms(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels: token t predicts t+1
+
+    def input_mask(self, model, batch):
+        if "logits_to_keep" not in forward_parameters(model):
+            return batch["attention_mask"]
+        return align_right(batch["attention_mask"])[0]  # forward feeds the rows aligned to end together
 
     def _left_padded_prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor, int]:
         prompts = [self.prompt_ids(e) for e in examples]
@@ -319,11 +364,13 @@ class EncoderScoringObjective(Objective):
         logits = self.scale * prompts @ options.T
         return logits.masked_fill(~batch["allowed"], float("-inf"))
 
-    def loss(self, model, batch):
+    def forward(self, model, batch):
         scores = self.scores(model, batch)
         if not (batch["target"] != IGNORE).any():  # every label outside the options: nothing to learn
-            return scores.masked_fill(torch.isinf(scores), 0).sum() * 0
-        return F.cross_entropy(scores, batch["target"])
+            loss = scores.masked_fill(torch.isinf(scores), 0).sum() * 0
+        else:
+            loss = F.cross_entropy(scores, batch["target"])
+        return StepOutputs(loss, scores.unsqueeze(1), batch["target"].unsqueeze(1))
 
     def count_terms(self, batch):
         return int((batch["target"] != IGNORE).sum())

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import torch
 
-from .config import RunConfig
+from typing import TYPE_CHECKING
+
 from .errors import NloraError
-from .methods import Method
-from .models import Backbone
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .methods import Method
+    from .models import Backbone
 
 
-def preflight(config: RunConfig, method: Method, backbone: Backbone, target_modules: list[str],
+def preflight(config: "RunConfig", method: "Method", backbone: "Backbone", target_modules: list[str],
               num_processes: int) -> None:
     check_batch_split(config, num_processes)
-    check_penalty_layers(config, method, backbone.model, target_modules)
+    method.check_model(backbone.model, target_modules)
 
 
-def check_batch_split(config: RunConfig, num_processes: int) -> None:
+def check_batch_split(config: "RunConfig", num_processes: int) -> None:
     if config.batch_size % num_processes:
         raise NloraError(f"option 'batch_size': {config.batch_size} does not split evenly across "
                          f"{num_processes} processes (batch_size is the global batch)")
@@ -43,18 +47,3 @@ def targeted_layers(model: torch.nn.Module, target_modules: list[str]) -> dict[s
             if shape is not None:
                 out[name] = shape
     return out
-
-
-def check_penalty_layers(config: RunConfig, method: Method, model: torch.nn.Module,
-                         target_modules: list[str]) -> None:
-    """penalty_form 'reference' (the public code's |A @ B|_1, an r x r product) exists only for square layers."""
-    if "penalty_form" not in method.options or config.penalty_form != "reference":
-        return
-    rectangular = {n: s for n, s in targeted_layers(model, target_modules).items() if s[0] != s[1]}
-    if rectangular:
-        name, (d_out, d_in) = next(iter(rectangular.items()))
-        more = f" (and {len(rectangular) - 1} more)" if len(rectangular) > 1 else ""
-        raise NloraError(f"option 'penalty_form': 'reference' (the public code's |A @ B|_1) needs square "
-                         f"layers (d_in == d_out), but layer {name} is {d_out} x {d_in} (d_out x d_in){more}; "
-                         "use penalty_form delta (the paper's |scaling * B @ A|_1) or factors, or target square "
-                         "layers only")

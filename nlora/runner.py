@@ -39,7 +39,8 @@ from .evaluation import evaluate
 from .evaluation_plan import planned_rows
 from .faults import fault_point
 from .io import recover_replaced_dirs, write_json_atomic, write_jsonl_atomic, write_yaml_atomic
-from .methods import Method, get_method
+from .method_state import load_state, save_state
+from .methods import Method, MethodContext, resolve
 from .metrics import summarize
 from .models import Backbone, backbone_options, default_target_modules, load_backbone
 from .objectives import make_objective
@@ -201,7 +202,7 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     config.validate()
     check_runtime(config)
     tasks = load_tasks(config)
-    method = get_method(config.method)(config)
+    method = resolve(config)
     paths = check_output_dir(config, resume)
     # Before loading: each process loads the base straight onto its own device.
     accelerator = make_accelerator(config)
@@ -237,6 +238,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
+    ctx = MethodContext(resolved, adapters, objective, accelerator, tasks, paths.root)
+    method.setup(ctx)
     n = len(tasks)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     phases_done: list[int] = []
@@ -266,6 +269,8 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         logger.log_eval(k, tasks[j].name, round(acc, 4), len(records), time.perf_counter() - start)
         return round(acc, 4)
 
+    if previous is None:  # the phases and sizes on disk from the start: `nlora status` reads them, not the method
+        save_metrics()
     if config.eval_future and baseline is None:  # the base model's score: the reference of forward transfer
         logger.eval_begin(-1)
         baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
@@ -276,23 +281,34 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
         label = f"[{k + 1}/{n}]"
         set_seed(config.seed + k)
         name = method.adapter_name(k)
-        if name not in adapters.names:
-            adapters.add(name)
         adapter_dir = paths.adapter(k, tasks[k].name)
-        if adapter_dir.is_dir():  # trained before the run stopped
+        added = name not in adapters.names
+        if added:
+            adapters.add(name)
+        if adapter_dir.is_dir():  # trained before the run stopped: the adapter and the method's state after it
             adapters.load(name, adapter_dir)
+            state = load_state(adapter_dir)
+            if state is not None:
+                method.load_state_dict(state)
         else:
-            adapters.activate(method.active_for_training(k, adapters.names), trainable=name)
+            if added:
+                method.init_adapter(k, ctx)
+            adapters.activate(method.active_for_training(k, adapters.names), trainable=name,
+                              factors=method.train_factors(k))
+            method.before_task(k, ctx)
             checkpoint = load_checkpoint(paths.root) if resume else None
             if checkpoint is not None and checkpoint[0].phase != k:
                 checkpoint = None
-            phase = config.replace(epochs=int(config.epochs_per_task[k])) if config.epochs_per_task else config
-            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase, k,
+            phase_config = config.replace(epochs=int(config.epochs_per_task[k])) if config.epochs_per_task \
+                else config
+            stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase_config, k,
                                accelerator, run_dir=paths.root, resume=checkpoint,
-                               desc=f"{label} train {tasks[k].name}", progress=progress, logger=logger)
+                               desc=f"{label} train {tasks[k].name}", progress=progress, logger=logger, ctx=ctx)
+            method.after_task(k, ctx)
             train_stats[tasks[k].name] = stats.to_dict()
             if accelerator.is_main_process:
-                adapters.save(name, adapter_dir)
+                state = method.state_dict()
+                adapters.save(name, adapter_dir, extra=lambda folder: save_state(state, folder))
                 save_metrics()  # the training stats, before the evaluation
                 remove_checkpoint(paths.root)
             accelerator.wait_for_everyone()

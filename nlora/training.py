@@ -27,10 +27,10 @@ from .adapters import ContinualAdapters
 from .checkpoint import Progress, save_checkpoint
 from .config import RunConfig
 from .data import Example
-from .engine import prepare, reduce_replicated_gradients
+from .engine import average_gradients, is_sharded, prepare, reduce_replicated_gradients
 from .errors import NloraError
 from .faults import fault_point
-from .methods import Method
+from .methods import Method, MethodContext
 from .objectives import Objective, to_device
 from .preflight import check_batch_split
 from .regularization import Regularization
@@ -64,6 +64,19 @@ def trainable_state(adapters: ContinualAdapters) -> dict[str, torch.nn.Parameter
     return {n: p for n, p in adapters.model.named_parameters() if p.requires_grad}
 
 
+METHOD_PREFIX = "method."  # names of a method's own parameters in checkpoints
+
+
+def checkpointed_state(adapters: ContinualAdapters, method_params: dict[str, torch.nn.Parameter]
+                       ) -> dict[str, torch.Tensor]:
+    """What a mid-task checkpoint holds of the model: every tensor that trains, every factor of the current adapter
+    (a frozen factor a method set, e.g. A designed from data, included), and the method's own parameters."""
+    current = f".{adapters.current}."
+    state = {n: p for n, p in adapters.model.named_parameters() if p.requires_grad or current in n}
+    state.update({METHOD_PREFIX + n: p for n, p in method_params.items()})
+    return state
+
+
 def _check_finite(named: dict[str, torch.nn.Parameter], phase: int, step: int, desc: str) -> None:
     """A finite loss can still come with an update that overflows the weights; catch it before they are saved."""
     bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
@@ -75,9 +88,15 @@ def _check_finite(named: dict[str, torch.nn.Parameter], phase: int, step: int, d
 def train_task(adapters: ContinualAdapters, objective: Objective, method: Method, examples: list[Example],
                config: RunConfig, phase: int, accelerator: Accelerator, run_dir: Path | None = None,
                resume: tuple[Progress, dict, dict] | None = None, desc: str = "train",
-               progress: bool = True, logger: RunLogger | None = None) -> TrainStats:
-    named = trainable_state(adapters)
+               progress: bool = True, logger: RunLogger | None = None,
+               ctx: MethodContext | None = None) -> TrainStats:
+    if ctx is None:
+        ctx = MethodContext(config, adapters, objective, accelerator, [], run_dir)
+    method_params = method.parameters(phase)
+    named = {**trainable_state(adapters), **{METHOD_PREFIX + n: p for n, p in method_params.items()}}
     params = list(named.values())
+    saved_state = checkpointed_state(adapters, method_params)
+    batch_loss = method.has_hook("batch_loss")
     if not params:
         raise NloraError(f"method '{method.name}' left no trainable parameters for task {phase}")
     check_batch_split(config, accelerator.num_processes)  # run() checked it already; train_task is public
@@ -91,8 +110,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     if resume is not None:
         pos, saved, state = resume
         with torch.no_grad():
-            for name, p in named.items():
+            for name, p in saved_state.items():
                 p.copy_(saved[name])
+        if "method" in state:
+            method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -100,6 +121,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     model, optimizer, scheduler = prepare(accelerator, adapters.model, optimizer, scheduler)
+    ctx.model = model
     model.train()
     accum = config.gradient_accumulation_steps
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -141,15 +163,23 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 accelerator.sync_gradients = boundary  # DeepSpeed steps its engine inside backward at a boundary
                 sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
                 with sync:
-                    loss = objective.loss(model, batch)
-                    share = loss * (terms / step_terms)  # this process's part of the step's mean task loss
+                    outputs = objective.forward(model, batch)
+                    share = outputs.loss * (terms / step_terms)  # this process's part of the step's mean task loss
                     step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
+                    # the method's own loss: a sum over this batch's loss items, normalised like the task loss
+                    extra = method.batch_loss(phase, batch, outputs, ctx) if batch_loss else None
+                    if extra is not None:
+                        extra = extra * (weight / step_terms)
+                        share = share + extra
+                        extra = accelerator.reduce(extra.detach().float(), "sum") if world > 1 else extra.detach()
                     # the regulariser's gradient enters in backward, once per optimizer step
                     total = regularization.anchor(share * world)
                     # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
                     accelerator.backward(total * accelerator.gradient_accumulation_steps)
                     # computed inside the forward pass (reentrant checkpointing: its recomputation in backward)
                     values = regularization.collect()
+                    if extra is not None:
+                        values[method.name] = extra
                     reg = torch.stack(list(values.values())).sum() if values else None
                     if not (torch.isfinite(step_loss) and (reg is None or torch.isfinite(reg))):
                         raise NloraError(
@@ -165,6 +195,9 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 if not boundary:
                     continue
                 reduce_replicated_gradients(model, params)  # FSDP2: the LoRA factors are whole on every process
+                if method_params and world > 1 and not is_sharded(model):  # DDP averages the model's own only
+                    average_gradients(list(method_params.values()))
+                method.transform_gradients(phase, named, ctx)  # on whole gradients, before clipping
                 logging = logger is not None and ((pos.step + 1) % config.log_steps == 0
                                                   or pos.step + 1 == total_steps)
                 grad_norm = None
@@ -182,6 +215,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                                      f"({e}); lower option 'lr'. The last checkpoint is kept.") from None
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                method.after_step(phase, ctx)
                 pos.step += 1
                 pos.epoch, pos.batch = (epoch, b + 1) if b + 1 < n_batches else (epoch + 1, 0)
                 window.end_step()
@@ -194,7 +228,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                         and pos.epoch < config.epochs and not deepspeed):
                     _check_finite(named, phase, pos.step, desc)  # never replace a good checkpoint by a bad one
                     if accelerator.is_main_process:
-                        save_checkpoint(run_dir, pos, named, optimizer, scheduler)
+                        save_checkpoint(run_dir, pos, saved_state, optimizer, scheduler, method.state_dict())
                     accelerator.wait_for_everyone()
     finally:
         regularization.close()

@@ -28,7 +28,7 @@ def _train(root, synthetic_dir, model, method, tasks=TASKS, **kw):
     out = root / f"{model}-{method}"
     options = dict(model=model, method=method, tasks=tasks, data_dir=str(synthetic_dir), output_dir=str(out),
                    max_train_samples=8, max_eval_samples=6, batch_size=4, eval_batch_size=4, epochs=1, lr=5e-3,
-                   max_target_length=6, device="cpu", lambda_=0.01)
+                   max_target_length=6, device="cpu", **({"lambda_": 0.01} if method == "n-lora" else {}))
     run(RunConfig(**{**options, **kw}), progress=False)
     return out
 

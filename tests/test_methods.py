@@ -102,11 +102,14 @@ def test_active_for_eval_names_existing_adapters(method):
             assert set(m.active_for_eval(k, j, names)) <= set(names)
 
 
+# options that make each method's own part non-zero (only the method's own: another's is refused)
+OPTIONS = {"n-lora": {"lambda_": 0.01}, "o-lora": {"l2_lambda": 0.01}, "replay": {"replay_per_task": 3}}
+
+
 def _config(tmp_path, synthetic_dir, method, **kw):
     return RunConfig(model="tiny-bert", method=method, tasks=TASKS, data_dir=str(synthetic_dir),
                      output_dir=str(tmp_path / method), max_train_samples=8, max_eval_samples=4, batch_size=4,
-                     eval_batch_size=8, epochs=1, lr=5e-3, device="cpu", lambda_=0.01, l2_lambda=0.01,
-                     replay_per_task=3, **kw)
+                     eval_batch_size=8, epochs=1, lr=5e-3, device="cpu", **{**OPTIONS.get(method, {}), **kw})
 
 
 def _adapter_of(name):

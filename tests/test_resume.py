@@ -20,18 +20,18 @@ from test_fold import _outcome as _metrics_and_files
 
 fresh_process.start()
 
-ARGS = ["--model", "tiny-t5", "--method", "n-lora", "--lambda", "0.001", "--tasks", "harbor,orchard",
+ARGS = ["--model", "tiny-t5", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet",
         "--log-steps", "1"]
 LOG_TIMING = ("elapsed", "time", "seconds", "tokens_per_s", "examples_per_s", "s_per_step")
 # 3 optimizer steps per epoch, 6 per task, a checkpoint every 2 steps
 CONFIGS = {
-    "n-lora": [],
+    "n-lora": ["--method", "n-lora", "--lambda", "0.001"],
     "seq-lora": ["--method", "seq-lora"],
     "mtl": ["--method", "mtl"],
     "o-lora": ["--method", "o-lora", "--orth-lambda", "0.1", "--l2-lambda", "0.01"],
-    "decoder-accum-future": ["--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+    "decoder-accum-future": ["--method", "n-lora", "--lambda", "0.001", "--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                              "--eval-future"],
 }
 # where `nlora status` must place each killed run of 2 tasks of 6 steps (n-lora, seq-lora, o-lora)

@@ -7,6 +7,7 @@ has been checked."""
 
 import ast
 import hashlib
+import dataclasses
 import itertools
 import json
 import os
@@ -155,14 +156,14 @@ CASES = {
         ctx.base("--instructions", str(ctx.tmp / "prompts.json")),
         [f"option 'instructions': file {ctx.tmp / 'prompts.json'} does not exist"]),
     # method and numeric ranges
-    "unknown method": _option(["--method", "ewc"], "option 'method': unknown method 'ewc'; available:", "n-lora"),
+    "unknown method": _option(["--method", "ewd"], "option 'method': unknown method 'ewd'; available:", "n-lora"),
     "lr zero": _option(["--lr", "0"], "option 'lr': must be a positive number, got 0.0"),
     "lr negative": _option(["--lr", "-0.001"], "option 'lr': must be a positive number, got -0.001"),
     "lr infinite": _option(["--lr", "inf"], "option 'lr': must be a positive number, got inf"),
     "lora_r zero": _option(["--lora-r", "0"], "option 'lora_r': must be >= 1, got 0"),
     "lora_r negative": _option(["--lora-r", "-4"], "option 'lora_r': must be >= 1, got -4"),
     "lambda negative": _option(["--lambda", "-0.1"], "option 'lambda': must be >= 0", "got -0.1"),
-    "lambda infinite": _option(["--lambda", "inf"], "option 'lambda': must be >= 0 and finite, got inf"),
+    "lambda infinite": _option(["--lambda", "inf"], "option 'lambda': must be finite, got inf"),
     "lambda_per_task negative": _option(["--tasks", "harbor,orchard", "--lambda-per-task", "0.5,-1"],
                                         "option 'lambda_per_task': values must be >= 0", "[0.5, -1.0]"),
     "lambda_per_task wrong length": _option(["--lambda-per-task", "0.1,0.2,0.3"],
@@ -313,12 +314,12 @@ def _poison_loss(monkeypatch, at_call: int) -> None:
 
     def make(*args, **kwargs):
         objective = real(*args, **kwargs)
-        loss, calls = objective.loss, itertools.count(1)
+        forward, calls = objective.forward, itertools.count(1)
 
         def poisoned(model, batch):
-            value = loss(model, batch)
-            return value * float("nan") if next(calls) == at_call else value
-        objective.loss = poisoned
+            out = forward(model, batch)
+            return dataclasses.replace(out, loss=out.loss * float("nan")) if next(calls) == at_call else out
+        objective.forward = poisoned
         return objective
     monkeypatch.setattr(runner, "make_objective", make)
 

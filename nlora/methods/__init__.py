@@ -1,13 +1,8 @@
-"""The method registry: `get_method(name)` returns a Method class; each method is one small module."""
+"""The methods: one file each, on the contract of `base.Method`; `registry` holds them by name."""
 
-from ..errors import NloraError
-from . import bounds, inc_lora, n_lora, o_lora, replay, seq_lora  # noqa: F401  (registers the methods)
-from .base import METHODS, Method, register
+from .base import Method, MethodContext
+from .registry import (METHODS, get_method, option_owner, per_task_pairs, register, resolve,  # noqa: F401
+                       split_method_options)
+from . import bounds, ewc, inc_lora, n_lora, o_lora, replay, seq_lora  # noqa: F401,E402  (registers the methods)
 
-__all__ = ["METHODS", "Method", "register", "get_method"]
-
-
-def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise NloraError(f"option 'method': unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+__all__ = ["METHODS", "Method", "MethodContext", "register", "get_method", "resolve"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Method, register
+from .base import Method
+from .registry import register
 
 
 @register

@@ -1,8 +1,27 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..options import MethodOptions, option
 from ..penalties import l2_norms, l2_squared, olora_orthogonality
 from ..regularization import LossTerm
-from .base import Method, register
+from .base import Method
+from .registry import register
+
+L2_FORMS = ("squared", "reference")
+
+
+@dataclass
+class OLoRAOptions(MethodOptions):
+    orth_lambda: float = option("weight of the orthogonality loss |A_s A_t^T|", default=0.5, minimum=0)
+    l2_lambda: float = option("weight of the L2 loss on the current adapter", default=0.0, minimum=0)
+    orth_lambda_per_task: list[float] | None = option("one orth_lambda per task in training order (overrides "
+                                                      "orth_lambda)", default=None, minimum=0,
+                                                      per_task_of="orth_lambda")
+    l2_lambda_per_task: list[float] | None = option("one l2_lambda per task in training order (overrides "
+                                                    "l2_lambda)", default=None, minimum=0, per_task_of="l2_lambda")
+    l2_form: str = option("squared (sum of |theta|^2) or reference (the public code's sum of unsquared norms "
+                          "|theta|_2 of A and B)", default="squared", choices=L2_FORMS)
 
 
 @register
@@ -13,18 +32,16 @@ class OLoRA(Method):
 
     name = "o-lora"
     description = "IncLoRA + orth_lambda * |A_s A_t^T| against earlier tasks + l2_lambda * |theta_t|^2"
-    options = ("orth_lambda", "l2_lambda", "orth_lambda_per_task", "l2_lambda_per_task", "l2_form")
+    Options = OLoRAOptions
+    smoke_options = {"orth_lambda": 1.0, "l2_lambda": 0.01}
 
     def lambdas(self, k: int) -> tuple[float, float]:
         """(λ₁, λ₂) of phase k: the per-task lists where given (O-LoRA's long-order script sets both per task)."""
-        cfg = self.config
-        orth = cfg.orth_lambda_per_task[k] if cfg.orth_lambda_per_task else cfg.orth_lambda
-        l2 = cfg.l2_lambda_per_task[k] if cfg.l2_lambda_per_task else cfg.l2_lambda
-        return orth, l2
+        return self.options.at("orth_lambda", k), self.options.at("l2_lambda", k)
 
     def loss_terms(self, k):
         orth_lambda, l2_lambda = self.lambdas(k)
-        l2 = l2_norms if self.config.l2_form == "reference" else l2_squared
+        l2 = l2_norms if self.options.l2_form == "reference" else l2_squared
         terms = [LossTerm("l2", l2_lambda, lambda f: l2([f.A, f.B]))]
         if k > 0:  # against every earlier task's A in the layer (separate adapters or one folded past adapter)
             terms.append(LossTerm("orthogonality", orth_lambda, lambda f: olora_orthogonality(f.A, f.earlier_A)))

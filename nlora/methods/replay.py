@@ -1,8 +1,18 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from .base import Method, register
+from ..options import MethodOptions, option
+from .base import Method
+from .registry import register
+
+
+@dataclass
+class ReplayOptions(MethodOptions):
+    replay_per_task: int = option("stored training examples of each earlier task", default=50, minimum=0)
+    replay_base: str = option("seq-lora (one shared adapter) or inc-lora (one adapter per task)",
+                              default="seq-lora", choices=("seq-lora", "inc-lora"))
 
 
 @register
@@ -13,15 +23,16 @@ class Replay(Method):
 
     name = "replay"
     description = "SeqLoRA (or IncLoRA, replay_base) + a buffer of replay_per_task examples of each earlier task"
-    options = ("replay_per_task", "replay_base")
+    Options = ReplayOptions
+    smoke_options = {"replay_per_task": 2}
 
-    @property
-    def adapter_layout(self) -> str:  # type: ignore[override]
-        return "snapshot" if self.config.replay_base == "seq-lora" else "stacked"
+    def __init__(self, config, options=None):
+        super().__init__(config, options)
+        self.adapter_layout = "snapshot" if self.options.replay_base == "seq-lora" else "stacked"
 
     def buffer(self, tasks, j: int):
         examples = list(tasks[j].train)
-        n = min(self.config.replay_per_task, len(examples))
+        n = min(self.options.replay_per_task, len(examples))
         rng = random.Random(f"{self.config.seed}/replay/{tasks[j].name}")
         return [examples[i] for i in sorted(rng.sample(range(len(examples)), n))]
 

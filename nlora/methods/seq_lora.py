@@ -1,4 +1,5 @@
-from .base import Method, register
+from .base import Method
+from .registry import register
 
 
 @register

@@ -1,0 +1,131 @@
+"""Extra passes a method runs besides training, built on the same batching and process split as the engine:
+
+- `my_share(examples, ctx)`: this process's part of a list of examples (all of it under FSDP2 sharding, where every
+  forward is a collective that every process must run);
+- `sum_over_processes(tensors, ctx)`: sums a per-process partial result in place, so a pass over the split data
+  equals the one-process pass;
+- `per_example_squared_gradients`: Σ_i (∂ log p(y_i|x_i)/∂θ)² with one example per backward (the diagonal Fisher's
+  numerator: squares of batch-mean gradients would mix examples and shrink it by about the batch size);
+- `auxiliary_outputs(ctx, names, batch)`: the objective's outputs with another set of adapters active (a teacher),
+  on the same model, no copy, no gradient, dropout off;
+- `layer_inputs(ctx, examples, layers, fn)`: a no-grad pass that hands each adapted layer's input to `fn`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .engine import evaluation_split
+from .objectives import IGNORE, StepOutputs, to_device
+
+
+def my_share(examples: list, ctx) -> list:
+    rank, world = evaluation_split(ctx.adapters.model, ctx.accelerator)
+    return examples[rank::world]
+
+
+def splits_work(ctx) -> bool:
+    return evaluation_split(ctx.adapters.model, ctx.accelerator)[1] > 1
+
+
+def sum_over_processes(tensors: list[torch.Tensor], ctx) -> None:
+    """Sum each tensor across the processes that split the work (in place, one collective)."""
+    if not tensors or not splits_work(ctx):
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside the block; the model's train/eval state back after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def auxiliary_outputs(ctx, names: list[str], batch: dict) -> StepOutputs:
+    """The objective's outputs on `batch` with adapters `names` active instead of the trained set: no copy of the
+    model, no gradient, dropout off (a teacher's or a stable adapter's view)."""
+    with torch.no_grad(), ctx.adapters.using(names) as model, eval_mode(model):
+        return ctx.objective.forward(model, batch)
+
+
+def sequence_log_likelihood(ctx, model, example, labels: str = "gold") -> torch.Tensor:
+    """log p(y|x) of one example, summed over its loss items. `labels`: "gold" (the empirical Fisher's), or
+    "sampled": each item's target drawn from the model's own predictive distribution at that position (teacher
+    forcing on the gold prefix: the true Fisher's sampling, per position)."""
+    batch = to_device(ctx.objective.collate([example]), ctx.device)
+    out = ctx.objective.forward(model, batch)
+    logits, targets = out.item_logits.float(), out.item_targets
+    if labels == "sampled":
+        with torch.no_grad():
+            finite = torch.isfinite(logits)  # encoder scores are -inf off the example's options
+            probs = torch.where(finite, logits, torch.full_like(logits, -1e30)).softmax(-1)
+            targets = torch.multinomial(probs, 1).squeeze(-1)
+    logp = logits.log_softmax(-1)
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked[targets != IGNORE].sum()
+
+
+def per_example_squared_gradients(ctx, examples: list, params: dict[str, torch.Tensor], labels: str = "gold"
+                                  ) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ_i (∂ log p(y_i|x_i)/∂θ)² over `examples` for each of `params`, one example per backward, summed over the
+    processes; returns the sums and the example count (the Fisher is their quotient). Dropout off."""
+    model = ctx.adapters.model
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    names, tensors = list(params), list(params.values())
+    with eval_mode(model):
+        for example in my_share(examples, ctx):
+            log_likelihood = sequence_log_likelihood(ctx, model, example, labels)
+            grads = torch.autograd.grad(log_likelihood, tensors, allow_unused=True)
+            for name, g in zip(names, grads):
+                if g is not None:
+                    sums[name] += g.detach().float() ** 2
+    sum_over_processes(list(sums.values()), ctx)
+    return sums, len(examples)
+
+
+def layer_inputs(ctx, examples: list, layers: dict[str, torch.nn.Module],
+                 fn: Callable[[str, torch.Tensor], None], batch_size: int | None = None) -> None:
+    """Run `examples` through the model (no gradient, dropout off, the adapters active as they are) and call
+    fn(layer_name, input) with each of `layers`' inputs, flattened to (tokens, d_in), padding positions
+    excluded where the layer sees the sequence `forward` feeds the model (Objective.input_mask); a seq2seq
+    decoder's own layers see the answer side, whose padding is kept."""
+    model = ctx.adapters.model
+    size = batch_size or ctx.config.eval_batch_size
+    handles = []
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def run(module, args):
+            x = args[0]
+            mask = current.get("mask")
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            fn(name, x.reshape(-1, x.shape[-1]).detach())
+        return run
+
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            share = my_share(examples, ctx)
+            for start in range(0, len(share), size):
+                batch = to_device(ctx.objective.collate(share[start: start + size]), ctx.device)
+                current["mask"] = ctx.objective.input_mask(model, batch)
+                ctx.objective.forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()

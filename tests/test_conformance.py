@@ -1,0 +1,233 @@
+"""The method conformance kit: every registered method (parametrised from the registry, so a new method gets every
+check) runs the same tiny sequence (tiny-t5, 2 tasks of 2 optimizer steps, a checkpoint every step, dropout 0)
+with its `smoke_options`, and must show, each time against an independent reference:
+
+- a run killed mid-way through its second task (SIGKILL, in a process of its own) and resumed ends exactly as the
+  uninterrupted run: adapters, method state, metrics, predictions and log (tests/same_run.py);
+- its saved method state loads back and saves to the same bytes;
+- what it evaluated is what its saved adapters compute, rebuilt without nlora or PEFT (tests/lora_reference.py):
+  the sum of adapters 0..k (stacked, folded or not), the one adapter of phase k (snapshot), or task j's own
+  adapter (task id); a folding method is thereby checked folded against unfolded;
+- `nlora predict` and `nlora export` reproduce its last row of predictions;
+- an option of another method, or a bad value of its own, is refused before anything is written;
+- 2 processes give the 1-process run (one accelerate launch runs every method in turn; marked distributed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fresh_process
+from lora_reference import add_adapters
+from nlora.cli import main
+from nlora.method_state import load_state, save_state
+from nlora.methods import METHODS, get_method
+from nlora.options import base_type, option_fields, public_name
+from same_run import assert_same_run
+
+fresh_process.start()
+
+ROOT = Path(__file__).resolve().parents[1]
+# a method from outside the package, registered through option method_module (as a user's own would be)
+EXTERNAL = {"l2-anchor": str(ROOT / "examples" / "methods" / "l2_anchor.py")}
+get_method("l2-anchor", list(EXTERNAL.values()))
+METHOD_NAMES = sorted(METHODS)
+TASKS = ["harbor", "orchard"]
+BASE = ["--model", "tiny-t5", "--tasks", ",".join(TASKS), "--max-train-samples", "8", "--max-eval-samples", "4",
+        "--batch-size", "4", "--eval-batch-size", "4", "--epochs", "1", "--checkpoint-steps", "1",
+        "--max-target-length", "4", "--lora-dropout", "0", "--device", "cpu", "--quiet", "--log-steps", "1"]
+
+
+def _flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        out += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return out
+
+
+def argv(method: str, data: Path, out: Path) -> list[str]:
+    module = ["--method-module", EXTERNAL[method]] if method in EXTERNAL else []
+    return ["run", "--method", method, *module, *_flags(METHODS[method].smoke_options), *BASE, "--data-dir",
+            str(data), "--output-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
+    """The uninterrupted run of every method, in this process."""
+    root = tmp_path_factory.mktemp("conformance")
+    runs = {}
+    for method in METHOD_NAMES:
+        runs[method] = root / method
+        assert main(argv(method, synthetic_dir, runs[method])) == 0, method
+    return runs
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_killed_and_resumed_is_the_uninterrupted_run(tmp_path, synthetic_dir, references, method):
+    out = tmp_path / "run"
+    phases = get_method(method)(_config(references[method])).phases(len(TASKS))
+    fault = "train_step:3" if len(phases) > 1 else "train_step:2"  # in the last phase, after a checkpoint
+    killed = fresh_process.run(fresh_process.nlora_main, argv(method, synthetic_dir, out), log=tmp_path / "k.log",
+                               env=dict(os.environ, NLORA_FAULT=fault))
+    assert killed.returncode == -9, killed.output
+    assert (out / "checkpoint").is_dir(), "killed after a mid-task checkpoint"
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert_same_run(references[method], out, log=True)
+
+
+def _config(run_dir: Path):
+    from nlora.config import load_config
+
+    return load_config(run_dir / "config.yaml", saved_run=True)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_state_round_trips(tmp_path, references, method):
+    config = _config(references[method])
+    for folder in sorted((references[method] / "adapters").iterdir()):
+        state = load_state(folder)
+        if state is None:
+            continue
+        fresh = get_method(method)(config)
+        fresh.load_state_dict(state)
+        save_state(fresh.state_dict(), tmp_path / folder.name)
+        for name in ("method_state.json", "method_state.safetensors"):
+            if (folder / name).exists():
+                assert (tmp_path / folder.name / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def _reference_folders(method, k: int, j: int, folders: list[Path]) -> list[Path]:
+    """The adapter folders whose plain sum is the model that evaluated task j after phase k."""
+    if method.needs_task_id:
+        return [folders[j]] if j < len(folders) else []
+    if method.adapter_layout == "snapshot":
+        return [folders[-1]]
+    return folders[: k + 1]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, method):
+    from nlora.evaluation import evaluate
+    from nlora.models import load_backbone
+    from nlora.objectives import make_objective
+    from nlora.runner import load_tasks
+
+    run = references[method]
+    config = _config(run)
+    m = get_method(method)(config)
+    tasks = load_tasks(config)
+    checked = 0
+    for row in sorted((run / "predictions").iterdir(), key=lambda p: int(p.name.split("-")[0])):
+        k = int(row.name.split("-")[0])
+        folders = sorted((run / "adapters").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+        folders = [f for f in folders if int(f.name.split("-")[0]) <= k]
+        for path in sorted(row.glob("*.jsonl")):
+            j = config.tasks.index(path.stem)
+            backbone = load_backbone(config.model, config.model_kind)
+            model = add_adapters(backbone.model, _reference_folders(m, k, j, folders)).eval()
+            objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
+                                       config.max_target_length, config.eval_mode)
+            _, rows = evaluate(objective, model, tasks[j].test, config.eval_batch_size, progress=False)
+            assert rows == [json.loads(line) for line in path.open()], path
+            checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method):
+    run = references[method]
+    config = _config(run)
+    last = sorted((run / "predictions").iterdir(), key=lambda p: int(p.name.split("-")[0]))[-1]
+    assert main(["predict", str(run), "--tasks", ",".join(TASKS), "--output", str(tmp_path / "p.jsonl"),
+                 "--quiet"]) == 0
+    predicted = [json.loads(line) for line in (tmp_path / "p.jsonl").open()]
+    evaluated = [json.loads(line) for name in TASKS for line in (last / f"{name}.jsonl").open()]
+    assert [r["prediction"] for r in predicted] == [r["prediction"] for r in evaluated]
+    if get_method(method)(config).needs_task_id:
+        assert main(["export", str(run), str(tmp_path / "export")]) == 2  # no single model to export
+        return
+    assert main(["export", str(run), str(tmp_path / "export")]) == 0
+    from nlora.models import load_backbone
+
+    backbone = load_backbone(config.model, config.model_kind)
+    model = add_adapters(backbone.model, [tmp_path / "export"]).eval()
+    from nlora.evaluation import evaluate
+    from nlora.objectives import make_objective
+    from nlora.runner import load_tasks
+
+    objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
+                               config.max_target_length, config.eval_mode)
+    rows = [r for t in load_tasks(config) for r in evaluate(objective, model, t.test, 4, progress=False)[1]]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in evaluated]
+
+
+def _other_methods_option(method: str) -> str:
+    mine = set(METHODS[method].Options.keys())
+    return next(k for m in METHOD_NAMES if m != method for k in METHODS[m].Options.keys() if k not in mine)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsys, method):
+    out = tmp_path / "run"
+    foreign = _other_methods_option(method)
+    module = ["--method-module", EXTERNAL[method]] if method in EXTERNAL else []
+    assert main(["run", "--method", method, *module, f"--{foreign.replace('_', '-')}", "1", *BASE, "--data-dir",
+                 str(synthetic_dir), "--output-dir", str(out)]) == 2
+    assert f"option '{foreign}' belongs to method" in capsys.readouterr().err
+    options = METHODS[method].Options
+    for f in option_fields(options):  # a value of the wrong type or out of the choices, for each own option
+        if base_type(options, f) is str and not f.metadata.get("choices"):
+            continue  # any text is a valid value
+        key = public_name(f.name)
+        assert main(["run", "--method", method, *module, f"--{key.replace('_', '-')}", "not-a-value", *BASE,
+                     "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 2, key
+        assert f"'{key}'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_method_names_its_options_uniquely():
+    seen = {}
+    for method in METHOD_NAMES:
+        for key in METHODS[method].Options.keys():
+            assert seen.setdefault(key, METHODS[method].Options) is METHODS[method].Options, key
+
+
+# ------------------------------------------------------------------------------------------- 2 processes
+
+RUN_MANY = '''
+import json, sys
+from nlora.cli import main
+for argv in json.load(open(sys.argv[1])):
+    code = main(argv)
+    if code:
+        sys.exit(code)
+'''
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, synthetic_dir, references) -> dict[str, Path]:
+    """Every method's run with 2 processes (gloo), all in one launch."""
+    root = tmp_path_factory.mktemp("conformance-2")
+    runs = {m: root / m for m in METHOD_NAMES}
+    (root / "argvs.json").write_text(json.dumps([argv(m, synthetic_dir, runs[m]) for m in METHOD_NAMES]))
+    (root / "run_many.py").write_text(RUN_MANY)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("WORLD_SIZE", None)
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2", str(root / "run_many.py"),
+         str(root / "argvs.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_two_processes_give_the_one_process_run(references, two_process_runs, method):
+    assert_same_run(references[method], two_process_runs[method], exact=False)

@@ -1,0 +1,140 @@
+"""EWC (nlora.methods.ewc): the Fisher against per-example autograd through the model's own loss, the penalty and
+its gradient against a dense computation, online accumulation, and a run where EWC must keep the parameters with a
+large Fisher closer to the previous task's adapter than SeqLoRA does."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nlora import RunConfig
+from nlora.adapters import ContinualAdapters
+from nlora.cli import main
+from nlora.data import load_task
+from nlora.method_state import load_state
+from nlora.methods import get_method
+from nlora.models import default_target_modules, load_backbone
+from nlora.objectives import make_objective
+from nlora.passes import per_example_squared_gradients
+from nlora.regularization import LayerFactors
+
+
+def _context(model_name, synthetic_dir):
+    bb = load_backbone(model_name)
+    adapters = ContinualAdapters(bb.model, bb.kind, r=2, alpha=4, dropout=0.0,
+                                 target_modules=default_target_modules(bb.model_type))
+    adapters.add("shared")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for f in adapters.factors("shared"):  # B = 0 at init would make A's gradient zero
+            f.B.copy_(torch.randn(f.B.shape, generator=g) * 0.1)
+    objective = make_objective(bb.kind, bb.tokenizer, 64, 6)
+    task = load_task(synthetic_dir, "harbor", max_train=5)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    return SimpleNamespace(adapters=adapters, objective=objective, accelerator=accelerator, device="cpu",
+                           tasks=[task], config=RunConfig(tasks=["harbor"]))
+
+
+@pytest.mark.parametrize("model_name", ["tiny-t5", "tiny-llama", "tiny-bert"])
+def test_fisher_is_the_mean_of_per_example_squared_gradients(synthetic_dir, model_name):
+    ctx = _context(model_name, synthetic_dir)
+    examples = ctx.tasks[0].train
+    params = {f"{f.layer}/{s}": t for f in ctx.adapters.factors("shared") for s, t in (("A", f.A), ("B", f.B))}
+    sums, n = per_example_squared_gradients(ctx, examples, params)
+    # brute force: the model's own mean loss over one example's items, times their count, is -log p(y|x)
+    model = ctx.adapters.model.eval()
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    batch_mean = {k: torch.zeros_like(p) for k, p in params.items()}
+    for example in examples:
+        batch = ctx.objective.collate([example])
+        loss = ctx.objective.loss(model, batch) * ctx.objective.count_terms(batch)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for key, g in zip(params, grads):
+            expected[key] += g ** 2
+            batch_mean[key] += g / len(examples)
+    assert n == len(examples)
+    for key in params:
+        torch.testing.assert_close(sums[key], expected[key], rtol=1e-4, atol=1e-10)
+    # what peers compute, the squared gradient of the batch mean, is another (much smaller) quantity
+    total = sum(s.sum() for s in sums.values()) / n
+    peers = sum((g ** 2).sum() for g in batch_mean.values())
+    assert peers < 0.9 * total
+
+
+def _ewc(**options):
+    config = RunConfig(method="ewc", tasks=["a", "b", "c"], **options)
+    config.validate()
+    return get_method("ewc")(config)
+
+
+def test_penalty_and_gradient_match_a_dense_computation():
+    method = _ewc(ewc_lambda=3.0)
+    g = torch.Generator().manual_seed(1)
+    F = {"A": torch.rand(2, 5, generator=g), "B": torch.rand(4, 2, generator=g)}
+    star = {"A": torch.randn(2, 5, generator=g), "B": torch.randn(4, 2, generator=g)}
+    method.anchors = [({"layer": F}, {"layer": star})]
+    A = torch.randn(2, 5, generator=g, requires_grad=True)
+    B = torch.randn(4, 2, generator=g, requires_grad=True)
+    (term,) = method.loss_terms(1)
+    value = term.weight * term.per_layer(LayerFactors("layer", A, B, 2.0))
+    dense = 3.0 / 2 * sum(float(F[s][i].item() * (x[i].item() - star[s][i].item()) ** 2)
+                          for s, x in (("A", A), ("B", B)) for i in map(tuple, torch.ones_like(F[s]).nonzero()))
+    assert value.item() == pytest.approx(dense, rel=1e-5)
+    value.backward()
+    torch.testing.assert_close(A.grad, 3.0 * F["A"] * (A - star["A"]).detach())
+    torch.testing.assert_close(B.grad, 3.0 * F["B"] * (B - star["B"]).detach())
+
+
+def test_no_penalty_before_the_first_fisher():
+    assert _ewc().loss_terms(0) == []
+
+
+def test_online_mode_accumulates_and_keeps_one_anchor(monkeypatch):
+    method = _ewc(ewc_gamma=0.5)
+    fishers = iter([{"l": {"A": torch.full((1,), 2.0), "B": torch.full((1,), 4.0)}},
+                    {"l": {"A": torch.full((1,), 1.0), "B": torch.full((1,), 1.0)}}])
+    monkeypatch.setattr(method, "fisher", lambda ctx, k: next(fishers))
+    weights = iter([1.0, 7.0])
+
+    def ctx():
+        value = next(weights)
+        factors = [SimpleNamespace(layer="l", A=torch.full((1,), value), B=torch.full((1,), value))]
+        return SimpleNamespace(tasks=[0, 1, 2], adapters=SimpleNamespace(current="shared",
+                                                                        factors=lambda name: factors))
+    method.after_task(0, ctx())
+    method.after_task(1, ctx())
+    (fisher, anchor), = method.anchors
+    assert fisher["l"]["A"].item() == 0.5 * 2 + 1 and fisher["l"]["B"].item() == 0.5 * 4 + 1
+    assert anchor["l"]["A"].item() == 7.0
+
+
+def _distance_weighted(run, fisher_run):
+    """Σ F (θ_after task 2 − θ_after task 1)², with the Fisher EWC took after task 1."""
+    from safetensors.torch import load_file
+
+    state = load_state(fisher_run / "adapters" / "0-harbor")
+    (entry,) = state["anchors"]
+    first = load_file(str(run / "adapters" / "0-harbor" / "adapter_model.safetensors"))
+    second = load_file(str(run / "adapters" / "1-orchard" / "adapter_model.safetensors"))
+    total = 0.0
+    for key, before in first.items():
+        layer = "base_model.model." + key.split(".lora_")[0].removeprefix("base_model.model.")
+        side = "A" if ".lora_A." in key else "B"
+        F = entry["fisher"][layer][side]
+        total += float((F * (second[key] - before) ** 2).sum())
+    return total
+
+
+def test_ewc_keeps_what_mattered_for_the_first_task_closer_than_seq_lora(tmp_path, synthetic_dir):
+    common = ["--model", "tiny-bert", "--tasks", "harbor,orchard", "--data-dir", str(synthetic_dir),
+              "--max-train-samples", "16", "--max-eval-samples", "4", "--batch-size", "4", "--epochs", "2",
+              "--lr", "1e-2", "--lora-dropout", "0", "--device", "cpu", "--quiet"]
+    assert main(["run", "--method", "seq-lora", *common, "--output-dir", str(tmp_path / "seq")]) == 0
+    assert main(["run", "--method", "ewc", "--ewc-lambda", "1000", "--ewc-samples", "16", *common,
+                 "--output-dir", str(tmp_path / "ewc")]) == 0
+    # the same first task (same seed): the runs part only where the penalty starts
+    assert (tmp_path / "seq" / "adapters" / "0-harbor" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "ewc" / "adapters" / "0-harbor" / "adapter_model.safetensors").read_bytes()
+    seq = _distance_weighted(tmp_path / "seq", tmp_path / "ewc")
+    ewc = _distance_weighted(tmp_path / "ewc", tmp_path / "ewc")
+    assert ewc < 0.5 * seq
