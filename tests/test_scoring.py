@@ -50,8 +50,10 @@ def _random_text(rng, low=0, high=6) -> str:
 
 def test_metric_specs():
     assert str(parse_metric("rouge_l")) == "rouge_l"
-    assert str(parse_metric(" rouge_l( tokenizer = CHAR , stemmer=false ) ")) == "rouge_l(stemmer=false, tokenizer=char)"
-    assert parse_metric("rouge_l").option("tokenizer") == "google" and parse_metric("rouge_l").option("stemmer") == "true"
+    spec = parse_metric(" rouge_l( tokenizer = CHAR , stemmer=false ) ")
+    assert str(spec) == "rouge_l(stemmer=false, tokenizer=char)" and parse_metric(str(spec)) == spec
+    assert parse_metric("rouge_l").option("tokenizer") == "google"
+    assert parse_metric("rouge_l").option("stemmer") == "true"
     assert parse_metric("edit_similarity(py150_literals=true)").option("py150_literals") == "true"
     with pytest.raises(NloraError, match="task 'x' metric: unknown metric 'bleu'; available: exact_match"):
         parse_metric("bleu", where="task 'x' metric")
