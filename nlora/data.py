@@ -40,12 +40,25 @@ UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 @dataclass(frozen=True)
 class Example:
+    """One example. A classification example has its label options; a free-text example (nlora.freetext) has none:
+    its `label` is the answer it is trained on, `sentence` its raw input without the instruction, and
+    `references` every acceptable answer when there are several (empty: the label alone)."""
     task: str
     sentence: str
     label: str
     options: tuple[str, ...]
     prompt: str
     prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.prompts)
+    references: tuple[str, ...] = ()
+
+    @property
+    def free_text(self) -> bool:
+        return not self.options
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """What a prediction is scored against."""
+        return self.references or (self.label,)
 
 
 @dataclass
@@ -59,6 +72,11 @@ class TaskData:
     test: list[Example]
     # split -> {label not in labels.json: number of such examples kept in that split}
     unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # free-text tasks (nlora.freetext): their held-out dev split where the data has one, and their metric
+    # (a nlora.scoring spec); classification tasks are scored by exact match
+    dev: list[Example] = field(default_factory=list)
+    metric: str = "exact_match"
+    kind: str = "classification"  # or "free_text"
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:

@@ -71,3 +71,21 @@ def test_single_task_and_shapes():
         average_accuracy([[1.0, 2.0]])
     with pytest.raises(ValueError, match="3 reference scores for 2 tasks"):
         forward_transfer([[1.0, 2.0], [3.0, 4.0]], [1.0, 2.0, 3.0])
+
+
+def test_bwt_denominator_t():
+    # TRACE / SAPT: ((60 - 90) + (85 - 80) + (95 - 95)) / 3, against -12.5 over T-1 = 2
+    assert backward_transfer(R, "t") == pytest.approx(-25 / 3)
+    assert backward_transfer(R) == backward_transfer(R, "t-1") == pytest.approx(-12.5)
+    assert summarize(R, BASE, bwt_denominator="t")["bwt"] == pytest.approx(-25 / 3)
+    assert summarize(R, BASE)["bwt"] == pytest.approx(-12.5)
+    # (T-1)/T x the usual value whenever every entry exists
+    M = [[70.0, None, None, None], [65.0, 80.0, None, None], [60.0, 70.0, 90.0, None], [50.0, 75.0, 88.0, 91.0]]
+    assert backward_transfer(M, "t") == pytest.approx(backward_transfer(M) * 3 / 4)
+    # one task: nothing to forget under T-1; a single zero term under T
+    assert backward_transfer([[77.0]]) is None and backward_transfer([[77.0]], "t") == 0.0
+    # a pair with a missing entry is skipped under both
+    partial = [[None, None, None], [None, 50.0, None], [10.0, 40.0, 60.0]]
+    assert backward_transfer(partial, "t") == pytest.approx(-5.0)
+    with pytest.raises(ValueError, match="BWT denominator 'T' is not one of t-1, t"):
+        backward_transfer(R, "T")
