@@ -191,10 +191,30 @@ def comparability(record: dict) -> dict:
             **record.get("settings", {})}
 
 
-def differences(held: dict, asked: dict) -> list[str]:
-    """The entries of two `comparability` records that differ, worded."""
-    return [f"{k} {held.get(k)!r} (asked: {asked.get(k)!r})" for k in sorted(set(held) | set(asked))
-            if held.get(k) != asked.get(k)]
+def differences(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(key, value in a, value in b) for each entry of two `comparability` records that differs."""
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _definition(benchmark: dict) -> dict:
+    return {"version": benchmark.get("version"), "tasks": benchmark.get("tasks")}
+
+
+def mixing_reasons(records: dict[str, dict]) -> list[str]:
+    """Why the general.json records of several runs (by label) cannot be compared; empty where they can: same
+    harness, lm-eval version and settings, and the same definition of every benchmark they share."""
+    labels = list(records)
+    first = records[labels[0]]
+    reasons = []
+    for label in labels[1:]:
+        other = records[label]
+        changed = [f"{k} {x!r} vs {y!r}" for k, x, y in differences(comparability(first), comparability(other))]
+        common = [b for b in first["benchmarks"] if b in other["benchmarks"]]
+        changed += [f"benchmark {b} defined differently (lm-eval task versions or configurations)" for b in common
+                    if _definition(first["benchmarks"][b]) != _definition(other["benchmarks"][b])]
+        if changed:
+            reasons.append(f"{labels[0]} vs {label}: " + "; ".join(changed))
+    return reasons
 
 
 class GeneralEval:
@@ -239,7 +259,7 @@ class GeneralEval:
         asked = {**comparability(fresh), "dtype": held.get("settings", {}).get("dtype")}
         changed = differences(comparability(held), asked)
         if changed:
-            self._refuse("; ".join(changed))
+            self._refuse("; ".join(f"{k} {x!r} (asked: {y!r})" for k, x, y in changed))
         return held
 
     def label(self, after: int) -> str:
@@ -318,7 +338,7 @@ class GeneralEval:
                                      f"{task!r}; name each task once")
                 owners[task] = benchmark
             held = self.record["benchmarks"].get(benchmark)
-            if held is not None and {k: held.get(k) for k in now} != now:
+            if held is not None and _definition(held) != now:
                 self._refuse(f"another definition of benchmark {benchmark!r} (its lm-eval tasks, their versions, "
                              f"configurations or number of documents differ: {_changed_tasks(held, now)})")
             self.record["benchmarks"].setdefault(benchmark, now)
