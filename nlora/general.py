@@ -302,7 +302,7 @@ class GeneralEval:
                 self._local_first = False
                 return self._load(benchmark)
             first_line = str(e).splitlines()[0] if str(e) else ""
-            raise NloraError(f"benchmark {benchmark!r}: its data cannot be loaded ({type(e).__name__}: {first_line}). "
+            raise NloraError(f"benchmark {benchmark!r}: lm-eval cannot load it ({type(e).__name__}: {first_line}). "
                              "Offline, lm-eval's built-in benchmarks need their datasets in the Hugging Face cache "
                              "(load them once online); a benchmark of your own can be a local task file "
                              "(dataset_path: json) in --include-path DIR") from None
