@@ -85,9 +85,16 @@ def benchmarks_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synthetic_dir):
-    """A tiny LLaMA run with two stacked (folded) adapters; a high learning rate, so that they move the model."""
-    out = tmp_path_factory.mktemp("general") / "run"
-    run(RunConfig(model="tiny-llama", method="n-lora", tasks=["harbor", "orchard"], data_dir=str(synthetic_dir),
+    """A tiny LLaMA run with two stacked (folded) adapters; a high learning rate, so that they move the model. The
+    base is the built-in tiny LLaMA saved to a folder, so that lm-eval loads it by path as it would a hub model."""
+    from nlora.models import load_backbone
+
+    root = tmp_path_factory.mktemp("general")
+    base = load_backbone("tiny-llama")
+    base.model.save_pretrained(root / "base")
+    base.tokenizer.save_pretrained(root / "base")
+    out = root / "run"
+    run(RunConfig(model=str(root / "base"), method="n-lora", tasks=["harbor", "orchard"], data_dir=str(synthetic_dir),
                   output_dir=str(out), max_train_samples=8, max_eval_samples=4, batch_size=4, eval_batch_size=4,
                   epochs=1, lr=0.05, max_target_length=6, device="cpu", lambda_=0.01, eval_mode="score"),
         progress=False)
@@ -130,22 +137,17 @@ def test_in_memory_model_and_exported_adapter_give_identical_loglikelihoods_and_
 
     from nlora.export import export_run
     from nlora.general import GeneralSettings, evaluate_model, lm_eval_command, rebuild_model
-    from nlora.models import load_backbone
 
     record = _general(general_run)
     settings = GeneralSettings(batch_size=4)
     tasks = TaskManager(include_path=str(benchmarks_dir), include_defaults=False)
-    base = load_backbone("tiny-llama")  # the built-in tiny model, saved where lm-eval can load it by path
-    base.model.save_pretrained(tmp_path / "base")
-    base.tokenizer.save_pretrained(tmp_path / "base")
     seen = {}
     for after in (0, 2):
         in_memory = evaluate_model(rebuild_model(general_run, after), BENCHMARKS, settings, tasks, log_samples=True)
         # lm-eval's own loading of the exported adapter (PEFT) on the base: the model_args nlora prints
         adapter = export_run(general_run, tmp_path / f"after-{after}", upto=after) if after else None
         command = lm_eval_command(general_run, record, after, BENCHMARKS, benchmarks_dir, adapter_dir=str(adapter))
-        model_args = command.split("--model_args ")[1].split()[0].replace("pretrained=tiny-llama",
-                                                                          f"pretrained={tmp_path / 'base'}")
+        model_args = command.split("--model_args ")[1].split()[0]
         assert ("peft=" in model_args) == bool(after) and "dtype=float32" in model_args
         exported = simple_evaluate(model="hf", model_args=model_args, tasks=BENCHMARKS, batch_size=4, device="cpu",
                                    task_manager=tasks, log_samples=True)
@@ -205,15 +207,15 @@ def test_resumes_without_redoing_and_scores_only_what_is_missing(general_run, be
                         lambda scored, benchmarks, *a, **k: calls.append(list(benchmarks)) or real(scored, benchmarks,
                                                                                                    *a, **k))
     before = (run_dir / "general.json").read_bytes()
+    held = json.loads(before)
     assert _eval_general(run_dir, benchmarks_dir, "--upto", "2,1") == 0
     assert calls == [] and (run_dir / "general.json").read_bytes() == before
     out = capsys.readouterr().out
-    assert "lm_eval --model hf --model_args pretrained=tiny-llama,peft=ADAPTER_DIR,dtype=float32" in out
+    assert f"lm_eval --model hf --model_args pretrained={held['run']['model']},peft=ADAPTER_DIR,dtype=float32" in out
     # a benchmark added later: scored for the base and task 2 only, the held scores kept as they were
     record = general.eval_general(run_dir, [*BENCHMARKS, "nlora_mc_copy"], upto=[2],
                                   settings=general.GeneralSettings(batch_size=4), include_path=benchmarks_dir)
     assert calls == [["nlora_mc_copy"], ["nlora_mc_copy"]]
-    held = json.loads(before)
     for after in ("0", "1", "2"):
         for b in BENCHMARKS:
             assert record["scores"][after][b] == held["scores"][after][b]
