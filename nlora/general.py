@@ -239,8 +239,8 @@ class GeneralEval:
                  "run": {"model": self.config.model, "method": self.config.method, "tasks": list(self.config.tasks)},
                  "settings": {**self.settings.to_dict(), "dtype": None}, "benchmarks": {}, "scores": {}, "delta": {}}
         self.record = self._check_held(read_general(self.root), fresh)
-        self._task_manager = self._local = None
-        self._local_first = True
+        self._task_manager = None
+        self._local_only = self.include_path is not None  # try the --include-path folder alone first
         self._checked = False
 
     # ---------------------------------------------------------------- what general.json already holds
@@ -274,19 +274,19 @@ class GeneralEval:
 
     @property
     def task_manager(self):
-        """lm-eval's task index: only the --include-path folder where it defines every benchmark asked for (the
-        built-in index takes seconds to build), else the built-in tasks and that folder."""
+        """lm-eval's task index: the --include-path folder alone where it defines every benchmark asked for (the
+        index of the built-in tasks takes seconds to build), else the built-in tasks and that folder."""
         if self._task_manager is None:
             from lm_eval.tasks import TaskManager
 
-            if self.include_path is not None and self._local_first:
-                self._local = TaskManager(include_path=str(self.include_path), include_defaults=False)
-                if all(b in self._local.all_tasks for b in self.benchmarks):
-                    self._task_manager = self._local
-                    return self._task_manager
-            self._local_first = False
-            self._task_manager = TaskManager(include_path=None if self.include_path is None
-                                             else str(self.include_path))
+            path = None if self.include_path is None else str(self.include_path)
+            if self._local_only:
+                local = TaskManager(include_path=path, include_defaults=False)
+                if all(b in local.all_tasks for b in self.benchmarks):
+                    self._task_manager = local
+                    return local
+                self._local_only = False
+            self._task_manager = TaskManager(include_path=path)
         return self._task_manager
 
     def _load(self, benchmark: str) -> dict:
@@ -297,18 +297,14 @@ class GeneralEval:
             where = f", nor one defined in {self.include_path}" if self.include_path else ""
             raise NloraError(f"option --tasks: {benchmark!r} is not an lm-eval task, group or tag{where}") from None
         except Exception as e:  # lm-eval and datasets raise many kinds here
-            if self._local_only():  # a local group may name built-in tasks: retry with the built-in index
-                self._task_manager = None
-                self._local_first = False
+            if self._local_only:  # a local group may name built-in tasks: retry with the built-in index
+                self._local_only, self._task_manager = False, None
                 return self._load(benchmark)
             first_line = str(e).splitlines()[0] if str(e) else ""
             raise NloraError(f"benchmark {benchmark!r}: lm-eval cannot load it ({type(e).__name__}: {first_line}). "
                              "Offline, lm-eval's built-in benchmarks need their datasets in the Hugging Face cache "
                              "(load them once online); a benchmark of your own can be a local task file "
                              "(dataset_path: json) in --include-path DIR") from None
-
-    def _local_only(self) -> bool:
-        return self._task_manager is not None and self._task_manager is self._local
 
     def fingerprint(self, benchmark: str) -> dict:
         """Version, configuration hash and number of documents of each lm-eval task of the benchmark."""
