@@ -237,11 +237,17 @@ class GeneralEval:
         fresh = {"schema_version": SCHEMA_VERSION, "harness": "lm-evaluation-harness",
                  "lm_eval_version": lm_eval.__version__,
                  "run": {"model": self.config.model, "method": self.config.method, "tasks": list(self.config.tasks)},
-                 "settings": {**self.settings.to_dict(), "dtype": None}, "benchmarks": {}, "scores": {}, "delta": {}}
+                 "settings": {**self.settings.to_dict(), "dtype": None, "quantization": self._quantization()},
+                 "benchmarks": {}, "scores": {}, "delta": {}}
         self.record = self._check_held(read_general(self.root), fresh)
         self._task_manager = None
         self._local_only = self.include_path is not None  # try the --include-path folder alone first
         self._checked = False
+
+    def _quantization(self) -> str | None:
+        from .models import backbone_options
+
+        return backbone_options(self.config)["quantization"]  # a 4-bit/8-bit base is scored as the run loaded it
 
     # ---------------------------------------------------------------- what general.json already holds
 

@@ -608,8 +608,9 @@ def _general_settings_line(record: dict) -> str:
     fewshot = "each benchmark's own" if settings.get("num_fewshot") is None else settings["num_fewshot"]
     limit = "none" if settings.get("limit") is None else settings["limit"]
     metrics = ", ".join(f"{b} {info.get('metric')}" for b, info in record["benchmarks"].items())
+    quantized = f" ({settings['quantization']} quantized)" if settings.get("quantization") else ""
     return (f"lm-eval {record.get('lm_eval_version')}; few-shot: {fewshot}; limit: {limit}; batch size "
-            f"{settings.get('batch_size')}; weights {settings.get('dtype')}; scores: {metrics}.")
+            f"{settings.get('batch_size')}; weights {settings.get('dtype')}{quantized}; scores: {metrics}.")
 
 
 def general_section(runs: list[RunData]) -> list[str]:

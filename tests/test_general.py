@@ -168,7 +168,8 @@ def test_general_json_holds_scores_delta_versions_and_settings(general_run):
     record = _general(general_run)
     assert record["lm_eval_version"] == importlib.import_module("lm_eval").__version__
     assert record["settings"] == {"num_fewshot": None, "limit": None, "batch_size": 4, "apply_chat_template": False,
-                                  "seeds": [0, 1234, 1234, 1234], "dtype": "float32"}
+                                  "seeds": [0, 1234, 1234, 1234], "dtype": "float32",
+                                  "quantization": None}
     assert list(record["scores"]) == ["0", "1", "2"] and record["labels"] == {"0": "base", "1": "harbor",
                                                                               "2": "orchard"}
     mc, gen = record["benchmarks"]["nlora_mc"], record["benchmarks"]["nlora_gen"]
