@@ -152,6 +152,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            help="test examples per task of --tasks (default: the run's max_eval_samples; 0: all)")
     p_predict.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p_predict.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_general = sub.add_parser("eval-general", help="general-ability retention: the base model and the model after "
+                               "chosen tasks scored on lm-evaluation-harness benchmarks (RUN_DIR/general.json)")
+    p_general.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p_general.add_argument("--tasks", required=True, metavar="A,B,...",
+                           help="lm-eval tasks or groups (e.g. mmlu,gsm8k), or tasks defined in --include-path")
+    p_general.add_argument("--upto", metavar="K,...", help="score the model after these tasks (default: the last "
+                           "trained); the base model is always scored")
+    p_general.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each "
+                           "benchmark's own)")
+    p_general.add_argument("--limit", type=int, metavar="N", help="only the first N examples of each benchmark (a "
+                           "smoke test, not comparable with full benchmarks)")
+    p_general.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default: 8)")
+    p_general.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAML files of your own "
+                           "(local data: dataset_path: json)")
+    p_general.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     return parser
 
 
@@ -260,6 +276,24 @@ def print_methods(name: str | None, modules: list[str]) -> None:
         print(f"  {flag:<24} {f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})")
 
 
+def run_general(args: argparse.Namespace) -> None:
+    from .general import GENERAL_FILE, GeneralSettings, eval_general, format_general, lm_eval_command
+
+    benchmarks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        upto = None if args.upto is None else [int(k) for k in args.upto.split(",") if k.strip()]
+    except ValueError:
+        raise NloraError(f"option --upto: a comma-separated list of task numbers, got {args.upto!r}") from None
+    settings = GeneralSettings(num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size)
+    record = eval_general(args.run_dir, benchmarks, upto=upto, settings=settings, include_path=args.include_path,
+                          device=args.device)
+    print("\n".join(format_general(record)))
+    print(f"written: {(Path(args.run_dir) / GENERAL_FILE).resolve()}")
+    last = max(int(k) for k in record["scores"])
+    print(f"the same numbers from lm-eval's CLI (after task {last}):\n  "
+          + lm_eval_command(args.run_dir, record, last, benchmarks, args.include_path))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
@@ -330,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                                   max_samples=args.max_samples, device=args.device, progress=not args.quiet)
             for line in accuracy_lines(records):
                 print(line, file=sys.stderr)
+        elif args.command == "eval-general":
+            run_general(args)
         elif args.command == "methods":
             print_methods(args.name, [m for m in (args.method_module or "").split(",") if m])
         return 0

@@ -39,12 +39,18 @@ class TrainedRun:
         return self.upto - 1
 
 
-def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
-    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration saved in a run directory."""
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise NloraError(f"{root} is not a run directory (no config.yaml)")
-    config = load_config(root / "config.yaml", {"output_dir": str(root)})
+    return load_config(root / "config.yaml", {"output_dir": str(root)})
+
+
+def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
+    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
+    root = Path(run_dir)
+    config = read_run_config(root)
     method = get_method(config.method)(config)
     tasks, paths = config.tasks, RunPaths(root)
     saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
@@ -63,7 +69,8 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
     return TrainedRun(root, config, method, upto, folders)
 
 
-def _check_summable(run: TrainedRun) -> None:
+def check_summable(run: TrainedRun) -> None:
+    """Refuse a run whose tasks make no single model (its method picks an adapter by the task id)."""
     if run.method.adapter_layout == "stacked" and not run.method.folds_past:
         raise NloraError(f"method '{run.config.method}' evaluates each task with its own adapter (it needs the "
                          "task id), so its tasks do not make one model; each adapters/<k>-<task>/ folder is a "
@@ -74,7 +81,7 @@ def write_summed_adapter(run: TrainedRun, folder: Path) -> int:
     """Write the run's model after task `run.upto` as one PEFT adapter into `folder`; returns its rank."""
     from peft import LoraConfig
 
-    _check_summable(run)
+    check_summable(run)
     layers = concatenate_saved(run.folders)
     rank = next(iter(layers.values()))[0].shape[0]
     state = {}
@@ -95,7 +102,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
     """Write the run's model (after task `upto`) to `out_dir`: a PEFT adapter, or with `merge` a full model.
     The folder appears complete or not at all."""
     run = read_run(run_dir, upto)
-    _check_summable(run)
+    check_summable(run)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "

@@ -18,26 +18,32 @@ from pathlib import Path
 import torch
 
 from .adapters import ContinualAdapters, folding
+from .config import RunConfig
 from .data import GENERIC_INSTRUCTION, Example, load_instructions
 from .errors import NloraError
 from .evaluation import evaluate
 from .export import TrainedRun, read_run
 from .io import write_jsonl_atomic
-from .models import backbone_options, load_backbone
+from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
 from .prompts import PromptSpec, build_prompt
 from .runner import load_tasks
 
 
-def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters, object]:
-    """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
-    its adapters gets them folded as the run folded them (nlora.adapters: the same sum)."""
-    config, method = run.config, run.method
-    # the base as the run loaded it (dtype, quantization, attention), so the sum folds the way the run's did
+def load_base(config: RunConfig, device: str = "cpu") -> Backbone:
+    """The run's base model as the run loaded it (dtype, quantization, attention), for inference."""
     options = {**backbone_options(config), "gradient_checkpointing": False}
-    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code, device=device, **options)
+    return load_backbone(config.model, config.model_kind, config.trust_remote_code, device=device, **options)
+
+
+def load_model(run: TrainedRun, device: str = "cpu", merge_fp32: bool = True) -> tuple[ContinualAdapters, object]:
+    """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
+    its adapters gets them folded as the run folded them (nlora.adapters: the same sum); `merge_fp32` False keeps
+    the folded sum as its own LoRA path (the concat form) even where the run merged it into the weights."""
+    config, method = run.config, run.method
+    backbone = load_base(config, device)  # as the run loaded it, so the sum folds the way the run's did
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, config.target_modules)
+                                 config.lora_dropout, config.target_modules, merge_fp32=merge_fp32)
     phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
     for k, folder in zip(phases, run.folders):
         name = method.adapter_name(k)
