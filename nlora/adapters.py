@@ -48,10 +48,10 @@ from safetensors.torch import load_file, save_file
 from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
+from .rundir import ADAPTER_FILE
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PAST = "past"  # the PEFT adapter that holds the folded frozen adapters
-ADAPTER_FILE = "adapter_model.safetensors"
 _A, _B = ".lora_A.weight", ".lora_B.weight"  # key suffixes of a saved adapter (PEFT's format)
 
 

@@ -16,8 +16,8 @@ from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
 from .method_state import load_state, save_state
+from .rundir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass

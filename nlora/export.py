@@ -9,64 +9,16 @@ concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from .adapters import ADAPTER_FILE, concatenate_saved
-from .config import RunConfig, load_config
 from .errors import NloraError
 from .io import replace_dir_atomic, staging_dir, write_json_atomic
-from .methods import Method, get_method
-from .runner import RunPaths
+from .rundir import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
 
 EXPORT_INFO = "nlora_export.json"
-
-
-@dataclass
-class TrainedRun:
-    """A run directory read back: the model after its first `upto` tasks is the sum of `folders` (stacked
-    methods) or the one adapter in `folders` (snapshot methods)."""
-    root: Path
-    config: RunConfig
-    method: Method
-    upto: int  # tasks trained, 1-based: the model after task `upto`
-    folders: list[Path]  # the saved adapters that make up that model, in task order
-
-    @property
-    def phase(self) -> int:
-        return self.upto - 1
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The configuration saved in a run directory."""
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise NloraError(f"{root} is not a run directory (no config.yaml)")
-    return load_config(root / "config.yaml", {"output_dir": str(root)})
-
-
-def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
-    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
-    root = Path(run_dir)
-    config = read_run_config(root)
-    method = get_method(config.method)(config)
-    tasks, paths = config.tasks, RunPaths(root)
-    saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
-    if not saved:
-        raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
-    if upto is None:
-        upto = saved[-1] + 1
-    if not 1 <= upto <= len(tasks):
-        raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
-    if upto - 1 not in saved:
-        raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
-                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}")
-    k = upto - 1
-    phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
-    folders = [paths.adapter(j, tasks[j]) for j in phases]
-    return TrainedRun(root, config, method, upto, folders)
 
 
 def check_summable(run: TrainedRun) -> None:

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .data import GENERIC_INSTRUCTION, Example, load_instructions
 from .errors import NloraError
 from .evaluation import evaluate
-from .export import TrainedRun, read_run
+from .rundir import TrainedRun, read_run
 from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective

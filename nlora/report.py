@@ -21,7 +21,7 @@ from .diagnostics import diagnose_run, load_or_diagnose, natural_key
 from .errors import NloraError
 from .general import mixing_reasons, read_general
 from .io import write_bytes_atomic, write_text_atomic
-from .tracking import LOG_FILE, read_log
+from .rundir import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import CHECKPOINT_DIR
 from .errors import NloraError
 from .summary import format_matrix
-from .tracking import LOG_FILE, read_log
+from .rundir import CHECKPOINT_DIR, LOG_FILE, read_log
 
 LAST_STEPS = 5  # logged steps shown
 

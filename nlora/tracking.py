@@ -33,9 +33,8 @@ import torch
 
 from .errors import NloraError
 from .io import write_jsonl_atomic
+from .rundir import LOG_FILE, TENSORBOARD_DIR, read_log  # noqa: F401  (imported from here by readers)
 
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard/<PROJECT>/: the TensorBoard event files
 PROJECT = "nlora"  # the project name given to the trackers (the W&B project, the MLflow experiment)
 
 # --report-to names: accelerate's tracker name, the package to install, and accelerate's availability check
@@ -165,22 +164,6 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------- log.jsonl
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The lines of a log.jsonl; a line that is not a JSON object (the last one, cut by a crash) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    return lines
-
 
 def _identity(line: dict) -> tuple:
     """What a line is about: a redone step or matrix entry has the identity of the line it replaces."""

@@ -15,8 +15,7 @@ import pytest
 
 import fresh_process
 from nlora.cli import main
-from nlora.tracking import read_log
-from test_fold import _outcome as _metrics_and_files
+from same_run import outcome
 
 fresh_process.start()
 
@@ -24,7 +23,6 @@ ARGS = ["--model", "tiny-t5", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet",
         "--log-steps", "1"]
-LOG_TIMING = ("elapsed", "time", "seconds", "tokens_per_s", "examples_per_s", "s_per_step")
 # 3 optimizer steps per epoch, 6 per task, a checkpoint every 2 steps
 CONFIGS = {
     "n-lora": ["--method", "n-lora", "--lambda", "0.001"],
@@ -50,10 +48,7 @@ def _killed(argv: list[str], fault: str, log: Path):
 
 
 def _outcome(run_dir: Path) -> dict:
-    metrics, files = _metrics_and_files(run_dir)
-    log = [{k: v for k, v in line.items() if k not in LOG_TIMING} for line in read_log(run_dir / "log.jsonl")
-           if line["event"] != "start"]
-    return {"metrics": metrics, "files": files, "log": log}
+    return outcome(run_dir, log=True)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +126,7 @@ def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir
 
 def test_a_key_the_saved_configuration_lacks_is_named_as_missing(tmp_path):
     from nlora.errors import NloraError
-    from nlora.runner import check_same_config
+    from nlora.rundir import check_same_config
 
     saved = {"lr": 0.001, "output_dir": "a"}  # written before fold_adapters existed
     current = {"lr": 0.001, "output_dir": "b", "fold_adapters": True}
