@@ -1,3 +1,7 @@
+import json
+import warnings
+
+import pytest
 import torch
 from peft import PeftModel
 
@@ -74,3 +78,24 @@ def test_saved_adapter_reloads_with_peft(tmp_path):
     want = ad.model(input_ids=x).last_hidden_state
     fresh = PeftModel.from_pretrained(load_backbone("tiny-bert").model, str(folder)).eval()
     torch.testing.assert_close(fresh(input_ids=x).last_hidden_state, want)
+
+
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # PEFT looks the name up on the (offline) hub
+def test_every_saved_adapter_names_the_base_model(tmp_path):
+    bb, ad = _adapters()
+    bb.model.name_or_path = "org/base-model"  # what from_pretrained records on a loaded model
+    for k in range(3):
+        ad.add(f"task{k}")
+        ad.save(f"task{k}", tmp_path / f"{k}-t")
+    recorded = [json.loads((tmp_path / f"{k}-t" / "adapter_config.json").read_text())["base_model_name_or_path"]
+                for k in range(3)]
+    assert recorded == ["org/base-model"] * 3  # the later ones too: AutoPeftModel loads the base from it
+
+
+def test_wrapping_the_model_prints_no_gradient_checkpointing_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, ad = _adapters()
+        ad.add("task0")
+        ad.add("task1")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
