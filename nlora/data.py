@@ -75,6 +75,10 @@ def find_task_dir(data_dir: str | Path, name: str) -> Path:
     for c in candidates:
         if (c / "labels.json").is_file() or (c / "train.json").is_file():
             return c
+    if (root / "labels.json").is_file() or (root / "train.json").is_file():
+        raise NloraError(f"data folder {root} is the folder of one task ({root.name}), not a data folder: give the "
+                         f"folder that holds the task family folders, {root.parent.parent} in the CL_Benchmark "
+                         f"layout (<data>/{root.parent.name}/{root.name})")
     available = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
     available += sorted(p.name for p in root.glob("*") if (p / "labels.json").is_file())
     raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
