@@ -93,6 +93,18 @@ def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> 
     return instructions
 
 
+def task_family(data_dir: str | Path, task_dir: Path, name: str) -> str:
+    """The family of the task found at `task_dir`: its group folder's name (the task's own name without one)."""
+    return task_dir.parent.name if task_dir.parent != Path(data_dir) else name
+
+
+def task_instruction(instructions: dict[str, str], family: str, name: str, prompt_format: str) -> str:
+    """The instruction of task `name` of `family` in a prompt format: by dataset name, else by family."""
+    if prompt_format == "reference":
+        return reference_instruction(instructions, family, name)
+    return instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+
+
 def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
               max_train: int | None = None, max_test: int | None = None, seed: int = 0,
               unknown_labels: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> TaskData:
@@ -100,14 +112,11 @@ def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | No
     `unknown_labels` maps a split to its policy for labels not in labels.json (UNKNOWN_LABEL_POLICIES; default:
     error in train, keep in test). `prompt` picks the prompt format (default: nlora's own)."""
     path = find_task_dir(data_dir, name)
-    family = path.parent.name if path.parent != Path(data_dir) else name
+    family = task_family(data_dir, path, name)
     prompt = prompt or PromptSpec()
     if instructions is None:
         instructions = load_instructions(None, prompt.format)
-    if prompt.format == "reference":
-        instruction = reference_instruction(instructions, family, name)
-    else:
-        instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    instruction = task_instruction(instructions, family, name, prompt.format)
     labels = _read_labels(path / "labels.json")
     policies = {"train": "error", "test": "keep", **(unknown_labels or {})}
     splits, unknown = {}, {}
