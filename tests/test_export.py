@@ -141,8 +141,8 @@ def test_predict_reads_and_folds_as_the_run_did(tmp_path, synthetic_dir):
     (tmp_path / "in.jsonl").write_text(json.dumps({"sentence": "a plain sentence", "options": ["x", "y"],
                                                    "task": "harbor"}) + "\n")
     (record,) = predict_run(run_dir, input_file=tmp_path / "in.jsonl", output=tmp_path / "o.jsonl", progress=False)
-    assert record["input"] == ("Task:synthetic\nDataset:harbor\nWhich label fits this harbor text? Choose one from the option.\n"
-                               "Option: x, y \na plain sentence\nAnswer:")
+    assert record["input"] == ("Task:synthetic\nDataset:harbor\nWhich label fits this harbor text? Choose one from "
+                               "the option.\nOption: x, y \na plain sentence\nAnswer:")
     adapters, _ = load_model(read_run(run_dir))
     assert adapters.fold_form is None and adapters.folded == []
 
