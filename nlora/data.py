@@ -33,8 +33,8 @@ DEFAULT_INSTRUCTIONS = {
 GENERIC_INSTRUCTION = "Choose the correct label for the text."
 SPLITS = ("train", "test")
 # What to do with examples whose label is not in labels.json (e.g. MNLI's test examples labelled '-', which have
-# no gold label): error; drop them; or keep them, so that they are scored like any example and, since no
-# prediction can match them, count as wrong (the reference code's behaviour on its test sets).
+# no gold label): error; drop them; or keep them, so that they are scored like any example (the reference code's
+# behaviour on its test sets): '-' normalises to "", so only an empty or punctuation-only prediction matches it.
 UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 
@@ -215,7 +215,8 @@ def _apply_label_policy(rows: list[dict], labels: list[str], path: Path, split: 
         print(f"nlora: warning: {path}: dropped {len(unknown)} of {len(rows)} examples whose label is not in "
               f"labels.json ({listed})", file=sys.stderr)
         return [r for r in rows if r["label"] in known]
-    effect = "trained on as given" if split == "train" else "no prediction can match them, so they are scored as wrong"
+    effect = "trained on as given" if split == "train" else \
+        "scored as any example: correct where the prediction equals the label after normalisation"
     print(f"nlora: warning: {path}: kept {len(unknown)} of {len(rows)} examples whose label is not in labels.json "
           f"({listed}); {effect}", file=sys.stderr)
     return rows
