@@ -99,3 +99,26 @@ def test_wrapping_the_model_prints_no_gradient_checkpointing_warning():
         ad.add("task0")
         ad.add("task1")
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_saved_adapters_combined_with_peft_cat_at_weight_1_give_the_summed_model(tmp_path):
+    # what README "Using a trained model" tells a plain PEFT user: the sum, PEFT's "cat"; "linear" is another model
+    bb, ad = _adapters()
+    for k in range(2):
+        ad.add(f"task{k}")
+        _randomize(ad, f"task{k}", 5 + k)
+        with torch.no_grad():
+            for f in ad.factors(f"task{k}"):
+                f.A.mul_(3.0)  # large enough that the cross terms of "linear" show
+        ad.save(f"task{k}", tmp_path / f"{k}-t")
+    ad.activate(["task0", "task1"])
+    ad.model.eval()
+    x = torch.randint(3, 100, (2, 9))
+    want = ad.model(input_ids=x).last_hidden_state
+    plain = PeftModel.from_pretrained(load_backbone("tiny-bert").model, str(tmp_path / "0-t"), adapter_name="a")
+    plain.load_adapter(str(tmp_path / "1-t"), adapter_name="b")
+    for combination, same in (("cat", True), ("linear", False)):
+        plain.add_weighted_adapter(["a", "b"], [1.0, 1.0], combination, combination_type=combination)
+        plain.set_adapter(combination)
+        got = plain.eval()(input_ids=x).last_hidden_state
+        assert torch.allclose(got, want, atol=1e-5) == same, combination
