@@ -139,6 +139,25 @@ class StepWindow:
     def end_step(self) -> None:
         self.steps += 1
 
+    def state(self) -> dict[str, Any]:
+        """The window so far, for a checkpoint: a run resumed from it logs the same means at its next logging step
+        as the run that was not interrupted (the seconds it ran, not its clock)."""
+        return {"seconds": time.perf_counter() - self.start, "steps": self.steps, "loss": self.loss,
+                "regularizer": self.regularizer, "tokens": self.tokens, "examples": self.examples,
+                "terms": dict(self.terms)}
+
+    @classmethod
+    def restored(cls, state: Mapping[str, Any] | None, tokens: bool = True) -> "StepWindow":
+        """A window that continues `state` (None: a fresh one). `tokens` False: start the token count at 0 (a
+        process other than the one whose count, summed over processes, the state holds)."""
+        window = cls()
+        if state:
+            window.start -= float(state["seconds"])
+            window.steps, window.loss, window.regularizer = int(state["steps"]), state["loss"], state["regularizer"]
+            window.tokens, window.examples = int(state["tokens"]) if tokens else 0, int(state["examples"])
+            window.terms = dict(state.get("terms") or {})
+        return window
+
     def flush(self, tokens: int | None = None) -> dict[str, Any]:
         """Means per step over the window; `tokens` replaces the window's count (the sum over processes)."""
         now = time.perf_counter()

@@ -1,9 +1,10 @@
 """Crash and resume: a tiny run is killed (SIGKILL) at several points in a process of its own (tests/fresh_process.py),
 resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built
 in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl,
-O-LoRA (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is checked
-on each killed run and on the resumed one."""
+O-LoRA (whose penalty reads the earlier adapters reloaded from disk), a decoder with gradient accumulation and
+eval_future, and a learning-rate warm-up with a logging window that a checkpoint splits. Every run's log.jsonl must
+also match (every step logged once, in order), and `nlora status` is checked on each killed run and on the resumed
+one."""
 
 import functools
 import json
@@ -33,6 +34,9 @@ CONFIGS = {
     "o-lora": ["--method", "o-lora", "--orth-lambda", "0.1", "--l2-lambda", "0.01"],
     "decoder-accum-future": ["--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                              "--eval-future"],
+    # the learning rate still warming up at the checkpoint (the scheduler's state must come back with the
+    # optimizer's), and a log line every 3 steps, so the checkpoint of step 4 falls inside a logging window
+    "warmup-log-window": ["--warmup-steps", "5", "--log-steps", "3"],
 }
 # where `nlora status` must place each killed run of 2 tasks of 6 steps (n-lora, seq-lora, o-lora)
 STOPPED_AT = {"train_step:3": "task 1 of 2 (harbor): training, step 3 of 6",
@@ -88,6 +92,7 @@ def _status(run_dir, capsys) -> str:
     ("mtl", "train_step:3"),
     ("o-lora", "train_step:9"),       # second task, resumed with the first task's adapter read from disk
     ("decoder-accum-future", "train_step:4"),
+    ("warmup-log-window", "train_step:5"),  # resumed from step 4: steps 4-6 make the line of step 6
 ])
 def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_dir, reference, capsys, config, fault):
     out = tmp_path / "run"
