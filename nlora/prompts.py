@@ -9,7 +9,10 @@
   "Task:{family}\\n" and "Dataset:{dataset}\\n" in front (add_task_name, add_dataset_name) and fills the sentence
   in with str.format. Over the limit, the end of the tokenized prompt is cut, as that collator cuts it: on long
   inputs (BoolQA, MultiRC passages) the end of the passage, the question and the answer cue are lost.
-  Decoders get the tokenizer's BOS text in front of the prompt, as the reference's decoder path adds it.
+  Decoders get the tokenizer's BOS text in front of the prompt, as the reference's decoder path adds it; in
+  training their prompt and label are tokenized as one text, and their prediction is read after the last
+  "Answer:" of the decoded prompt + generation, as there (`reference_decoder_training_ids`,
+  `reference_decoder_prediction`).
 
 Both formats share one interface: `build_prompt` gives the text, `prompt_token_ids` the ids the model reads.
 """
