@@ -28,6 +28,7 @@ class Progress:
     step: int  # optimizer steps taken in this phase
     loss_sum: float
     reg_sum: float
+    window: dict | None = None  # the logging window since the last logged step (nlora.tracking.StepWindow.state)
 
 
 def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.Tensor], optimizer, scheduler,

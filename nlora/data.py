@@ -33,8 +33,8 @@ DEFAULT_INSTRUCTIONS = {
 GENERIC_INSTRUCTION = "Choose the correct label for the text."
 SPLITS = ("train", "test")
 # What to do with examples whose label is not in labels.json (e.g. MNLI's test examples labelled '-', which have
-# no gold label): error; drop them; or keep them, so that they are scored like any example and, since no
-# prediction can match them, count as wrong (the reference code's behaviour on its test sets).
+# no gold label): error; drop them; or keep them, so that they are scored like any example (the reference code's
+# behaviour on its test sets): '-' normalises to "", so only an empty or punctuation-only prediction matches it.
 UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 
@@ -93,6 +93,10 @@ def find_task_dir(data_dir: str | Path, name: str) -> Path:
     for c in candidates:
         if (c / "labels.json").is_file() or (c / "train.json").is_file():
             return c
+    if (root / "labels.json").is_file() or (root / "train.json").is_file():
+        raise NloraError(f"data folder {root} is the folder of one task ({root.name}), not a data folder: give the "
+                         f"folder that holds the task family folders, {root.parent.parent} in the CL_Benchmark "
+                         f"layout (<data>/{root.parent.name}/{root.name})")
     available = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
     available += sorted(p.name for p in root.glob("*") if (p / "labels.json").is_file())
     raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
@@ -107,6 +111,18 @@ def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> 
     return instructions
 
 
+def task_family(data_dir: str | Path, task_dir: Path, name: str) -> str:
+    """The family of the task found at `task_dir`: its group folder's name (the task's own name without one)."""
+    return task_dir.parent.name if task_dir.parent != Path(data_dir) else name
+
+
+def task_instruction(instructions: dict[str, str], family: str, name: str, prompt_format: str) -> str:
+    """The instruction of task `name` of `family` in a prompt format: by dataset name, else by family."""
+    if prompt_format == "reference":
+        return reference_instruction(instructions, family, name)
+    return instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+
+
 def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
               max_train: int | None = None, max_test: int | None = None, seed: int = 0,
               unknown_labels: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> TaskData:
@@ -114,14 +130,11 @@ def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | No
     `unknown_labels` maps a split to its policy for labels not in labels.json (UNKNOWN_LABEL_POLICIES; default:
     error in train, keep in test). `prompt` picks the prompt format (default: nlora's own)."""
     path = find_task_dir(data_dir, name)
-    family = path.parent.name if path.parent != Path(data_dir) else name
+    family = task_family(data_dir, path, name)
     prompt = prompt or PromptSpec()
     if instructions is None:
         instructions = load_instructions(None, prompt.format)
-    if prompt.format == "reference":
-        instruction = reference_instruction(instructions, family, name)
-    else:
-        instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    instruction = task_instruction(instructions, family, name, prompt.format)
     labels = _read_labels(path / "labels.json")
     policies = {"train": "error", "test": "keep", **(unknown_labels or {})}
     splits, unknown = {}, {}
@@ -220,7 +233,8 @@ def _apply_label_policy(rows: list[dict], labels: list[str], path: Path, split: 
         print(f"nlora: warning: {path}: dropped {len(unknown)} of {len(rows)} examples whose label is not in "
               f"labels.json ({listed})", file=sys.stderr)
         return [r for r in rows if r["label"] in known]
-    effect = "trained on as given" if split == "train" else "no prediction can match them, so they are scored as wrong"
+    effect = "trained on as given" if split == "train" else \
+        "scored as any example: correct where the prediction equals the label after normalisation"
     print(f"nlora: warning: {path}: kept {len(unknown)} of {len(rows)} examples whose label is not in labels.json "
           f"({listed}); {effect}", file=sys.stderr)
     return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_FILE, concatenate_saved
+from .adapters import ADAPTER_FILE, concatenate_saved, quiet_peft_wrap
 from .errors import NloraError
 from .io import replace_dir_atomic, staging_dir, write_json_atomic
 from .rundir import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
@@ -85,7 +85,8 @@ def _merge_into_base(run: TrainedRun, folder: Path) -> None:
     # in the run's dtype (a bf16 run's model is written in bf16), never quantized: a merge needs the full weights
     backbone = load_backbone(run.config.model, run.config.model_kind, run.config.trust_remote_code,
                              dtype=run.config.dtype)
-    merged = PeftModel.from_pretrained(backbone.model, str(folder)).merge_and_unload()
+    with quiet_peft_wrap():
+        merged = PeftModel.from_pretrained(backbone.model, str(folder)).merge_and_unload()
     for name in (ADAPTER_FILE, "adapter_config.json"):
         (folder / name).unlink()
     merged.save_pretrained(str(folder))

@@ -5,9 +5,9 @@ training (nlora.evaluation.evaluate, the run's eval_mode), so on a run's own tes
 predictions the run wrote.
 
 An --input line: {"sentence": "...", "options": ["a", "b", ...]} plus, optionally, "label" (the gold answer:
-then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id, and the
-instruction by task name) and "instruction" (the prompt's instruction; default: the run's instruction for the
-task, else a generic one)."""
+then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id and, for a
+task the run trained, the family and instruction its prompts were trained with, as run.json records them) and
+"instruction" (the prompt's instruction; default: the task's, else a generic one)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from .adapters import ContinualAdapters, folding
 from .config import RunConfig
-from .data import GENERIC_INSTRUCTION, Example, load_instructions
+from .data import GENERIC_INSTRUCTION, Example, find_task_dir, load_instructions, task_family, task_instruction
 from .errors import NloraError
 from .evaluation import evaluate
 from .rundir import TrainedRun, read_run
@@ -27,6 +27,7 @@ from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
 from .prompts import PromptSpec, build_prompt
+from .provenance import recorded_tasks
 from .runner import load_tasks
 
 
@@ -70,12 +71,30 @@ def _task_index(run: TrainedRun, task: str | None) -> int:
     return run.phase
 
 
+def task_prompt_source(run: TrainedRun, task: str, instructions: dict[str, str]) -> tuple[str, str | None]:
+    """(family, instruction) that the run built task `task`'s prompts with: as its run.json records them; for a
+    run written before that record, read from its data folder where that is still there. A task the run did not
+    train: its name stands for its family, and no instruction is known."""
+    recorded = recorded_tasks(run.root / "run.json").get(task)
+    if isinstance(recorded, dict) and isinstance(recorded.get("instruction"), str):
+        return recorded.get("family") or task, recorded["instruction"]
+    data_dir = run.config.data_dir
+    if task in run.config.tasks and data_dir and Path(data_dir).is_dir():
+        try:
+            family = task_family(data_dir, find_task_dir(data_dir, task), task)
+            return family, task_instruction(instructions, family, task, run.config.prompt_format)
+        except NloraError:
+            pass
+    return task, None
+
+
 def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
     """The examples of a JSONL file, each with whether it has a gold label; errors name the line. Prompts take
-    the run's prompt format, the line's task name standing for its task family."""
+    the run's prompt format and, for a task the run trained, the family and instruction it trained with."""
     path = Path(path)
     spec = PromptSpec.of(run.config)
     instructions = load_instructions(run.config.instructions, spec.format)
+    sources: dict[str, tuple[str, str | None]] = {}
     out = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -97,8 +116,12 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
         label, task = row.get("label"), row.get("task")
         if label is not None and not isinstance(label, str) or task is not None and not isinstance(task, str):
             raise NloraError(f"{path}:{n}: \"label\" and \"task\" must be strings when given")
-        instruction = row.get("instruction") or instructions.get(task or "") or GENERIC_INSTRUCTION
-        prompt = build_prompt(spec, instruction, task or "", task or "", tuple(options), row["sentence"])
+        if task not in sources:
+            sources[task] = task_prompt_source(run, task or "", instructions)
+        family, known = sources[task]
+        instruction = row.get("instruction") or (known if known is not None else
+                                                 instructions.get(task or "") or GENERIC_INSTRUCTION)
+        prompt = build_prompt(spec, instruction, family, task or "", tuple(options), row["sentence"])
         out.append((Example(task or "", row["sentence"], label or "", tuple(options), prompt, spec.format),
                     label is not None))
     if not out:

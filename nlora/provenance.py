@@ -1,5 +1,6 @@
 """What a run ran on, recorded in RUN_DIR/run.json: the versions of python and the libraries, nlora's version and
-git commit (where its source is a git checkout), the devices, and the sha256 of every data file read. A resumed
+git commit (where its source is a git checkout), the devices, the sha256 of every data file read, and each task's
+family and instruction (what its prompts were built with). A resumed
 run appends its own record, so a run finished across several machines or installs says so."""
 
 from __future__ import annotations
@@ -89,7 +90,23 @@ def collect(tasks, instructions: str | None, device, num_processes: int = 1) -> 
         "git": git_state(),
         "devices": device_info(device, num_processes),
         "data_files": {str(p.resolve()): sha256_of(p) for p in data_files(tasks, instructions)},
+        # what each task's prompts were built with, so that `nlora predict --input` builds the same ones
+        "tasks": {t.name: {"family": t.family, "instruction": t.instruction} for t in tasks},
     }
+
+
+def recorded_tasks(path: Path) -> dict[str, dict]:
+    """{task: {"family", "instruction"}} of the latest start of the run whose run.json is `path`; empty for a run
+    written before nlora recorded them (or without a readable run.json)."""
+    try:
+        sessions = json.loads(path.read_text(encoding="utf-8")).get("sessions", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    for session in reversed(sessions if isinstance(sessions, list) else []):
+        tasks = session.get("tasks") if isinstance(session, dict) else None
+        if isinstance(tasks, dict):
+            return tasks
+    return {}
 
 
 def record_run(path: Path, record: dict, resume: bool) -> None:

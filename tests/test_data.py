@@ -88,6 +88,15 @@ def test_unknown_task_lists_available(tmp_path, make_task):
         load_task(tmp_path, "nope")
 
 
+def test_a_task_folder_given_as_data_folder_names_the_folder_to_give(tmp_path, make_task):
+    folder = make_task(tmp_path, "SC", "yelp", ["a"], [{"label": "a", "sentence": "x"}])
+    with pytest.raises(NloraError) as e:
+        load_task(folder, "yelp")
+    assert str(e.value) == (f"data folder {folder} is the folder of one task (yelp), not a data folder: give the "
+                            f"folder that holds the task family folders, {tmp_path} in the CL_Benchmark layout "
+                            "(<data>/SC/yelp)")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark data not present")
 def test_reads_the_real_benchmark_layout():
     task = load_task(SHARED_DATA, "CB", max_train=20, max_test=10, seed=0)

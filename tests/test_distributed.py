@@ -5,6 +5,7 @@ is marked `distributed` (deselect with -m "not distributed")."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,20 @@ def test_num_processes_relaunches_through_accelerate(monkeypatch):
     assert cli._launch(["run"], 3) is None
     with pytest.raises(NloraError, match="one of 3"):
         cli._launch(["run"], 2)
+
+
+DESELECTING = ("-m", "-k", "--deselect", "--ignore", "--ignore-glob", "--lf", "--last-failed", "--sw", "--stepwise")
+
+
+def test_ci_never_deselects_the_distributed_tests():
+    # the task loss normalised per process and FSDP2's replicated gradients are caught by the `distributed` tests
+    # alone: .ci/run must run the whole suite, whatever the environment or the pytest configuration says
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "unset PYTEST_ADDOPTS" in script
+    commands = [shlex.split(line) for line in script.splitlines() if "pytest" in line.split("#")[0]]
+    pytest_args = [argv[argv.index("pytest") + 1:] for argv in commands]  # after `python -m pytest`
+    assert pytest_args and all(args[-1] == "tests" for args in pytest_args)
+    options = [a for args in pytest_args for a in args]
+    ini = (ROOT / "pyproject.toml").read_text().split("[tool.pytest.ini_options]")[1].split("\n[")[0]
+    options += [line.split("=", 1)[1] for line in ini.splitlines() if line.strip().startswith("addopts")]
+    assert not [a for a in options if a.split("=")[0] in DESELECTING or any(a.startswith(d) for d in ("-m", "-k"))]

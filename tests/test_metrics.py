@@ -29,6 +29,9 @@ def test_normalize_and_accuracy():
     assert normalize_answer("A: the cat") == "a the cat"  # articles stay (unlike SQuAD's own)
     assert normalize_answer("...") == "" and normalize_answer("café") == "café"  # non-ASCII stays
     assert accuracy(["World", "sports ", "x"], ["world", "Sports", "y"]) == pytest.approx(200 / 3)
+    # MNLI's '-' (no gold label) normalises to "": an empty or punctuation-only prediction matches it, as in the
+    # reference's metric
+    assert accuracy(["", " . ", "neutral"], ["-", "-", "-"]) == pytest.approx(200 / 3)
     with pytest.raises(ValueError, match="2 predictions for 1 targets"):
         accuracy(["a", "b"], ["a"])
 
@@ -49,6 +52,20 @@ def test_forgetting_ignores_accuracy_before_training():
     # Task 1 scored 99 before it was trained (row 0): that is not knowledge it later lost.
     M = [[50.0, 99.0], [40.0, 70.0]]
     assert average_forgetting(M) == pytest.approx(10.0)
+
+
+def test_forgetting_takes_the_best_earlier_accuracy_not_the_first():
+    # task 0 improves after task 1 (backward transfer) before it drops: its best, 80, is the reference
+    M = [[60.0, None, None], [80.0, 50.0, None], [50.0, 40.0, 90.0]]
+    # task 0: 80 - 50 = 30 (not 60 - 50 = 10); task 1: 50 - 40 = 10
+    assert average_forgetting(M) == pytest.approx(20.0)
+    assert summarize(M)["forgetting"] == pytest.approx(20.0)
+
+
+def test_average_accuracy_skips_an_unevaluated_entry_of_the_last_row():
+    M = [[70.0, None, None], [None, None, None], [60.0, None, 90.0]]  # task 1 not evaluated after task 3
+    assert average_accuracy(M) == pytest.approx(75.0)  # not (60 + 0 + 90) / 3
+    assert summarize(M)["average_accuracy"] == pytest.approx(75.0)
 
 
 def test_missing_entries():

@@ -1,9 +1,10 @@
 """Crash and resume: a tiny run is killed (SIGKILL) at several points in a process of its own (tests/fresh_process.py),
 resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built
-in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl,
-O-LoRA (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is checked
-on each killed run and on the resumed one."""
+in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora),
+mtl with a learning-rate warm-up and a logging window that the checkpoint splits, O-LoRA (whose penalty reads the
+earlier adapters reloaded from disk), and a decoder with gradient accumulation and eval_future. Every run's log.jsonl
+must also match (every step logged once, in order), and `nlora status` is checked on each killed run and on the
+resumed one."""
 
 import functools
 import json
@@ -27,7 +28,9 @@ ARGS = ["--model", "tiny-t5", "--tasks", "harbor,orchard",
 CONFIGS = {
     "n-lora": ["--method", "n-lora", "--lambda", "0.001"],
     "seq-lora": ["--method", "seq-lora"],
-    "mtl": ["--method", "mtl"],
+    # a learning rate still warming up at the checkpoint (the scheduler's state must come back with the
+    # optimizer's), and a log line every 3 steps, so the checkpoint of step 2 falls inside a logging window
+    "mtl": ["--method", "mtl", "--warmup-steps", "5", "--log-steps", "3"],
     "o-lora": ["--method", "o-lora", "--orth-lambda", "0.1", "--l2-lambda", "0.01"],
     "decoder-accum-future": ["--method", "n-lora", "--lambda", "0.001", "--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                              "--eval-future"],
@@ -80,7 +83,7 @@ def _status(run_dir, capsys) -> str:
     ("n-lora", "checkpoint_save:2"),  # a checkpoint written, not yet moved into place
     ("n-lora", "dir_swap:1"),         # the old checkpoint renamed aside, the new one not yet in place
     ("seq-lora", "train_step:9"),     # the shared adapter, mid-way through the second task
-    ("mtl", "train_step:3"),
+    ("mtl", "train_step:3"),          # resumed from step 2: steps 1-3 make the line of step 3
     ("o-lora", "train_step:9"),       # second task, resumed with the first task's adapter read from disk
     ("decoder-accum-future", "train_step:4"),
 ])
