@@ -18,6 +18,7 @@ import yaml
 from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .data import UNKNOWN_LABEL_POLICIES
 from .evaluation_plan import EVAL_PLANS
+from .paths import check_plain_name, folder_problem
 from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
@@ -31,6 +32,7 @@ PER_TASK_OF = {"lambda": "lambda_per_task", "orth_lambda": "orth_lambda_per_task
                "l2_lambda": "l2_lambda_per_task", "epochs": "epochs_per_task"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+MAX_INT = 2**31 - 1  # the largest value an integer key takes
 
 # Field names that are Python keywords get a trailing underscore; users write them without it.
 _ALIASES = {"lambda": "lambda_"}
@@ -226,6 +228,8 @@ class RunConfig:
             bad("tasks", "no tasks given (comma-separated dataset names in training order)")
         if len(set(self.tasks)) != len(self.tasks):
             bad("tasks", f"a task appears twice in {self.tasks}")
+        for task in self.tasks:  # each names a folder of the data folder and of the run directory
+            check_plain_name(task, "option 'tasks': task name")
         for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
                     "max_target_length", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, key) < 1:
@@ -249,8 +253,9 @@ class RunConfig:
                 bad(key, f"has {len(values)} values for {len(self.tasks)} tasks")
             if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
                 bad(key, f"values must be >= 0 and finite, got {values}")
-            if key == "epochs_per_task" and values is not None and any(x < 1 or x != int(x) for x in values):
-                bad(key, f"values must be whole numbers >= 1, got {values}")
+            if key == "epochs_per_task" and values is not None and any(x < 1 or x != int(x) or x > MAX_INT
+                                                                       for x in values):
+                bad(key, f"values must be whole numbers from 1 to {MAX_INT}, got {values}")
         for key in ("orth_lambda", "l2_lambda", "replay_per_task", "checkpoint_steps"):
             if not getattr(self, key) >= 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
@@ -283,9 +288,8 @@ class RunConfig:
         from .tracking import check_trackers
 
         check_trackers(self.report_to)  # a tracker asked for but not installed fails here, before any work
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            bad("data_dir", f"{self.data_dir} is a file, not a folder" if Path(self.data_dir).exists()
-                else f"folder {self.data_dir} does not exist")
+        if self.data_dir is not None and folder_problem(self.data_dir):
+            bad("data_dir", folder_problem(self.data_dir))
         if self.instructions is not None and not Path(self.instructions).is_file():
             bad("instructions", f"file {self.instructions} does not exist")
         return self
@@ -356,16 +360,18 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             fail()
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 fail()
-        fail()
+        if not isinstance(value, int):
+            fail()
+        if abs(value) > MAX_INT:  # 1e10 epochs, or a seed numpy cannot take: a slip, not a setting
+            raise NloraError(f"{source}: key '{name}' is out of range: {value} (at most {MAX_INT} in size)")
+        return value
     if tp is float:
         if isinstance(value, bool):
             fail()
@@ -392,12 +398,42 @@ def _type_name(tp: type, f: dataclasses.Field) -> str:
     return text + " or null" if is_optional(f) else text
 
 
+class _Refused(yaml.YAMLError):
+    """Valid YAML that a config file may not hold."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load with two refusals: aliases (`*name`), whose nesting can expand a small file into gigabytes, and
+    a key given twice in one mapping, which YAML would resolve silently to the last value."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not accepted; write "
+                           "the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:`, resolved by the base class
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise _Refused(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise NloraError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
+    except _Refused as e:
+        raise NloraError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise NloraError(f"config file {path}: not valid YAML: {e}") from None
     if data is None:
