@@ -8,7 +8,7 @@ concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run
 
 from __future__ import annotations
 
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from .adapters import ADAPTER_FILE, concatenate_saved
 from .config import RunConfig, load_config
 from .errors import NloraError
-from .io import replace_dir_atomic, staging_dir, write_json_atomic
+from .io import staged_dir, write_json_atomic
 from .methods import Method, get_method
+from .paths import check_plain_name
 from .runner import RunPaths
 
 EXPORT_INFO = "nlora_export.json"
@@ -47,11 +48,16 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
     config = load_config(root / "config.yaml", {"output_dir": str(root)})
     method = get_method(config.method)(config)
     tasks, paths = config.tasks, RunPaths(root)
+    for task in tasks:  # each becomes part of an adapter's path
+        check_plain_name(task, f"{root / 'config.yaml'}: task name")
     saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
     if not saved:
         raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
     if upto is None:
         upto = saved[-1] + 1
+        if saved != list(method.phases(len(tasks))):  # the run stopped, or runs, before its last task
+            print(f"nlora: warning: {root} is not finished: this is the partial model after task {upto} of "
+                  f"{len(tasks)} ({tasks[upto - 1]}), not the run's final model", file=sys.stderr)
     if not 1 <= upto <= len(tasks):
         raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
     if upto - 1 not in saved:
@@ -100,8 +106,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite")
-    tmp = staging_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         rank = write_summed_adapter(run, tmp)
         if merge:
             _merge_into_base(run, tmp)
@@ -109,10 +114,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
             "run_dir": str(run.root.resolve()), "method": run.config.method, "model": run.config.model,
             "tasks": run.config.tasks[: run.upto], "upto": run.upto, "rank": rank,
             "form": "merged model" if merge else "PEFT LoRA adapter", "eval_mode": run.config.eval_mode})
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
