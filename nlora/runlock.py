@@ -16,7 +16,6 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import NloraError
-from .io import write_json_atomic
 
 LOCK_FILE = ".nlora.lock"
 HOLDER_FILE = ".nlora.lock.json"  # who holds the lock: read by the process that is refused
@@ -43,10 +42,11 @@ class RunLock:
             raise NloraError(f"run directory {root} is in use by another nlora process ({_holder(root)}); wait "
                              "for it to end or stop it, then run again") from None
         self._lock, self._root = lock, root
-        write_json_atomic(root / HOLDER_FILE, {
+        # a plain write: read only to name the holder, and a half-written one reads as not recorded yet
+        (root / HOLDER_FILE).write_text(json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]]})
+            "command": [Path(sys.argv[0]).name, *sys.argv[1:]]}))
 
     def release(self) -> None:
         if self._lock is None:
