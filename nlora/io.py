@@ -1,5 +1,6 @@
 """Atomic file output: every file of a run directory is written to a temporary name and renamed into place,
-so a crash never leaves a partial file that a later read (or a resumed run) could take for a valid one."""
+so a crash never leaves a partial file that a later read (or a resumed run) could take for a valid one. What is
+moved into place has the permissions of the umask, as a plain write would give it."""
 
 from __future__ import annotations
 
@@ -41,14 +42,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` says the disk (or the user's quota) is full: an OSError, or safetensors' own error,
-    which carries the errno in its message only."""
-    if isinstance(error, OSError):
-        return error.errno in NO_SPACE
-    return type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in NO_SPACE)
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -63,6 +56,14 @@ def write_yaml_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full: an OSError, or safetensors' own error,
+    which carries the errno in its message only."""
+    if isinstance(error, OSError):
+        return error.errno in NO_SPACE
+    return type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in NO_SPACE)
 
 
 def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
@@ -135,7 +136,8 @@ def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: set it straight back)."""
-    mask = os.umask(0o022)
+    """The process's umask. Reading it means setting it: to the most private mask (a file another thread creates
+    meanwhile is private, never more open), then straight back."""
+    mask = os.umask(0o777)
     os.umask(mask)
     return mask
