@@ -107,15 +107,21 @@ def test_a_running_run_refuses_a_second_writer_naming_it(stopped, synthetic_dir,
 
 
 def test_a_lock_left_by_a_dead_process_does_not_block_a_resume(stopped, capsys):
+    """Also: the run was recorded by an nlora before configuration digests; it resumes, and is recorded with one."""
     holder = ("import filelock, json, os, sys; lock = filelock.FileLock(os.path.join(sys.argv[1], sys.argv[2])); "
               "lock.acquire(); open(os.path.join(sys.argv[1], sys.argv[3]), 'w').write(json.dumps("
               "{'pid': os.getpid(), 'host': 'h', 'started': 's'})); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", holder, str(stopped), LOCK_FILE, HOLDER_FILE]).returncode == 9
     assert (stopped / LOCK_FILE).exists()
+    record = json.loads((stopped / "run.json").read_text())
+    for session in record["sessions"]:
+        session.pop("config_digest", None)
+    (stopped / "run.json").write_text(json.dumps(record))
     code, err = _cli(["resume", str(stopped), "--quiet"], capsys)
     assert code == 0, err
     assert json.loads((stopped / "metrics.json").read_text())["complete"]
     assert not (stopped / LOCK_FILE).exists() and not (stopped / HOLDER_FILE).exists()
+    assert "config_digest" in json.loads((stopped / "run.json").read_text())["sessions"][-1]
 
 
 # ------------------------------------------------------------------------------- a resume keeps the configuration
@@ -130,16 +136,6 @@ def test_a_resume_refuses_a_config_yaml_edited_since_the_run_started(stopped, ca
     assert f"cannot resume {stopped}: {stopped / 'config.yaml'} was changed after the run started" in err
     assert "(lora_dropout, method differ" in err
     assert _snapshot(stopped) == before
-
-
-def test_a_run_recorded_without_a_digest_still_resumes(stopped, capsys):
-    record = json.loads((stopped / "run.json").read_text())
-    for session in record["sessions"]:
-        del session["config_digest"]
-    (stopped / "run.json").write_text(json.dumps(record))
-    code, err = _cli(["resume", str(stopped), "--quiet"], capsys)
-    assert code == 0, err
-    assert "config_digest" in json.loads((stopped / "run.json").read_text())["sessions"][-1]
 
 
 # ----------------------------------------------------------------------------------------------- permissions
@@ -232,14 +228,20 @@ def test_a_stopped_run_says_how_to_resume(synthetic_dir, tmp_path, capsys, monke
             os.kill(os.getpid(), signal.SIGTERM)
         raise KeyboardInterrupt  # what Ctrl-C raises (SIGTERM has raised before reaching this line)
     monkeypatch.setattr(runner, "train_task", stop)
-    handler = signal.getsignal(signal.SIGTERM)
-    out = tmp_path / "run"
-    code, err = _cli(_run_argv(synthetic_dir, out), capsys)
+
+    def outer(signum, frame):  # the handler in place before nlora's: must not be reached (nor kill pytest)
+        raise AssertionError("SIGTERM was not handled by nlora")
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        out = tmp_path / "run"
+        code, err = _cli(_run_argv(synthetic_dir, out), capsys)
+        assert signal.getsignal(signal.SIGTERM) is outer  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     what = "terminated (SIGTERM)" if how == "SIGTERM" else "interrupted"
     assert code == (143 if how == "SIGTERM" else 130)
     assert err.strip().splitlines() == [f"nlora: {what}; everything written so far is complete on disk; "
                                         f"`nlora resume {out}` continues the run"]
-    assert signal.getsignal(signal.SIGTERM) is handler
     assert not (out / LOCK_FILE).exists()  # let go of
 
 
