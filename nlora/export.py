@@ -19,7 +19,7 @@ from .config import RunConfig, load_config
 from .errors import NloraError
 from .io import staged_dir, write_json_atomic
 from .methods import Method, get_method
-from .paths import check_plain_name
+from .paths import check_holds_no_run, check_plain_name
 from .runner import RunPaths
 
 EXPORT_INFO = "nlora_export.json"
@@ -103,6 +103,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
     run = read_run(run_dir, upto)
     _check_summable(run)
     out = Path(out_dir)
+    check_holds_no_run(out, [run.root], "output folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite")

@@ -40,3 +40,12 @@ def folder_problem(path: str | os.PathLike) -> str | None:
             return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
         return f"folder {path} does not exist"
     return None if path.is_dir() else f"{path} is a file, not a folder"
+
+
+def check_holds_no_run(folder: str | os.PathLike, runs, option: str) -> None:
+    """An output folder that is replaced as a whole must not be, nor hold, one of the run directories read."""
+    folder = Path(folder).resolve()
+    for run in runs:
+        if folder == Path(run).resolve() or folder in Path(run).resolve().parents:
+            raise NloraError(f"{option} {folder} holds the run directory {run}, which replacing it would delete; "
+                             "choose another folder")

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from .diagnostics import diagnose_run, load_or_diagnose, natural_key
 from .errors import NloraError
 from .io import staged_dir, write_bytes_atomic, write_text_atomic
+from .paths import check_holds_no_run
 from .tracking import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
@@ -88,6 +89,7 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
         output_dir = paths[0] / "report"
     out = Path(output_dir)
     own = len(paths) == 1 and out.resolve() == (paths[0] / "report").resolve()  # the run's report/: nlora's
+    check_holds_no_run(out, paths, "option --output-dir:")
     if not (own or overwrite) and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite to replace it")

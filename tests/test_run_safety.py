@@ -172,6 +172,12 @@ def test_report_and_predict_keep_the_users_files_unless_told(finished, tmp_path,
     assert _cli(["report", str(finished), "--output-dir", str(mine), "--overwrite"], capsys)[0] == 0
     assert (mine / "report.md").read_text() != "my notes"
 
+    for argv in (["report", str(finished), "--output-dir", str(finished.parent), "--overwrite"],
+                 ["export", str(finished), str(finished), "--overwrite"]):  # replacing them would delete the run
+        code, err = _cli(argv, capsys)
+        assert code == 2 and f"holds the run directory {finished}, which replacing it would delete" in err
+    assert (finished / "metrics.json").is_file()
+
     preds = tmp_path / "preds.jsonl"
     preds.write_text("mine\n")
     inputs = tmp_path / "in.jsonl"
