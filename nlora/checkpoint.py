@@ -5,6 +5,7 @@ atomically, so a resumed task continues exactly where the last checkpoint left i
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.T
              "rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "trainer_state.pt")
+    buffer = io.BytesIO()  # torch.save to a file reports a full disk as an obscure RuntimeError; a write names it
+    torch.save(state, buffer)
+    (tmp / "trainer_state.pt").write_bytes(buffer.getvalue())
     save_state(method_state or {}, tmp)
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     fault_point("checkpoint_save")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NloraError
+from .metrics import normalize_answer
+from .paths import check_plain_name, folder_problem
 from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
 
 # Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
@@ -87,8 +89,9 @@ def format_prompt(instruction: str, options: list[str] | tuple[str, ...], senten
 def find_task_dir(data_dir: str | Path, name: str) -> Path:
     """`<data_dir>/<group>/<name>` or `<data_dir>/<name>`; a clear error listing what exists otherwise."""
     root = Path(data_dir)
-    if not root.is_dir():
-        raise NloraError(f"data folder {root} does not exist")
+    check_plain_name(name)
+    if folder_problem(root):
+        raise NloraError(f"data folder: {folder_problem(root)}")
     candidates = [root / name] + sorted(p / name for p in root.iterdir() if p.is_dir())
     for c in candidates:
         if (c / "labels.json").is_file() or (c / "train.json").is_file():
@@ -188,10 +191,20 @@ def _read_json(path: Path):
 
 def _read_labels(path: Path) -> list[str]:
     labels = _read_json(path)
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise NloraError(f"{path}: expected a non-empty JSON list of label strings")
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise NloraError(f"{path}: label {i} is blank ({label!r}); each label must be an answer text")
     if len(set(labels)) != len(labels):
         raise NloraError(f"{path}: duplicate labels in {labels}")
+    same_answer: dict[str, list[str]] = {}
+    for label in labels:
+        same_answer.setdefault(normalize_answer(label), []).append(label)
+    for group in same_answer.values():
+        if len(group) > 1:  # exact match could not tell them apart: two classes would be scored as one
+            raise NloraError(f"{path}: labels {' and '.join(map(repr, group))} are one answer to exact match, which "
+                             "ignores case, punctuation and spacing; rename them so that they differ otherwise")
     return labels
 
 

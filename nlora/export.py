@@ -8,14 +8,14 @@ concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from .adapters import ADAPTER_FILE, concatenate_saved, quiet_peft_wrap
 from .errors import NloraError
-from .io import replace_dir_atomic, staging_dir, write_json_atomic
+from .io import staged_dir, write_json_atomic
+from .paths import check_holds_no_run
 from .rundir import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
 
 EXPORT_INFO = "nlora_export.json"
@@ -56,11 +56,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
     run = read_run(run_dir, upto)
     check_summable(run)
     out = Path(out_dir)
+    check_holds_no_run(out, [run.root], "output folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite")
-    tmp = staging_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         rank = write_summed_adapter(run, tmp)
         if merge:
             _merge_into_base(run, tmp)
@@ -68,10 +68,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
             "run_dir": str(run.root.resolve()), "method": run.config.method, "model": run.config.model,
             "tasks": run.config.tasks[: run.upto], "upto": run.upto, "rank": rank,
             "form": "merged model" if merge else "PEFT LoRA adapter", "eval_mode": run.config.eval_mode})
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -132,11 +132,14 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
 def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: str | None = None,
                 input_file: str | Path | None = None, upto: int | None = None, output: str | Path | None = None,
                 batch_size: int | None = None, max_samples: int | None = None, device: str = "auto",
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Predict with the run's model after task `upto` (default: its last); returns the records (also written to
-    `output` as JSONL, else to stdout). Each record: task, input, prediction, and target/correct when known."""
+    `output` as JSONL, else to stdout; an existing `output` is replaced only with `overwrite`). Each record: task,
+    input, prediction, and target/correct when known."""
     if (tasks is None) == (input_file is None):
         raise NloraError("give either --tasks (with the run's or another --data-dir) or --input FILE.jsonl")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise NloraError(f"option --output: {output} already exists; choose another file or pass --overwrite")
     run = read_run(run_dir, upto)
     config = run.config
     groups: dict[str, list[tuple[int, Example, bool]]] = {}  # task → (position in the output, example, labelled)

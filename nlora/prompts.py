@@ -110,8 +110,8 @@ def build_prompt(spec: PromptSpec, instruction: str, family: str, dataset: str, 
     template = prefix + template
     try:
         return template.format(sentence)
-    except (IndexError, KeyError, ValueError):  # braces in a label or an instruction: the reference keeps the
-        return template                          # template unfilled (its `finally: return`), and so do we
+    except Exception:  # braces in a label or an instruction ({1}, {x}, {0.x}, {0[x]}): whatever the error, the
+        return template  # reference keeps the template unfilled (its `finally: return`), and so do we
 
 
 def reference_instruction(instructions: dict[str, str], family: str, dataset: str) -> str:

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from .diagnostics import diagnose_run, load_or_diagnose, natural_key
 from .errors import NloraError
 from .general import mixing_reasons, read_general
-from .io import write_bytes_atomic, write_text_atomic
+from .io import staged_dir, write_bytes_atomic, write_text_atomic
+from .paths import check_holds_no_run
 from .rundir import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
@@ -78,9 +79,10 @@ def _label_runs(runs: list[RunData]) -> None:
 
 
 def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: float | None = None,
-                 eps_scale: str | None = None) -> Path:
+                 eps_scale: str | None = None, overwrite: bool = False) -> Path:
     """Write the report of one run (default folder RUN_DIR/report) or the comparison of several runs (into
-    `output_dir`, required then); returns the report folder. `rediagnose` recomputes diagnostics.json first."""
+    `output_dir`, required then); returns the report folder, which is replaced as a whole. A folder of the
+    caller's that holds files is replaced only with `overwrite`. `rediagnose` recomputes diagnostics.json first."""
     paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not paths:
         raise NloraError("no run directory given")
@@ -90,6 +92,11 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
                              "(--output-dir DIR)")
         output_dir = paths[0] / "report"
     out = Path(output_dir)
+    own = len(paths) == 1 and out.resolve() == (paths[0] / "report").resolve()  # the run's report/: nlora's
+    check_holds_no_run(out, paths, "option --output-dir:")
+    if not (own or overwrite) and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
+                         "--overwrite to replace it")
     runs = [_load_run(p, rediagnose, rel_eps, eps_scale) for p in paths]
     _label_runs(runs)
     figures = {
@@ -104,11 +111,12 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
     if _general_runs(runs) and not _general_mixing(runs):
         figures[GENERAL_PLOT] = plot_general(runs)
     try:
-        for name, fig in figures.items():
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110)
-            write_bytes_atomic(out / name, buffer.getvalue())
-        write_text_atomic(out / "report.md", report_markdown(runs))
+        with staged_dir(out) as folder:  # the old report stays whole until the new one is
+            for name, fig in figures.items():
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=110)
+                write_bytes_atomic(folder / name, buffer.getvalue())
+            write_text_atomic(folder / "report.md", report_markdown(runs))
     except OSError as e:
         raise NloraError(f"cannot write the report into {out}: {e.strerror or e}") from None
     return out

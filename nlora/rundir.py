@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from .errors import NloraError
 from .io import recover_replaced_dirs
+from .paths import check_plain_name
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -177,11 +179,16 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
 
     method = resolve(config)
     tasks, paths = config.tasks, RunPaths(root)
+    for task in tasks:  # each becomes part of an adapter's path
+        check_plain_name(task, f"{root / 'config.yaml'}: task name")
     saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
     if not saved:
         raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
     if upto is None:
         upto = saved[-1] + 1
+        if saved != list(method.phases(len(tasks))):  # the run stopped, or runs, before its last task
+            print(f"nlora: warning: {root} is not finished: this is the partial model after task {upto} of "
+                  f"{len(tasks)} ({tasks[upto - 1]}), not the run's final model", file=sys.stderr)
     if not 1 <= upto <= len(tasks):
         raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
     if upto - 1 not in saved:

@@ -33,9 +33,10 @@ from .objectives import make_objective
 from .preflight import preflight
 from .prompts import PromptSpec, check_prompt_budget
 from .provenance import collect as collect_provenance
-from .provenance import record_run
+from .provenance import check_config_digest, config_digest, record_run
+from .runlock import RunLock
 from .precision import check_runtime, warn_precision
-from .rundir import check_output_dir, check_same_config, prepare_output_dir, read_metrics
+from .rundir import RESUME_FREE_KEYS, check_output_dir, check_same_config, prepare_output_dir, read_metrics
 from .tracking import RunLogger
 from .training import train_task
 
@@ -101,6 +102,11 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
 def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json).
     With `resume`, continue the run in `config.output_dir` from where it stopped."""
+    with RunLock() as lock:  # taken before the first change to the run directory, released however the run ends
+        return _run(config, progress, resume, lock)
+
+
+def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict:
     config.validate()
     check_runtime(config)
     tasks = load_tasks(config)
@@ -121,18 +127,22 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     if resume:
         saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
         check_same_config(saved, resolved.to_dict(), paths.config)
+        check_config_digest(paths.root / "run.json", saved, paths.config, RESUME_FREE_KEYS)
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        lock.acquire(paths.root)  # a second writer is refused here, having written nothing
         prepare_output_dir(config, resume)
     accelerator.wait_for_everyone()
+    # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
+    recorded = saved if resume else resolved.replace(overwrite=False).to_dict()
     if accelerator.is_main_process and not resume:
-        # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
-        write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+        write_yaml_atomic(paths.config, recorded)
     if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
         record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
-                                                               accelerator.num_processes), resume)
+                                                               accelerator.num_processes), resume,
+                   config_digest(recorded, RESUME_FREE_KEYS))
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 

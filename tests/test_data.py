@@ -163,3 +163,22 @@ def test_every_preset_task_list_passes_validation_on_the_real_data(bench, order,
     if "MNLI" in config.tasks:  # its test.json labels 131 examples '-' (no gold label): kept, scored as wrong
         mnli = next(t for t in tasks if t.name == "MNLI")
         assert mnli.unknown_labels == {"test": {"-": 131}} and len(mnli.test) == 7600
+
+
+@pytest.mark.parametrize("name", ["../flat", "/abs", "..", "", "a/../../b"])
+def test_a_task_name_never_leads_out_of_the_data_folder(tmp_path, make_task, name):
+    make_task(tmp_path / "data", "G", "t", ["a"], [{"label": "a", "sentence": "s"}])
+    make_task(tmp_path, "", "flat", ["a"], [{"label": "a", "sentence": "s"}])  # beside the data folder
+    with pytest.raises(NloraError, match=f"task name {name!r} is not a plain dataset name"):
+        find_task_dir(tmp_path / "data", name)
+
+
+def test_a_data_folder_that_is_a_symbolic_link_loop_is_named_so(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    with pytest.raises(NloraError, match=f"data folder: {loop} is a symbolic link loop"):
+        find_task_dir(loop, "t")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("nowhere")
+    with pytest.raises(NloraError, match=f"{dangling} is a symbolic link to nowhere, which does not exist"):
+        find_task_dir(dangling, "t")

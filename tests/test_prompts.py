@@ -75,6 +75,17 @@ def test_reference_instruction_config_is_accepted_as_it_is(tmp_path, make_task):
     assert task.train[0].prompt == "Topic? \n\nOptions: World\nText: s\nAnswer:"
 
 
+@pytest.mark.parametrize("field", ["{0.x}", "{0[x]}", "{0!z}", "{1}", "{x}"])
+def test_a_template_that_cannot_be_filled_stays_unfilled_as_in_the_reference(tmp_path, make_task, field):
+    """The reference fills the sentence in with str.format in a try whose `finally: return` keeps the template
+    as it is on any error."""
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps({"SC": f"Rate {field} here.\n"}))
+    make_task(tmp_path / "data", "SC", "yelp", ["good", "bad"], [{"label": "good", "sentence": "Fine."}])
+    task = load_task(tmp_path / "data", "yelp", load_instructions(path, "reference"), prompt=PromptSpec("reference"))
+    assert task.train[0].prompt == f"Rate {field} here.\nOption: good, bad \n{{0}}\nAnswer:"
+
+
 def test_reference_format_needs_an_instruction_for_the_family(tmp_path, make_task):
     make_task(tmp_path, "synthetic", "harbor", ["a"], [{"label": "a", "sentence": "s"}])
     with pytest.raises(NloraError, match=r"no instruction for task family 'synthetic'.*option 'instructions'"):
