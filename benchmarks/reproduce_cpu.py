@@ -38,15 +38,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ORDER_1 = ("dbpedia", "amazon", "yahoo", "agnews")
-METHODS = ("seq-lora", "inc-lora", "o-lora", "n-lora", "mtl")
+METHODS = ("seq-lora", "inc-lora", "o-lora", "n-lora", "mtl", "ewc")
 # Examples per task (yahoo has only 171 train / 138 test examples here, so it is capped there).
 PROFILES = {
     "full": dict(train_samples=250, test_samples=250, dev_samples=80, epochs=2),
     "quick": dict(train_samples=64, test_samples=64, dev_samples=24, epochs=2),
 }
 # Chosen by --sweep on the dev split carved from train (see the module docstring).
-DEFAULTS = dict(lr=1e-3, lambda_=1e-5, orth_lambda=0.5, batch_size=16, max_source_length=128, lora_r=8,
-                lora_alpha=32.0)
+DEFAULTS = dict(lr=1e-3, lambda_=1e-5, orth_lambda=0.5, ewc_lambda=1.0, batch_size=16, max_source_length=128,
+                lora_r=8, lora_alpha=32.0)
 SWEEP_SEED = 0
 SWEEP_DIAGNOSTICS = ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm", "mean_olora_overlap")
 # Keys that may differ between a finished run and the command that would reuse it.
@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--penalty-form", default="delta", choices=("delta", "reference", "factors"),
                    help="N-LoRA penalty form (n-lora runs only; see the README)")
     p.add_argument("--orth-lambda", type=float, default=DEFAULTS["orth_lambda"], help="O-LoRA λ₁")
+    p.add_argument("--ewc-lambda", type=float, default=DEFAULTS["ewc_lambda"], help="EWC λ (Fisher normalised by "
+                   "its mean)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-source-length", type=int, default=DEFAULTS["max_source_length"])
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
@@ -88,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--sweep: dev examples carved from each task's training sample (profile default)")
     p.add_argument("--sweep-lambdas", default="1e-5,1e-4,1e-3", help="--sweep: N-LoRA λ values")
     p.add_argument("--sweep-orth-lambdas", default="0.5", help="--sweep: O-LoRA λ₁ values")
+    p.add_argument("--sweep-ewc-lambdas", default="", help="--sweep: EWC λ values (none by default)")
     p.add_argument("--sweep-lrs", default="", help="--sweep: learning rates tried on inc-lora (default: --lr)")
     args = p.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
@@ -116,12 +119,13 @@ def base_config(args, **changes):
 
     values = dict(model=args.model or DEFAULT_MODEL, tasks=list(ORDER_1), data_dir=str(args.data_dir),
                   max_train_samples=args.train_samples, max_eval_samples=args.test_samples, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, lambda_=args.lambda_, orth_lambda=args.orth_lambda,
-                  max_source_length=args.max_source_length, lora_r=DEFAULTS["lora_r"],
-                  lora_alpha=DEFAULTS["lora_alpha"], device="cpu", checkpoint_steps=50)
+                  batch_size=args.batch_size, lr=args.lr, max_source_length=args.max_source_length,
+                  lora_r=DEFAULTS["lora_r"], lora_alpha=DEFAULTS["lora_alpha"], device="cpu", checkpoint_steps=50)
+    # each method gets only its own options (another method's is an error)
+    own = {"n-lora": dict(lambda_=args.lambda_, penalty_form=args.penalty_form),
+           "o-lora": dict(orth_lambda=args.orth_lambda), "ewc": dict(ewc_lambda=args.ewc_lambda)}
+    values.update(own.get(changes.get("method"), {}))
     values.update(changes)
-    if values.get("method") == "n-lora":
-        values.setdefault("penalty_form", args.penalty_form)
     if values.get("method") not in (None, "mtl"):  # the base model's score on each task (zero-shot) and FWT
         values.setdefault("eval_future", True)
     return RunConfig(**values)
@@ -130,20 +134,20 @@ def base_config(args, **changes):
 def run_or_reuse(config, overwrite: bool, progress: bool) -> tuple[dict, str]:
     """Run `config` unless its directory holds the same run complete; resume it if it stopped part-way.
     Returns (metrics, what was done)."""
-    from nlora.config import load_yaml_file
+    from nlora.config import load_config
     from nlora.errors import NloraError
-    from nlora.methods import METHODS as REGISTRY
     from nlora.runner import run
 
     root = Path(config.output_dir)
     saved_config, metrics_file = root / "config.yaml", root / "metrics.json"
     if overwrite or not saved_config.is_file():
         return run(config.replace(overwrite=True), progress=progress), "ran"
-    saved, current = load_yaml_file(saved_config), config.to_dict()
-    # options only other methods read (an IncLoRA run is the same whatever its λ) do not matter either
-    other_options = {k for name, m in REGISTRY.items() if name != config.method for k in m.options}
-    free = set(REUSE_FREE_KEYS) | (other_options - set(REGISTRY[config.method].options))
-    differ = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
+    # both as the run reads them: the core options and the method's own (a run of an older release recorded
+    # every method's options; those of other methods do not matter)
+    saved = load_config(saved_config, saved_run=True).to_dict()
+    current = config.validate().to_dict()
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in REUSE_FREE_KEYS and saved.get(k) != current.get(k))
     if differ:
         raise NloraError(f"{root} holds a run with other settings ({', '.join(differ)}); pass --overwrite to "
                          "replace it or choose another --output-dir")
@@ -308,6 +312,7 @@ def run_sweep(args) -> list[dict]:
     form = {} if args.penalty_form == "delta" else {"penalty_form": args.penalty_form}
     specs += [("n-lora", dict(lambda_=lam, **form)) for lam in parse_floats(args.sweep_lambdas)]
     specs += [("o-lora", dict(orth_lambda=lam)) for lam in parse_floats(args.sweep_orth_lambdas)]
+    specs += [("ewc", dict(ewc_lambda=lam)) for lam in parse_floats(args.sweep_ewc_lambdas)]
     rows = []
     for method, changes in specs:
         shown = {k.rstrip("_"): f"{v:g}" if isinstance(v, float) else v for k, v in changes.items()}

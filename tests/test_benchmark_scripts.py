@@ -29,7 +29,7 @@ def _fake_metrics(config) -> dict:
     last = matrix[-1]
     return {"average_accuracy": sum(last) / n, "bwt": -4.0 / (n - 1), "fwt": 1.5, "forgetting": 4.0 / (n - 1),
             "baseline_accuracy": [25.0] * n, "accuracy_matrix": matrix,
-            "train": {t: {"seconds": 30.0, "mean_loss": 1.0, "mean_regularizer": config.lambda_} for t in config.tasks},
+            "train": {t: {"seconds": 30.0, "mean_loss": 1.0, "mean_regularizer": config.method_options.get("lambda", 0.0)} for t in config.tasks},
             "eval_seconds": {t: 6.0 for t in config.tasks}}
 
 
@@ -71,7 +71,7 @@ def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monk
     reproduce.run_sweep(args)
     by_method = {c.method: c for c in reproduce.calls}
     assert by_method["n-lora"].penalty_form == "reference" and by_method["n-lora"].lambda_ == 0.4
-    assert by_method["inc-lora"].penalty_form == "delta"  # other methods keep their runs (and reuse them)
+    assert "penalty_form" not in by_method["inc-lora"].method_options  # n-lora's own: no part of other runs
     assert Path(by_method["n-lora"].output_dir).name == "n-lora_lambda0.4_penalty_formreference"
     assert "| n-lora lambda=0.4 penalty_form=reference |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
