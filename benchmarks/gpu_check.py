@@ -235,6 +235,7 @@ def run_outcome(run_dir: Path) -> tuple[dict, dict[str, bytes]]:
     metrics.pop("eval_seconds", None)
     for stats in metrics.get("train", {}).values():
         stats.pop("seconds", None)
+        stats.pop("hook_seconds", None)
     files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
              if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
     return metrics, files

@@ -23,7 +23,7 @@ EXPORT_INFO = "nlora_export.json"
 
 def check_summable(run: TrainedRun) -> None:
     """Refuse a run whose tasks make no single model (its method picks an adapter by the task id)."""
-    if run.method.adapter_layout == "stacked" and not run.method.folds_past:
+    if run.method.needs_task_id:
         raise NloraError(f"method '{run.config.method}' evaluates each task with its own adapter (it needs the "
                          "task id), so its tasks do not make one model; each adapters/<k>-<task>/ folder is a "
                          "PEFT adapter of its own")

@@ -65,7 +65,7 @@ def _task_index(run: TrainedRun, task: str | None) -> int:
     trained = run.config.tasks[: run.upto]
     if task in trained:
         return trained.index(task)
-    if run.method.adapter_layout == "stacked" and not run.method.folds_past:
+    if run.method.needs_task_id:
         raise NloraError(f"method '{run.config.method}' needs the task id: task {task!r} is not one of the tasks "
                          f"the run trained up to task {run.upto} ({', '.join(trained)})")
     return run.phase

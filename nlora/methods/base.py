@@ -78,6 +78,9 @@ class Method:
     # evaluation), so they may be folded into their sum (nlora.adapters, option fold_adapters); a method that
     # activates earlier adapters one by one, or scales them, sets False.
     folds_past: ClassVar[bool] = True
+    # True when evaluating task j needs to know it is task j (its own adapter, not the run's one model): predict
+    # asks for the task, export refuses (there is no single model).
+    needs_task_id: ClassVar[bool] = False
     # Options that make the method's own part act on a tiny run of a few steps (a strong weight, few samples):
     # the conformance kit (tests/test_conformance.py) runs every registered method with them.
     smoke_options: ClassVar[dict[str, Any]] = {}
@@ -87,11 +90,6 @@ class Method:
         self.options = options if options is not None else self.Options.from_dict(config.method_options)
 
     # ------------------------------------------------------------------ declarations
-    @property
-    def needs_task_id(self) -> bool:
-        """Whether evaluating a task needs to know which task it is (per-adapter evaluation)."""
-        return self.adapter_layout == "stacked" and not self.folds_past
-
     def phases(self, n_tasks: int) -> list[int]:
         """Indices of the tasks after which the model trains and is evaluated (one phase per task)."""
         return list(range(n_tasks))

@@ -30,6 +30,7 @@ class PerTask(Method):
     name = "per-task"
     description = "a separate adapter per task, evaluated with its own adapter (needs the task id)"
     folds_past = False  # each task is evaluated with its own adapter
+    needs_task_id = True
 
     def active_for_training(self, k, names):
         return [names[k]]
