@@ -70,6 +70,11 @@ def _fix_signs(V: torch.Tensor) -> torch.Tensor:
     return V * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
+def _float64(C: torch.Tensor) -> torch.Tensor:
+    """C in float64, on the CPU where its device has no float64 (MPS)."""
+    return C.detach().to("cpu" if C.device.type == "mps" else C.device, torch.float64)
+
+
 def complement(M: torch.Tensor | None, d: int, like: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (d × (d − k)) of the orthogonal complement of span(M) (M: d × k, orthonormal)."""
     if M is None or M.shape[1] == 0:
@@ -85,7 +90,7 @@ def projected_directions(C: torch.Tensor, M: torch.Tensor | None, power: int = 2
     eigenvalues of (I − M Mᵀ)·C·(I − M Mᵀ), the inputs' own energy along each direction. Computed in float64 in
     the complement's coordinates Q, (I − M Mᵀ)·C = Q·(Qᵀ C): the eigenvectors of Qᵀ C^power Q, mapped by Q, lie
     in the complement exactly, also where the energies vanish."""
-    work = C.detach().to(torch.float64)
+    work = _float64(C)
     Q = complement(M, work.shape[0], work)
     if power == 2:
         G = Q.T @ work
@@ -115,7 +120,7 @@ def grow_basis(C: torch.Tensor, M: torch.Tensor | None, threshold: float, energy
     the smallest k whose top-k directions hold `threshold` of the energy."""
     d = C.shape[0]
     old = torch.zeros(d, 0) if M is None else M.detach().cpu().float()
-    work = C.detach().to(torch.float64)
+    work = _float64(C)
     power = 2 if energy == "covariance" else 1
     total = work.square().sum() if power == 2 else work.trace()
     if total <= 0:
