@@ -221,13 +221,13 @@ class InfLoRA(Method):
 
     def init_adapter(self, k, ctx):
         groups, covs = self.covariances(ctx, k)  # the new adapter's B is 0: it does not change these inputs yet
-        designed: dict[str, torch.Tensor] = {}
+        designed: dict[tuple[str, int], torch.Tensor] = {}  # one design per shared input and rank
         with torch.no_grad():
             for f in ctx.adapters.factors(ctx.adapters.current):
-                owner = groups[f.layer]
-                if owner not in designed:
-                    designed[owner] = design_A(covs[owner], self.bases.get(owner), f.A.shape[0])
-                f.A.copy_(designed[owner].to(f.A))
+                key = (groups[f.layer], f.A.shape[0])
+                if key not in designed:
+                    designed[key] = design_A(covs[key[0]], self.bases.get(key[0]), key[1])
+                f.A.copy_(designed[key].to(f.A))
 
     def after_task(self, k, ctx):
         n = len(ctx.tasks)
