@@ -100,6 +100,16 @@ class Objective:
         drops the padding with it)."""
         return batch["attention_mask"]
 
+    def answer_mask(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The real positions of the answer side `forward` feeds the model besides the prompts, or None: a seq2seq
+        decoder's own sequence; the option texts, which the encoder objective feeds in a second model call."""
+        return None
+
+    def answer_repeats(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """How many of the batch's examples each answer-side sequence stands for (None: one each); a pass that
+        sums over layer inputs counts each sequence that often, as batches of one example would."""
+        return None
+
     def count_terms(self, batch: dict[str, Any]) -> int:
         """How many terms `loss` averages over for this batch (training normalises by the count of a whole
         optimizer step, so that any split of the step across processes or micro-batches gives the same gradient)."""
@@ -198,6 +208,10 @@ class Seq2SeqObjective(Objective):
 
     def count_terms(self, batch):
         return int((batch["labels"] != IGNORE).sum())
+
+    def answer_mask(self, batch):
+        # decoder position i reads label i-1 (or the start token) and predicts label i: real while label i is
+        return batch["labels"] != IGNORE
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples, device):
@@ -398,6 +412,12 @@ class EncoderScoringObjective(Objective):
 
     def count_terms(self, batch):
         return int((batch["target"] != IGNORE).sum())
+
+    def answer_mask(self, batch):
+        return batch["option_attention_mask"]
+
+    def answer_repeats(self, batch):
+        return batch["allowed"].sum(0)  # each option text is embedded once for every example that lists it
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples, device):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,32 +101,63 @@ def per_example_squared_gradients(ctx, examples: list, params: dict[str, torch.T
 def layer_inputs(ctx, examples: list, layers: dict[str, torch.nn.Module],
                  fn: Callable[[str, torch.Tensor], None], batch_size: int | None = None) -> None:
     """Run `examples` through the model (no gradient, dropout off, the adapters active as they are) and call
-    fn(layer_name, input) with each of `layers`' inputs, flattened to (tokens, d_in), padding positions
-    excluded where the layer sees the sequence `forward` feeds the model (Objective.input_mask); a seq2seq
-    decoder's own layers see the answer side, whose padding is kept."""
+    fn(layer_name, input) with each of `layers`' inputs, flattened to (tokens, d_in), padding positions excluded,
+    so that each example contributes the same rows whatever batch it falls in:
+      - the prompts' padding (Objective.input_mask) in the sequence fed to the model, and, in a seq2seq model, in
+        its encoder and in what reads the encoder's output (cross-attention keys and values);
+      - the answer side's (Objective.answer_mask) in the rest of a seq2seq decoder, and in the encoder objective's
+        second model call (its option texts), whose rows are repeated as often as the batch's examples list them
+        (Objective.answer_repeats)."""
     model = ctx.adapters.model
     size = batch_size or ctx.config.eval_batch_size
     handles = []
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
+    encoder = model.get_encoder() if ctx.objective.kind == "seq2seq" else None
+
+    def rows(x):
+        if encoder is not None:
+            answer = not current.get("inside") and x is not current.get("encoded")
+        else:
+            answer = current["calls"] > 1
+        mask = current["answer_mask"] if answer else current["mask"]
+        if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
+            return x.reshape(-1, x.shape[-1])
+        repeats = current["repeats"] if answer else None
+        if repeats is None:
+            return x[mask.bool()]
+        return x[mask.bool()].repeat_interleave(repeats.unsqueeze(1).expand_as(mask)[mask.bool()], dim=0)
 
     def hook(name):
         def run(module, args):
-            x = args[0]
-            mask = current.get("mask")
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.bool()]
-            fn(name, x.reshape(-1, x.shape[-1]).detach())
+            fn(name, rows(args[0]).detach())
         return run
+
+    def count_call(module, args):
+        current["calls"] += 1
+
+    def enter_encoder(module, args):
+        current["inside"] = True
+
+    def leave_encoder(module, args, output):
+        current["inside"] = False
+        current["encoded"] = output[0]  # the tensor the decoder's cross-attention keys and values read
 
     for name, module in layers.items():
         handles.append(module.register_forward_pre_hook(hook(name)))
+    handles.append(model.register_forward_pre_hook(count_call))
+    if encoder is not None:
+        handles += [encoder.register_forward_pre_hook(enter_encoder), encoder.register_forward_hook(leave_encoder)]
     try:
         with torch.no_grad(), eval_mode(model):
             share = my_share(examples, ctx)
             for start in range(0, len(share), size):
                 batch = to_device(ctx.objective.collate(share[start: start + size]), ctx.device)
-                current["mask"] = ctx.objective.input_mask(model, batch)
+                current.clear()
+                current.update(calls=0, mask=ctx.objective.input_mask(model, batch),
+                               answer_mask=ctx.objective.answer_mask(batch),
+                               repeats=ctx.objective.answer_repeats(batch))
                 ctx.objective.forward(model, batch)
     finally:
+        current.clear()
         for handle in handles:
             handle.remove()
