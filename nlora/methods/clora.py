@@ -44,7 +44,7 @@ def orthonormal_basis(dim: int, k: int, seed: int, layer: str, side: str) -> tor
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
     gaussian = torch.randn(dim, min(k, dim), generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r))).float()
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous()
 
 
 def clora_penalty(A: torch.Tensor, B: torch.Tensor, P_A: torch.Tensor, P_B: torch.Tensor) -> torch.Tensor:
