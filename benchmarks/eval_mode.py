@@ -45,7 +45,8 @@ from nlora.methods import get_method  # noqa: E402
 from nlora.metrics import normalize_answer  # noqa: E402
 from nlora.models import load_backbone  # noqa: E402
 from nlora.objectives import make_objective  # noqa: E402
-from nlora.runner import RunPaths, load_tasks, run  # noqa: E402
+from nlora.rundir import RunPaths  # noqa: E402
+from nlora.runner import load_tasks, run  # noqa: E402
 from nlora.synthetic import TASK_NAMES, write_synthetic_benchmark  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "CL_Benchmark"

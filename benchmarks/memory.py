@@ -22,6 +22,10 @@ of one example whose prompt has `prompt` tokens. It prints:
 `4-bit` rows are listed, not measured: bitsandbytes needs CUDA, and this script counts CPU tensors (the 4-bit
 arithmetic is in examples/recipes/decoder-7b-4bit-24gb.yaml).
 
+`measure` also takes a row with "device": "cuda" (benchmarks/gpu_check.py): the model is built on the GPU and
+the row adds `peak_step`, torch.cuda.max_memory_allocated() during the step (after one warm-up step) minus what
+was allocated before it.
+
 Targets checked at the end: bf16 halves the base's parameter bytes and saves no weight copy; checkpointing cuts the
 saved bytes at least 4x on the 2-layer slices at 512 tokens; the decoder loss's logits for a 512-token and a
 32-token prompt are within 10% of each other.
@@ -91,20 +95,26 @@ def plan(models: list[str]) -> list[dict]:
     return rows
 
 
-def build(name: str, dtype, meta: bool = False):
-    """The model with random weights, created directly in `dtype` (no float32 detour); on the meta device
-    (no storage) for counting parameters only."""
-    import contextlib
-
+def build(name: str, dtype, meta: bool = False, device: str = "cpu", layers: int | None = None,
+          vocab_size: int | None = None):
+    """The model with random weights, created directly in `dtype` (no float32 detour) on `device`; on the meta
+    device (no storage) for counting parameters only. `layers`, `vocab_size`: these instead of the
+    configuration's."""
     import torch
     from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
     cfg = model_configs()[name]
+    if layers is not None and cfg.model_type == "t5":
+        cfg.num_layers = cfg.num_decoder_layers = layers
+    elif layers is not None:
+        cfg.num_hidden_layers = layers
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
     cls = T5ForConditionalGeneration if cfg.model_type == "t5" else LlamaForCausalLM
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with torch.device("meta" if meta else device):
             model = cls(cfg)
     finally:
         torch.set_default_dtype(default)
@@ -118,7 +128,7 @@ def measure(row: dict) -> dict:
     from nlora.adapters import ContinualAdapters
     from nlora.data import Example
     from nlora.models import default_target_modules, enable_gradient_checkpointing
-    from nlora.objectives import make_objective
+    from nlora.objectives import make_objective, to_device
 
     torch.manual_seed(0)
     out = dict(row)
@@ -129,7 +139,8 @@ def measure(row: dict) -> dict:
             return {**out, "skipped": "needs CUDA and bitsandbytes"}
         return {**out, "skipped": "not measured by this CPU script"}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[row["dtype"]]
-    model, cfg = build(row["model"], dtype, meta=bool(row.get("params_only")))
+    device = row.get("device", "cpu")
+    model, cfg = build(row["model"], dtype, meta=bool(row.get("params_only")), device=device)
     kind = "seq2seq" if cfg.model_type == "t5" else "decoder"
 
     def by_dtype(params) -> dict:
@@ -154,7 +165,17 @@ def measure(row: dict) -> dict:
     tokenizer = ByT5Tokenizer()
     objective = make_objective(kind, tokenizer, row["prompt"], 16)
     text = "x" * (row["prompt"] + 8)  # byte-level: one token a byte, truncated to `prompt` tokens
-    batch = objective.collate([Example("t", text, ANSWER, (ANSWER, "negative"), text)])
+    batch = to_device(objective.collate([Example("t", text, ANSWER, (ANSWER, "negative"), text)]), device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=row["autocast"])
+    cuda = device.startswith("cuda")
+    if cuda:  # a first step allocates the kernels' workspaces: the step measured is the second
+        peft_model.train()
+        with autocast:
+            objective.loss(peft_model, batch).backward()
+        peft_model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out["allocated_before"] = torch.cuda.memory_allocated(device)
 
     param_storages = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
     weight_shapes = {tuple(p.shape) for p in base_params if p.dim() == 2}
@@ -191,13 +212,15 @@ def measure(row: dict) -> dict:
     hooks.append(head.register_forward_hook(lambda m, i, o: logits_bytes.append(o.numel() * o.element_size())))
     peft_model.train()
     start = time.perf_counter()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=row["autocast"])
     with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = objective.loss(peft_model, batch)
     counting[0] = False
     for h in hooks:
         h.remove()
     loss.backward()
+    if cuda:  # peak of the step over what was allocated before it (weights, adapters, inputs)
+        torch.cuda.synchronize(device)
+        out["peak_step"] = torch.cuda.max_memory_allocated(device) - out["allocated_before"]
     out["seconds"] = round(time.perf_counter() - start, 1)
     out["loss"] = round(loss.item(), 4)
     out["tokens"] = int(batch["attention_mask"].sum()) if kind == "decoder" else int(batch["input_ids"].numel())

@@ -181,6 +181,8 @@ def run_worker(spec: dict) -> dict:
         sync()
         peak = torch.cuda.max_memory_allocated(device)
         step_peak = peak - before
+    elif not spec.get("rss", True):  # a worker in a process that goes on: its RSS says nothing of this step
+        peak = step_peak = None
     else:
         _return_freed_memory_to_os()
         step()  # one step under the new allocator settings before measuring
@@ -215,7 +217,7 @@ def machine_line(device: str, threads: int) -> str:
     return line
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -239,22 +241,39 @@ def main(argv=None) -> int:
                     help="llama7b: --dims 4096 --layers 64 --batch 4 --seq 512 --dtype bfloat16 (a GPU job)")
     ap.add_argument("--json", help="also write the raw results to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    return ap
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, str]:
+    """Apply --preset to `args`; the device and dtype that `auto` stands for."""
+    import torch
+
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, dtype
+
+
+def worker_spec(args: argparse.Namespace, device: str, dtype: str, d: int, config: str) -> dict:
+    """What `run_worker` measures: one configuration at width d."""
+    return dict(device=device, dtype=dtype, d=d, layers=args.layers, rank=args.rank, alpha=args.alpha,
+                previous=args.previous, chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
+                batch=args.batch, seq=args.seq, config=config, seed=0, threads=args.threads)
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
-    if args.preset:
-        for key, value in PRESETS[args.preset].items():
-            setattr(args, key, value)
-
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve(args)
     dims = [int(v) for v in args.dims.split(",") if v.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(configs) - set(CONFIGS)
@@ -266,10 +285,7 @@ def main(argv=None) -> int:
     results = []
     for d in dims:
         for config in configs:
-            spec = dict(device=device, dtype=dtype, d=d, layers=args.layers, rank=args.rank, alpha=args.alpha,
-                        previous=args.previous, chunk_size=args.chunk_size, repeats=args.repeats,
-                        warmup=args.warmup, batch=args.batch, seq=args.seq, config=config, seed=0,
-                        threads=args.threads)
+            spec = worker_spec(args, device, dtype, d, config)
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

@@ -43,21 +43,22 @@ from nlora.models import default_target_modules, load_backbone
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def build_model(name: str):
-    """(model, kind, target modules, make_batch(seed) -> kwargs of a forward with a loss)."""
+def build_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """(model, kind, target modules, make_batch(seed) -> kwargs of a forward with a loss), the model's weights in
+    `dtype` on `device` (the batches are made on the CPU)."""
     if name == "t5-slice":
         from transformers import T5Config, T5ForConditionalGeneration
 
         torch.manual_seed(0)
         config = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=2,
                           num_decoder_layers=2, decoder_start_token_id=0)
-        model = T5ForConditionalGeneration(config)
+        model = T5ForConditionalGeneration(config).to(device=device, dtype=getattr(torch, dtype))
 
         def batch(g):
             return {"input_ids": torch.randint(3, 32000, (4, 128), generator=g),
                     "labels": torch.randint(3, 32000, (4, 16), generator=g)}
         return model, "seq2seq", ["q", "v"], batch
-    backbone = load_backbone(MINILM if name == "minilm" else name)
+    backbone = load_backbone(MINILM if name == "minilm" else name, dtype=dtype, device=device)
     vocab = backbone.model.config.vocab_size
     shape = (16, 128) if name == "minilm" else (4, 32)
 
@@ -74,10 +75,12 @@ def loss_of(model, inputs) -> torch.Tensor:
 MODES = ("unfolded", "concat", "merge")
 
 
-def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float, mode: str):
+def prepare(name: str, n_max: int, folder: Path, r: int, dropout: float, mode: str, device: str = "cpu",
+            dtype: str = "float32"):
     """A model with n_max adapters of random weights (B seeded per task; B starts at zero in training), saved
-    under `folder`; a second call loads the same weights back from there."""
-    model, kind, targets, make_batch = build_model(name)
+    under `folder`; a second call loads the same weights back from there. The merge form needs a float32 base
+    (on another dtype the fold takes the concat form)."""
+    model, kind, targets, make_batch = build_model(name, device, dtype)
     adapters = ContinualAdapters(model, kind, r=r, alpha=4 * r, dropout=dropout, target_modules=targets,
                                  merge_fp32=mode == "merge")
     saved = {}
@@ -155,30 +158,39 @@ def step_work(step) -> tuple[int, int]:
     return flops.get_total_flops(), ops.count
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
-def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -> list[dict]:
+def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float, device: str = "cpu",
+            dtype: str = "float32", modes: tuple[str, ...] = MODES) -> list[dict]:
     """Per mode, one model per task count, all held at once and timed in turn (round robin, after one warm-up
     each), so that drift of the machine's speed hits every task count alike. Ratios to the first task count are
     the median over rounds of that round's ratio (paired); times are medians."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
+        for mode in modes:
             setups = []
             for n in tasks:
                 torch.manual_seed(0)
-                adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout, mode)
+                adapters, saved, make_batch = prepare(name, max(tasks), Path(tmp), r, dropout, mode, device, dtype)
                 paths = configure(adapters, saved, n, mode != "unfolded")
-                inputs = make_batch(torch.Generator().manual_seed(0))
+                inputs = {k: v.to(device) for k, v in make_batch(torch.Generator().manual_seed(0)).items()}
                 adapters.model.train()  # dropout on: the masks of the frozen paths are what folding saves
                 kept = saved_bytes(adapters.model, inputs)
                 train_step, eval_step = _steps(adapters.model, inputs)
-                setups.append((n, paths, {"saved": kept, **dict(zip(("flops", "ops"), step_work(train_step)))},
-                               train_step, eval_step))
+                work = {"saved": kept, "fold_form": adapters.fold_form or "-",  # what the fold became
+                        **dict(zip(("flops", "ops"), step_work(train_step)))}
+                setups.append((n, paths, work, train_step, eval_step))
             for _, _, _, train_step, eval_step in setups:  # warm-up
                 train_step(), eval_step()
             times = {n: {"train_s": [], "eval_s": []} for n in tasks}
@@ -188,7 +200,7 @@ def measure(name: str, tasks: list[int], repeats: int, r: int, dropout: float) -
                     times[n]["eval_s"].append(_timed(eval_step))
             first = times[tasks[0]]
             for n, paths, work, _, _ in setups:
-                row = {"model": name, "mode": mode, "tasks": n, "paths": len(paths), **work}
+                row = {"model": name, "mode": mode, "dtype": dtype, "tasks": n, "paths": len(paths), **work}
                 for key in ("train_s", "eval_s"):
                     row[key] = statistics.median(times[n][key])
                     row[key.replace("_s", "_ratio")] = statistics.median(

@@ -34,6 +34,7 @@ not used for the merge form: it keeps the adapter and unmerges it whenever adapt
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from collections.abc import Callable
@@ -48,10 +49,10 @@ from safetensors.torch import load_file, save_file
 from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
+from .rundir import ADAPTER_FILE
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PAST = "past"  # the PEFT adapter that holds the folded frozen adapters
-ADAPTER_FILE = "adapter_model.safetensors"
 _A, _B = ".lora_A.weight", ".lora_B.weight"  # key suffixes of a saved adapter (PEFT's format)
 
 
@@ -62,6 +63,15 @@ class LoraFactors:
     A: torch.Tensor  # (r, d_in)
     B: torch.Tensor  # (d_out, r)
     scaling: float
+
+
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """Wrapping a model in a PeftModel reads transformers' deprecated `is_gradient_checkpointing`, whose
+    FutureWarning every command that loads a model would print; only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def folding(method, config) -> bool:
@@ -170,7 +180,8 @@ class ContinualAdapters:
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
             try:
-                self.peft_model = get_peft_model(self.base_model, config, adapter_name=name)
+                with quiet_peft_wrap():
+                    self.peft_model = get_peft_model(self.base_model, config, adapter_name=name)
             except ValueError as e:
                 raise NloraError(f"option 'target_modules': {e}") from None
         else:
@@ -360,7 +371,10 @@ class ContinualAdapters:
         state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        self.peft_model.peft_config[name].save_pretrained(str(tmp))
+        config = copy.copy(self.peft_model.peft_config[name])
+        if config.base_model_name_or_path is None:  # PEFT records it for the first adapter only, not add_adapter's
+            config.base_model_name_or_path = self.base_model.__dict__.get("name_or_path") or None
+        config.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
         fault_point("adapter_save")

@@ -5,6 +5,7 @@ atomically, so a resumed task continues exactly where the last checkpoint left i
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
 from .method_state import load_state, save_state
+from .rundir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Progress:
     step: int  # optimizer steps taken in this phase
     loss_sum: float
     reg_sum: float
+    window: dict | None = None  # the logging window since the last logged step (nlora.tracking.StepWindow.state)
 
 
 def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.Tensor], optimizer, scheduler,
@@ -39,7 +41,9 @@ def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.T
              "rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "trainer_state.pt")
+    buffer = io.BytesIO()  # torch.save to a file reports a full disk as an obscure RuntimeError; a write names it
+    torch.save(state, buffer)
+    (tmp / "trainer_state.pt").write_bytes(buffer.getvalue())
     save_state(method_state or {}, tmp)
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     fault_point("checkpoint_save")

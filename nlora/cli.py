@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -13,6 +15,7 @@ import yaml
 from .config import config_fields, load_config
 from .errors import NloraError
 from .options import base_type, default_of, option_fields, public_name
+from .io import is_disk_full
 
 # Commands whose flags include every method's options (building them imports the methods, hence torch).
 METHOD_COMMANDS = ("run", "demo")
@@ -118,6 +121,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_report.add_argument("--rediagnose", action="store_true",
                           help="recompute each run's diagnostics.json from its saved adapters first")
     _add_threshold_options(p_report, "that of the run's diagnostics.json, else 0.01")
+    p_report.add_argument("--overwrite", action="store_true",
+                          help="replace --output-dir if it holds files (RUN_DIR/report is always replaced)")
 
     p_status = sub.add_parser("status", help="where a run is (task, step, elapsed and remaining time), its matrix "
                               "so far and its last logged losses; works while it runs, once stopped, or complete")
@@ -147,11 +152,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_predict.add_argument("--data-dir", metavar="DIR", help="data folder of --tasks (default: the run's)")
     _add_upto_option(p_predict)
     p_predict.add_argument("--output", metavar="FILE.jsonl", help="where to write (default: standard output)")
+    p_predict.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p_predict.add_argument("--batch-size", type=int, metavar="N", help="default: the run's eval_batch_size")
     p_predict.add_argument("--max-samples", type=int, metavar="N",
                            help="test examples per task of --tasks (default: the run's max_eval_samples; 0: all)")
     p_predict.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p_predict.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_general = sub.add_parser("eval-general", help="general-ability retention: the base model and the model after "
+                               "chosen tasks scored on lm-evaluation-harness benchmarks (RUN_DIR/general.json)")
+    p_general.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p_general.add_argument("--tasks", required=True, metavar="A,B,...",
+                           help="lm-eval tasks or groups (e.g. mmlu,gsm8k), or tasks defined in --include-path")
+    p_general.add_argument("--upto", metavar="K,...", help="score the model after these tasks (default: the last "
+                           "trained); the base model is always scored")
+    p_general.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each "
+                           "benchmark's own)")
+    p_general.add_argument("--limit", type=int, metavar="N", help="only the first N examples of each benchmark (a "
+                           "smoke test, not comparable with full benchmarks)")
+    p_general.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default: 8)")
+    p_general.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAML files of your own "
+                           "(local data: dataset_path: json)")
+    p_general.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     return parser
 
 
@@ -260,9 +282,39 @@ def print_methods(name: str | None, modules: list[str]) -> None:
         print(f"  {flag:<24} {f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})")
 
 
+def run_general(args: argparse.Namespace) -> None:
+    from .general import GENERAL_FILE, GeneralSettings, eval_general, format_general, lm_eval_command
+
+    benchmarks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        upto = None if args.upto is None else [int(k) for k in args.upto.split(",") if k.strip()]
+    except ValueError:
+        raise NloraError(f"option --upto: a comma-separated list of task numbers, got {args.upto!r}") from None
+    settings = GeneralSettings(num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size)
+    record = eval_general(args.run_dir, benchmarks, upto=upto, settings=settings, include_path=args.include_path,
+                          device=args.device)
+    print("\n".join(format_general(record)))
+    print(f"written: {(Path(args.run_dir) / GENERAL_FILE).resolve()}")
+    last = max(int(k) for k in record["scores"])
+    print(f"the same numbers from lm-eval's CLI (after task {last}):\n  "
+          + lm_eval_command(args.run_dir, record, last, benchmarks, args.include_path))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (as Ctrl-C raises KeyboardInterrupt), so that a write in progress
+    cleans up after itself and the lock on a run directory is let go."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    run_dir = None  # the run directory being written, named in the advice on how to continue it
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if args.command in ("run", "resume") and args.num_processes is not None \
                 and not getattr(args, "dry_run", False):
@@ -285,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir},
                                      saved_run=True)
                 resume = True
+            run_dir = config.output_dir
             metrics = run(config, progress=not args.quiet, resume=resume)
             if PartialState().is_main_process:
                 print(format_run(metrics))
@@ -302,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
-                                  rel_eps=args.rel_eps, eps_scale=args.eps_scale)
+                                  rel_eps=args.rel_eps, eps_scale=args.eps_scale, overwrite=args.overwrite)
             print(f"report: {(folder / 'report.md').resolve()}")
         elif args.command == "status":
             from .status import format_status, run_status
@@ -327,18 +380,34 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
             records = predict_run(args.run_dir, tasks=tasks, data_dir=args.data_dir, input_file=args.input,
                                   upto=args.upto, output=args.output, batch_size=args.batch_size,
-                                  max_samples=args.max_samples, device=args.device, progress=not args.quiet)
+                                  max_samples=args.max_samples, device=args.device, progress=not args.quiet,
+                                  overwrite=args.overwrite)
             for line in accuracy_lines(records):
                 print(line, file=sys.stderr)
+        elif args.command == "eval-general":
+            run_general(args)
         elif args.command == "methods":
             print_methods(args.name, [m for m in (args.method_module or "").split(",") if m])
         return 0
     except NloraError as e:
         print(f"nlora: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nlora: interrupted; everything written so far is complete on disk", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        advice = f"; `nlora resume {run_dir}` continues the run" if run_dir else ""
+        print(f"nlora: {how}; everything written so far is complete on disk{advice}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        what = getattr(e, "filename", None) or (f"a file in {run_dir}" if run_dir else "a file")
+        advice = (f"everything written before is complete: free some space, then `nlora resume {run_dir}` "
+                  "continues the run" if run_dir else "free some space and run the command again")
+        print(f"nlora: error: no space left on device: {what} could not be written; {advice}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
 from .data import UNKNOWN_LABEL_POLICIES
 from .evaluation_plan import EVAL_PLANS
 from .options import base_type as _base_type
-from .options import check_fields, coerce, field_name, public_name
+from .options import MAX_INT, check_fields, coerce, field_name, public_name
+from .paths import check_plain_name, folder_problem
 from .prompts import PROMPT_FORMATS
 from .errors import NloraError
 
@@ -239,6 +240,8 @@ class RunConfig:
             bad("tasks", "no tasks given (comma-separated dataset names in training order)")
         if len(set(self.tasks)) != len(self.tasks):
             bad("tasks", f"a task appears twice in {self.tasks}")
+        for task in self.tasks:  # each names a folder of the data folder and of the run directory
+            check_plain_name(task, "option 'tasks': task name")
         for key in ("epochs", "batch_size", "eval_batch_size", "lora_r", "max_source_length",
                     "max_target_length", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, key) < 1:
@@ -254,8 +257,8 @@ class RunConfig:
             bad("epochs_per_task", f"has {len(values)} values for {len(self.tasks)} tasks")
         if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
             bad("epochs_per_task", f"values must be >= 0 and finite, got {values}")
-        if values is not None and any(x < 1 or x != int(x) for x in values):
-            bad("epochs_per_task", f"values must be whole numbers >= 1, got {values}")
+        if values is not None and any(x < 1 or x != int(x) or x > MAX_INT for x in values):
+            bad("epochs_per_task", f"values must be whole numbers from 1 to {MAX_INT}, got {values}")
         if not self.checkpoint_steps >= 0:
             bad("checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
         if self.lora_alpha <= 0:
@@ -284,9 +287,8 @@ class RunConfig:
         from .tracking import check_trackers
 
         check_trackers(self.report_to)  # a tracker asked for but not installed fails here, before any work
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            bad("data_dir", f"{self.data_dir} is a file, not a folder" if Path(self.data_dir).exists()
-                else f"folder {self.data_dir} does not exist")
+        if self.data_dir is not None and folder_problem(self.data_dir):
+            bad("data_dir", folder_problem(self.data_dir))
         if self.instructions is not None and not Path(self.instructions).is_file():
             bad("instructions", f"file {self.instructions} does not exist")
         return self
@@ -305,12 +307,42 @@ def base_type(f: dataclasses.Field) -> type:
     return _base_type(RunConfig, f)
 
 
+class _Refused(yaml.YAMLError):
+    """Valid YAML that a config file may not hold."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load with two refusals: aliases (`*name`), whose nesting can expand a small file into gigabytes, and
+    a key given twice in one mapping, which YAML would resolve silently to the last value."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not accepted; write "
+                           "the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:`, resolved by the base class
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise _Refused(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise NloraError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
+    except _Refused as e:
+        raise NloraError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise NloraError(f"config file {path}: not valid YAML: {e}") from None
     if data is None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NloraError
+from .metrics import normalize_answer
+from .paths import check_plain_name, folder_problem
 from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
 
 # Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
@@ -33,19 +35,32 @@ DEFAULT_INSTRUCTIONS = {
 GENERIC_INSTRUCTION = "Choose the correct label for the text."
 SPLITS = ("train", "test")
 # What to do with examples whose label is not in labels.json (e.g. MNLI's test examples labelled '-', which have
-# no gold label): error; drop them; or keep them, so that they are scored like any example and, since no
-# prediction can match them, count as wrong (the reference code's behaviour on its test sets).
+# no gold label): error; drop them; or keep them, so that they are scored like any example (the reference code's
+# behaviour on its test sets): '-' normalises to "", so only an empty or punctuation-only prediction matches it.
 UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 
 @dataclass(frozen=True)
 class Example:
+    """One example. A classification example has its label options; a free-text example (nlora.freetext) has none:
+    its `label` is the answer it is trained on, `sentence` its raw input without the instruction, and
+    `references` every acceptable answer when there are several (empty: the label alone)."""
     task: str
     sentence: str
     label: str
     options: tuple[str, ...]
     prompt: str
     prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.prompts)
+    references: tuple[str, ...] = ()
+
+    @property
+    def free_text(self) -> bool:
+        return not self.options
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """What a prediction is scored against."""
+        return self.references or (self.label,)
 
 
 @dataclass
@@ -59,6 +74,11 @@ class TaskData:
     test: list[Example]
     # split -> {label not in labels.json: number of such examples kept in that split}
     unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # free-text tasks (nlora.freetext): their held-out dev split where the data has one, and their metric
+    # (a nlora.scoring spec); classification tasks are scored by exact match
+    dev: list[Example] = field(default_factory=list)
+    metric: str = "exact_match"
+    kind: str = "classification"  # or "free_text"
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:
@@ -69,12 +89,17 @@ def format_prompt(instruction: str, options: list[str] | tuple[str, ...], senten
 def find_task_dir(data_dir: str | Path, name: str) -> Path:
     """`<data_dir>/<group>/<name>` or `<data_dir>/<name>`; a clear error listing what exists otherwise."""
     root = Path(data_dir)
-    if not root.is_dir():
-        raise NloraError(f"data folder {root} does not exist")
+    check_plain_name(name)
+    if folder_problem(root):
+        raise NloraError(f"data folder: {folder_problem(root)}")
     candidates = [root / name] + sorted(p / name for p in root.iterdir() if p.is_dir())
     for c in candidates:
         if (c / "labels.json").is_file() or (c / "train.json").is_file():
             return c
+    if (root / "labels.json").is_file() or (root / "train.json").is_file():
+        raise NloraError(f"data folder {root} is the folder of one task ({root.name}), not a data folder: give the "
+                         f"folder that holds the task family folders, {root.parent.parent} in the CL_Benchmark "
+                         f"layout (<data>/{root.parent.name}/{root.name})")
     available = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
     available += sorted(p.name for p in root.glob("*") if (p / "labels.json").is_file())
     raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
@@ -89,6 +114,18 @@ def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> 
     return instructions
 
 
+def task_family(data_dir: str | Path, task_dir: Path, name: str) -> str:
+    """The family of the task found at `task_dir`: its group folder's name (the task's own name without one)."""
+    return task_dir.parent.name if task_dir.parent != Path(data_dir) else name
+
+
+def task_instruction(instructions: dict[str, str], family: str, name: str, prompt_format: str) -> str:
+    """The instruction of task `name` of `family` in a prompt format: by dataset name, else by family."""
+    if prompt_format == "reference":
+        return reference_instruction(instructions, family, name)
+    return instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+
+
 def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | None = None,
               max_train: int | None = None, max_test: int | None = None, seed: int = 0,
               unknown_labels: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> TaskData:
@@ -96,14 +133,11 @@ def load_task(data_dir: str | Path, name: str, instructions: dict[str, str] | No
     `unknown_labels` maps a split to its policy for labels not in labels.json (UNKNOWN_LABEL_POLICIES; default:
     error in train, keep in test). `prompt` picks the prompt format (default: nlora's own)."""
     path = find_task_dir(data_dir, name)
-    family = path.parent.name if path.parent != Path(data_dir) else name
+    family = task_family(data_dir, path, name)
     prompt = prompt or PromptSpec()
     if instructions is None:
         instructions = load_instructions(None, prompt.format)
-    if prompt.format == "reference":
-        instruction = reference_instruction(instructions, family, name)
-    else:
-        instruction = instructions.get(name) or instructions.get(family) or GENERIC_INSTRUCTION
+    instruction = task_instruction(instructions, family, name, prompt.format)
     labels = _read_labels(path / "labels.json")
     policies = {"train": "error", "test": "keep", **(unknown_labels or {})}
     splits, unknown = {}, {}
@@ -157,10 +191,20 @@ def _read_json(path: Path):
 
 def _read_labels(path: Path) -> list[str]:
     labels = _read_json(path)
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise NloraError(f"{path}: expected a non-empty JSON list of label strings")
+    for i, label in enumerate(labels):
+        if not label.strip():
+            raise NloraError(f"{path}: label {i} is blank ({label!r}); each label must be an answer text")
     if len(set(labels)) != len(labels):
         raise NloraError(f"{path}: duplicate labels in {labels}")
+    same_answer: dict[str, list[str]] = {}
+    for label in labels:
+        same_answer.setdefault(normalize_answer(label), []).append(label)
+    for group in same_answer.values():
+        if len(group) > 1:  # exact match could not tell them apart: two classes would be scored as one
+            raise NloraError(f"{path}: labels {' and '.join(map(repr, group))} are one answer to exact match, which "
+                             "ignores case, punctuation and spacing; rename them so that they differ otherwise")
     return labels
 
 
@@ -202,7 +246,8 @@ def _apply_label_policy(rows: list[dict], labels: list[str], path: Path, split: 
         print(f"nlora: warning: {path}: dropped {len(unknown)} of {len(rows)} examples whose label is not in "
               f"labels.json ({listed})", file=sys.stderr)
         return [r for r in rows if r["label"] in known]
-    effect = "trained on as given" if split == "train" else "no prediction can match them, so they are scored as wrong"
+    effect = "trained on as given" if split == "train" else \
+        "scored as any example: correct where the prediction equals the label after normalisation"
     print(f"nlora: warning: {path}: kept {len(unknown)} of {len(rows)} examples whose label is not in labels.json "
           f"({listed}); {effect}", file=sys.stderr)
     return rows

@@ -60,7 +60,7 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
     print("\n" + conclusion(results))
     run_dirs = [root / f"seed-{s}" / m for s in seeds for m in DEMO_METHODS]
     print(f"\nrun directories: {root.resolve()}/seed-*/{{{','.join(DEMO_METHODS)}}}")
-    report = write_report(run_dirs, output_dir=root / "report")
+    report = write_report(run_dirs, output_dir=root / "report", overwrite=True)  # the demo's own, as its runs
     print(f"report (plots, tables, parameter diagnostics): {(report / 'report.md').resolve()}")
     return results
 

@@ -56,6 +56,7 @@ from safetensors import safe_open
 
 from .errors import NloraError
 from .io import write_json_atomic
+from .paths import check_plain_name
 
 __all__ = ["DEFAULT_REL_EPS", "EPS_SCALES", "DIAGNOSTICS_FILE", "LowRankUpdate", "diagnose_run", "compute_diagnostics",
            "load_or_diagnose", "format_diagnostics", "support_statistics", "subspace_overlap", "olora_overlap"]
@@ -212,6 +213,8 @@ def _read_json(path: Path, what: str) -> dict:
 def saved_adapters(run_dir: Path, metrics: dict) -> list[SavedAdapter]:
     """The adapters saved so far, in phase order (adapters/<k>-<task>/ of each trained phase)."""
     tasks = metrics["tasks"]
+    for task in tasks:  # each becomes part of an adapter's path
+        check_plain_name(task, f"{run_dir / 'metrics.json'}: task name")
     found = []
     for k in sorted(metrics.get("phases") or range(len(tasks))):
         folder = run_dir / "adapters" / f"{k}-{tasks[k]}"

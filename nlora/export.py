@@ -8,62 +8,21 @@ concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_FILE, concatenate_saved
-from .config import RunConfig, load_config
+from .adapters import ADAPTER_FILE, concatenate_saved, quiet_peft_wrap
 from .errors import NloraError
-from .io import replace_dir_atomic, staging_dir, write_json_atomic
-from .methods import Method, get_method
-from .runner import RunPaths
+from .io import staged_dir, write_json_atomic
+from .paths import check_holds_no_run
+from .rundir import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
 
 EXPORT_INFO = "nlora_export.json"
 
 
-@dataclass
-class TrainedRun:
-    """A run directory read back: the model after its first `upto` tasks is the sum of `folders` (stacked
-    methods) or the one adapter in `folders` (snapshot methods)."""
-    root: Path
-    config: RunConfig
-    method: Method
-    upto: int  # tasks trained, 1-based: the model after task `upto`
-    folders: list[Path]  # the saved adapters that make up that model, in task order
-
-    @property
-    def phase(self) -> int:
-        return self.upto - 1
-
-
-def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
-    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise NloraError(f"{root} is not a run directory (no config.yaml)")
-    config = load_config(root / "config.yaml", {"output_dir": str(root)})
-    method = get_method(config.method)(config)
-    tasks, paths = config.tasks, RunPaths(root)
-    saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
-    if not saved:
-        raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
-    if upto is None:
-        upto = saved[-1] + 1
-    if not 1 <= upto <= len(tasks):
-        raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
-    if upto - 1 not in saved:
-        raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
-                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}")
-    k = upto - 1
-    phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
-    folders = [paths.adapter(j, tasks[j]) for j in phases]
-    return TrainedRun(root, config, method, upto, folders)
-
-
-def _check_summable(run: TrainedRun) -> None:
+def check_summable(run: TrainedRun) -> None:
+    """Refuse a run whose tasks make no single model (its method picks an adapter by the task id)."""
     if run.method.adapter_layout == "stacked" and not run.method.folds_past:
         raise NloraError(f"method '{run.config.method}' evaluates each task with its own adapter (it needs the "
                          "task id), so its tasks do not make one model; each adapters/<k>-<task>/ folder is a "
@@ -74,7 +33,7 @@ def write_summed_adapter(run: TrainedRun, folder: Path) -> int:
     """Write the run's model after task `run.upto` as one PEFT adapter into `folder`; returns its rank."""
     from peft import LoraConfig
 
-    _check_summable(run)
+    check_summable(run)
     layers = concatenate_saved(run.folders)
     rank = next(iter(layers.values()))[0].shape[0]
     state = {}
@@ -95,13 +54,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
     """Write the run's model (after task `upto`) to `out_dir`: a PEFT adapter, or with `merge` a full model.
     The folder appears complete or not at all."""
     run = read_run(run_dir, upto)
-    _check_summable(run)
+    check_summable(run)
     out = Path(out_dir)
+    check_holds_no_run(out, [run.root], "output folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite")
-    tmp = staging_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         rank = write_summed_adapter(run, tmp)
         if merge:
             _merge_into_base(run, tmp)
@@ -109,10 +68,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
             "run_dir": str(run.root.resolve()), "method": run.config.method, "model": run.config.model,
             "tasks": run.config.tasks[: run.upto], "upto": run.upto, "rank": rank,
             "form": "merged model" if merge else "PEFT LoRA adapter", "eval_mode": run.config.eval_mode})
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -126,7 +81,8 @@ def _merge_into_base(run: TrainedRun, folder: Path) -> None:
     # in the run's dtype (a bf16 run's model is written in bf16), never quantized: a merge needs the full weights
     backbone = load_backbone(run.config.model, run.config.model_kind, run.config.trust_remote_code,
                              dtype=run.config.dtype)
-    merged = PeftModel.from_pretrained(backbone.model, str(folder)).merge_and_unload()
+    with quiet_peft_wrap():
+        merged = PeftModel.from_pretrained(backbone.model, str(folder)).merge_and_unload()
     for name in (ADAPTER_FILE, "adapter_config.json"):
         (folder / name).unlink()
     merged.save_pretrained(str(folder))

@@ -6,6 +6,8 @@ is None rather than a number made up from nothing.
 
     AP          = mean_j R[T-1][j]
     BWT         = mean_{j<T-1} (R[T-1][j] − R[j][j])                     (Lopez-Paz & Ranzato, 2017)
+                  or, with bwt_denominator "t", mean_{j≤T-1}: the same sum over T instead of T-1 (TRACE paper,
+                  SAPT and GainLoRA score.py), i.e. (T-1)/T × the above; only for comparison with those numbers
     FWT         = mean_{j≥1} (R[j-1][j] − b_j), b_j a reference score,   (ibid.; here b_j is the base model's)
     forgetting  = mean_{j<T-1} (max_{j≤i≤T-1} R[i][j] − R[T-1][j])       (Chaudhry et al., 2018, clipped at 0)
 """
@@ -16,6 +18,8 @@ import string
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
+# "t-1": the mean over the tasks before the last (the default); "t": also over the last task, whose term is 0
+BWT_DENOMINATORS = ("t-1", "t")
 
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -54,10 +58,15 @@ def average_accuracy(R: Matrix) -> float | None:
     return _mean([x for x in R[T - 1] if x is not None]) if T else None
 
 
-def backward_transfer(R: Matrix) -> float | None:
-    """Mean over j < T-1 of R[T-1][j] − R[j][j] (negative = forgetting); pairs with a missing entry are skipped."""
+def backward_transfer(R: Matrix, denominator: str = "t-1") -> float | None:
+    """Mean over j < T-1 of R[T-1][j] − R[j][j] (negative = forgetting); pairs with a missing entry are skipped.
+    With `denominator` "t" the mean also runs over j = T-1, whose term R[T-1][T-1] − R[T-1][T-1] is 0 (when
+    that entry exists): the TRACE / SAPT convention."""
+    if denominator not in BWT_DENOMINATORS:
+        raise ValueError(f"BWT denominator {denominator!r} is not one of {', '.join(BWT_DENOMINATORS)}")
     T = _check_square(R)
-    diffs = [R[T - 1][j] - R[j][j] for j in range(T - 1) if R[T - 1][j] is not None and R[j][j] is not None]
+    last = T if denominator == "t" else T - 1
+    diffs = [R[T - 1][j] - R[j][j] for j in range(last) if R[T - 1][j] is not None and R[j][j] is not None]
     return _mean(diffs)
 
 
@@ -88,17 +97,17 @@ def average_forgetting(R: Matrix) -> float | None:
 
 
 def summarize(R: Matrix, baseline: Sequence[float | None] | None = None,
-              complete_only: bool = False) -> dict[str, float | None]:
+              complete_only: bool = False, bwt_denominator: str = "t-1") -> dict[str, float | None]:
     """The summary metrics of a run (None where not computable). With `complete_only` (a run that evaluated only
     some rows), BWT and forgetting are None unless every diagonal entry they read was evaluated, and FWT unless
     every entry above the diagonal and every reference score was: a mean over the few tasks that happen to have
-    been evaluated would be another quantity under the same name."""
+    been evaluated would be another quantity under the same name. `bwt_denominator`: see `backward_transfer`."""
     T = _check_square(R)
     diagonal = all(R[j][j] is not None for j in range(T - 1))
     above = baseline is not None and all(R[j - 1][j] is not None and baseline[j] is not None for j in range(1, T))
     return {
         "average_accuracy": average_accuracy(R),
-        "bwt": backward_transfer(R) if diagonal or not complete_only else None,
+        "bwt": backward_transfer(R, bwt_denominator) if diagonal or not complete_only else None,
         "fwt": forward_transfer(R, baseline) if above or not complete_only else None,
         "forgetting": average_forgetting(R) if diagonal or not complete_only else None,
     }

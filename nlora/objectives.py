@@ -2,7 +2,9 @@
 how a prediction is made.
 
 - seq2seq (T5): the label text is the decoder target; prediction by greedy generation.
-- decoder (LLaMA): prompt + label + eos, loss on the answer tokens only; prediction by greedy generation.
+- decoder (LLaMA): prompt + label + eos, loss on the answer tokens only; prediction by greedy generation. In the
+  reference prompt format, as its code: "Answer:{label}" without a space, and the prediction read off the
+  decoded prompt + generation after its last "Answer:" (nothing where truncation cut the answer cue).
 - encoder (BERT): prompt and each label option are embedded by the same encoder (mean pooling), scored by scaled
   cosine similarity and trained with cross-entropy over the task's options; the head has no weights of its own,
   so all task learning stays in the LoRA adapters. Prediction is the best-scoring option.
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import Example
-from .prompts import prompt_token_ids
+from .prompts import prompt_token_ids, reference_decoder_prediction, reference_decoder_training_ids
 
 IGNORE = -100
 EVAL_MODES = ("generate", "score")
@@ -229,11 +231,26 @@ class DecoderObjective(Objective):
             ids = ids[:-1]
         return ids[: self.max_target_length] + [self.tokenizer.eos_token_id]
 
+    def training_ids(self, example: Example) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of a training example. nlora's format: the answer " {label}" tokenized on its
+        own; the reference format: prompt and label as one text, "Answer:{label}", as its collator builds it."""
+        if example.prompt_format == "reference":
+            return reference_decoder_training_ids(self.tokenizer, example.prompt, example.label,
+                                                  self.max_source_length, self.max_target_length)
+        return self.prompt_ids(example), self._answer_ids(example.label)
+
+    def option_ids(self, example: Example, option: str) -> list[int]:
+        """An option's tokens after the example's prompt, as training tokenizes a label there."""
+        if example.prompt_format == "reference":
+            return reference_decoder_training_ids(self.tokenizer, example.prompt, option, self.max_source_length,
+                                                  self.max_target_length)[1]
+        return self._answer_ids(option)
+
     def collate(self, examples):
         pad = self.tokenizer.pad_token_id
         seqs, labels = [], []
         for e in examples:
-            p, a = self.prompt_ids(e), self._answer_ids(e.label)
+            p, a = self.training_ids(e)
             seqs.append(p + a)
             labels.append([IGNORE] * len(p) + a)
         width = max(map(len, seqs))
@@ -300,7 +317,7 @@ class DecoderObjective(Objective):
         lengths = mask.sum(-1, keepdim=True)
         per_slot = []
         for slot in option_slots(examples):
-            answers = [self._answer_ids(option_at(e, slot)) for e in examples]
+            answers = [self.option_ids(e, option_at(e, slot)) for e in examples]
             steps = max(map(len, answers))
             answer_ids = torch.full((len(answers), steps), self.tokenizer.pad_token_id, dtype=torch.long)
             answer_mask = torch.zeros((len(answers), steps), dtype=torch.long)
@@ -329,7 +346,14 @@ class DecoderObjective(Objective):
                              pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
         # one step more than max_target_length leaves room for the eos; the answer itself is cut there
         answers = out[:, width: width + self.max_target_length]
-        return [s.strip() for s in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        predictions = [s.strip() for s in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        for i, e in enumerate(examples):
+            if e.prompt_format == "reference":  # the reference reads the answer off prompt + generation
+                start = width - int(mask[i].sum())
+                text = self.tokenizer.decode(out[i, start: width + self.max_target_length], skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=True)
+                predictions[i] = reference_decoder_prediction(text)
+        return predictions
 
 
 class EncoderScoringObjective(Objective):

@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import NloraError
 
+MAX_INT = 2**31 - 1  # the largest value an integer option takes
+
 __all__ = ["option", "MethodOptions", "public_name", "field_name", "coerce", "check_fields", "base_type",
            "option_fields", "default_of"]
 
@@ -125,16 +127,18 @@ def coerce(cls, f: dataclasses.Field, value: Any, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             fail()
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 fail()
-        fail()
+        if not isinstance(value, int):
+            fail()
+        if abs(value) > MAX_INT:  # 1e10 epochs, or a seed numpy cannot take: a slip, not a setting
+            raise NloraError(f"{source}: key '{name}' is out of range: {value} (at most {MAX_INT} in size)")
+        return value
     if tp is float:
         if isinstance(value, bool):
             fail()

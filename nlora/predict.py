@@ -5,9 +5,9 @@ training (nlora.evaluation.evaluate, the run's eval_mode), so on a run's own tes
 predictions the run wrote.
 
 An --input line: {"sentence": "...", "options": ["a", "b", ...]} plus, optionally, "label" (the gold answer:
-then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id, and the
-instruction by task name) and "instruction" (the prompt's instruction; default: the run's instruction for the
-task, else a generic one)."""
+then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id and, for a
+task the run trained, the family and instruction its prompts were trained with, as run.json records them) and
+"instruction" (the prompt's instruction; default: the task's, else a generic one)."""
 
 from __future__ import annotations
 
@@ -18,26 +18,33 @@ from pathlib import Path
 import torch
 
 from .adapters import ContinualAdapters, folding
-from .data import GENERIC_INSTRUCTION, Example, load_instructions
+from .config import RunConfig
+from .data import GENERIC_INSTRUCTION, Example, find_task_dir, load_instructions, task_family, task_instruction
 from .errors import NloraError
 from .evaluation import evaluate
-from .export import TrainedRun, read_run
+from .rundir import TrainedRun, read_run
 from .io import write_jsonl_atomic
-from .models import backbone_options, load_backbone
+from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
 from .prompts import PromptSpec, build_prompt
+from .provenance import recorded_tasks
 from .runner import load_tasks
 
 
-def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters, object]:
-    """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
-    its adapters gets them folded as the run folded them (nlora.adapters: the same sum)."""
-    config, method = run.config, run.method
-    # the base as the run loaded it (dtype, quantization, attention), so the sum folds the way the run's did
+def load_base(config: RunConfig, device: str = "cpu") -> Backbone:
+    """The run's base model as the run loaded it (dtype, quantization, attention), for inference."""
     options = {**backbone_options(config), "gradient_checkpointing": False}
-    backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code, device=device, **options)
+    return load_backbone(config.model, config.model_kind, config.trust_remote_code, device=device, **options)
+
+
+def load_model(run: TrainedRun, device: str = "cpu", merge_fp32: bool = True) -> tuple[ContinualAdapters, object]:
+    """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
+    its adapters gets them folded as the run folded them (nlora.adapters: the same sum); `merge_fp32` False keeps
+    the folded sum as its own LoRA path (the concat form) even where the run merged it into the weights."""
+    config, method = run.config, run.method
+    backbone = load_base(config, device)  # as the run loaded it, so the sum folds the way the run's did
     adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, config.target_modules)
+                                 config.lora_dropout, config.target_modules, merge_fp32=merge_fp32)
     phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
     for k, folder in zip(phases, run.folders):
         name = method.adapter_name(k)
@@ -64,12 +71,30 @@ def _task_index(run: TrainedRun, task: str | None) -> int:
     return run.phase
 
 
+def task_prompt_source(run: TrainedRun, task: str, instructions: dict[str, str]) -> tuple[str, str | None]:
+    """(family, instruction) that the run built task `task`'s prompts with: as its run.json records them; for a
+    run written before that record, read from its data folder where that is still there. A task the run did not
+    train: its name stands for its family, and no instruction is known."""
+    recorded = recorded_tasks(run.root / "run.json").get(task)
+    if isinstance(recorded, dict) and isinstance(recorded.get("instruction"), str):
+        return recorded.get("family") or task, recorded["instruction"]
+    data_dir = run.config.data_dir
+    if task in run.config.tasks and data_dir and Path(data_dir).is_dir():
+        try:
+            family = task_family(data_dir, find_task_dir(data_dir, task), task)
+            return family, task_instruction(instructions, family, task, run.config.prompt_format)
+        except NloraError:
+            pass
+    return task, None
+
+
 def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
     """The examples of a JSONL file, each with whether it has a gold label; errors name the line. Prompts take
-    the run's prompt format, the line's task name standing for its task family."""
+    the run's prompt format and, for a task the run trained, the family and instruction it trained with."""
     path = Path(path)
     spec = PromptSpec.of(run.config)
     instructions = load_instructions(run.config.instructions, spec.format)
+    sources: dict[str, tuple[str, str | None]] = {}
     out = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -91,8 +116,12 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
         label, task = row.get("label"), row.get("task")
         if label is not None and not isinstance(label, str) or task is not None and not isinstance(task, str):
             raise NloraError(f"{path}:{n}: \"label\" and \"task\" must be strings when given")
-        instruction = row.get("instruction") or instructions.get(task or "") or GENERIC_INSTRUCTION
-        prompt = build_prompt(spec, instruction, task or "", task or "", tuple(options), row["sentence"])
+        if task not in sources:
+            sources[task] = task_prompt_source(run, task or "", instructions)
+        family, known = sources[task]
+        instruction = row.get("instruction") or (known if known is not None else
+                                                 instructions.get(task or "") or GENERIC_INSTRUCTION)
+        prompt = build_prompt(spec, instruction, family, task or "", tuple(options), row["sentence"])
         out.append((Example(task or "", row["sentence"], label or "", tuple(options), prompt, spec.format),
                     label is not None))
     if not out:
@@ -103,11 +132,14 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
 def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: str | None = None,
                 input_file: str | Path | None = None, upto: int | None = None, output: str | Path | None = None,
                 batch_size: int | None = None, max_samples: int | None = None, device: str = "auto",
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Predict with the run's model after task `upto` (default: its last); returns the records (also written to
-    `output` as JSONL, else to stdout). Each record: task, input, prediction, and target/correct when known."""
+    `output` as JSONL, else to stdout; an existing `output` is replaced only with `overwrite`). Each record: task,
+    input, prediction, and target/correct when known."""
     if (tasks is None) == (input_file is None):
         raise NloraError("give either --tasks (with the run's or another --data-dir) or --input FILE.jsonl")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise NloraError(f"option --output: {output} already exists; choose another file or pass --overwrite")
     run = read_run(run_dir, upto)
     config = run.config
     groups: dict[str, list[tuple[int, Example, bool]]] = {}  # task → (position in the output, example, labelled)

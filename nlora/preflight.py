@@ -1,7 +1,7 @@
 """Checks that need the loaded model or the launched processes, run by `runner.run` before anything is written:
 a bad combination must fail in seconds with one NloraError, not at the first training step after the output
 directory was prepared (with --overwrite, the old run deleted). The options' own ranges are checked in
-RunConfig.validate and the output directory in runner.check_output_dir; add any further such check here."""
+RunConfig.validate and the output directory in rundir.check_output_dir; add any further such check here."""
 
 from __future__ import annotations
 

@@ -9,7 +9,10 @@
   "Task:{family}\\n" and "Dataset:{dataset}\\n" in front (add_task_name, add_dataset_name) and fills the sentence
   in with str.format. Over the limit, the end of the tokenized prompt is cut, as that collator cuts it: on long
   inputs (BoolQA, MultiRC passages) the end of the passage, the question and the answer cue are lost.
-  Decoders get the tokenizer's BOS text in front of the prompt, as the reference's decoder path adds it.
+  Decoders get the tokenizer's BOS text in front of the prompt, as the reference's decoder path adds it; in
+  training their prompt and label are tokenized as one text, and their prediction is read after the last
+  "Answer:" of the decoded prompt + generation, as there (`reference_decoder_training_ids`,
+  `reference_decoder_prediction`).
 
 Both formats share one interface: `build_prompt` gives the text, `prompt_token_ids` the ids the model reads.
 """
@@ -107,8 +110,8 @@ def build_prompt(spec: PromptSpec, instruction: str, family: str, dataset: str, 
     template = prefix + template
     try:
         return template.format(sentence)
-    except (IndexError, KeyError, ValueError):  # braces in a label or an instruction: the reference keeps the
-        return template                          # template unfilled (its `finally: return`), and so do we
+    except Exception:  # braces in a label or an instruction ({1}, {x}, {0.x}, {0[x]}): whatever the error, the
+        return template  # reference keeps the template unfilled (its `finally: return`), and so do we
 
 
 def reference_instruction(instructions: dict[str, str], family: str, dataset: str) -> str:
@@ -174,6 +177,38 @@ def _reference_ids(tokenizer, prompt: str, max_length: int, kind: str) -> list[i
         return ids
     text = tokenizer.decode(ids[:max_length], skip_special_tokens=kind != "decoder")
     return _ids(tokenizer, text, kind, max_length=max_length, truncation=True)
+
+
+def reference_decoder_training_ids(tokenizer, prompt: str, label: str, max_source_length: int,
+                                   max_target_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a decoder training example in the reference format, as src/uie_collator.py's
+    decoder path builds it: BOS text + prompt + label tokenized as one text, so the label follows "Answer:"
+    without a space, and the EOS; the answer is what follows the prompt's own tokens (at most
+    `max_target_length` of them, then the EOS). The prompt is cut as the collator cuts it: where prompt and label
+    together exceed max_source_length + max_target_length, it decodes the ids back to text and tokenizes that
+    again (one more BOS in front); otherwise it cuts the ids. Unlike the collator, nlora keeps the answer."""
+    bos = tokenizer.bos_token or ""
+    prompt_ids = _ids(tokenizer, bos + prompt, "decoder")
+    full = _ids(tokenizer, bos + prompt + label, "decoder")
+    shared = 0  # the prompt's tokens that the joint text kept (its last one may merge with the label's first)
+    while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
+        shared += 1
+    answer = full[shared:][:max_target_length] + [tokenizer.eos_token_id]
+    label_length = len(tokenizer(label + tokenizer.eos_token)["input_ids"])  # what the collator counts
+    if len(prompt_ids) + label_length > max_source_length + max_target_length:
+        text = tokenizer.decode(prompt_ids[:max_source_length], skip_special_tokens=False)
+        return _ids(tokenizer, text, "decoder", max_length=max_source_length, truncation=True), answer
+    return full[:shared][:max_source_length], answer
+
+
+ANSWER_PREFIX = "Answer:"
+
+
+def reference_decoder_prediction(text: str) -> str:
+    """The reference's decoder post-processing (src/uie_trainer_lora.py, skip_instructions) of the decoded prompt
+    and generation: the text after the last "Answer:", or nothing where none is left (a prompt cut before its
+    answer cue, and a generation that writes none)."""
+    return text.split(ANSWER_PREFIX)[-1].strip() if ANSWER_PREFIX in text else ""
 
 
 def check_prompt_budget(tokenizer, tasks, max_length: int, kind: str) -> None:

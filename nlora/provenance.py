@@ -1,5 +1,6 @@
 """What a run ran on, recorded in RUN_DIR/run.json: the versions of python and the libraries, nlora's version and
-git commit (where its source is a git checkout), the devices, and the sha256 of every data file read. A resumed
+git commit (where its source is a git checkout), the devices, the sha256 of every data file read, and each task's
+family and instruction (what its prompts were built with). A resumed
 run appends its own record, so a run finished across several machines or installs says so."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import NloraError
 from .io import write_json_atomic
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
@@ -89,15 +91,58 @@ def collect(tasks, instructions: str | None, device, num_processes: int = 1) -> 
         "git": git_state(),
         "devices": device_info(device, num_processes),
         "data_files": {str(p.resolve()): sha256_of(p) for p in data_files(tasks, instructions)},
+        # what each task's prompts were built with, so that `nlora predict --input` builds the same ones
+        "tasks": {t.name: {"family": t.family, "instruction": t.instruction} for t in tasks},
     }
 
 
-def record_run(path: Path, record: dict, resume: bool) -> None:
-    """Write run.json: one record per start of the run (the first, then each resumption)."""
-    sessions = []
-    if resume and path.is_file():
-        try:
-            sessions = json.loads(path.read_text()).get("sessions", [])
-        except (json.JSONDecodeError, AttributeError):
-            sessions = []
+def recorded_tasks(path: Path) -> dict[str, dict]:
+    """{task: {"family", "instruction"}} of the latest start of the run whose run.json is `path`; empty for a run
+    written before nlora recorded them (or without a readable run.json)."""
+    for session in reversed(_sessions(path)):
+        tasks = session.get("tasks")
+        if isinstance(tasks, dict):
+            return tasks
+    return {}
+
+
+def record_run(path: Path, record: dict, resume: bool, config_digest: dict[str, str] | None = None) -> None:
+    """Write run.json: one record per start of the run (the first, then each resumption), with the digest of the
+    configuration it ran with."""
+    sessions = _sessions(path) if resume else []
+    if config_digest is not None:
+        record = {**record, "config_digest": config_digest}
     write_json_atomic(path, {"sessions": [*sessions, record]})
+
+
+def _sessions(path: Path) -> list[dict]:
+    try:
+        sessions = json.loads(path.read_text()).get("sessions", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+
+
+def config_digest(config: dict, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """The sha256 of each key's value in `config` (config.yaml as read back), but the keys in `ignore` (those a
+    resumption may change)."""
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            for key, value in config.items() if key not in ignore}
+
+
+def check_config_digest(run_json: Path, config: dict, config_path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a run whose config.yaml no longer holds the configuration recorded in run.json when the
+    run last started (an edit of config.yaml would train the remaining tasks with another method or options).
+    A run recorded before digests were (no digest) passes; a key the record lacks may be added (a key a newer
+    nlora has)."""
+    recorded = next((s["config_digest"] for s in reversed(_sessions(run_json))
+                     if isinstance(s.get("config_digest"), dict)), None)
+    if recorded is None:
+        return
+    now = config_digest(config, ignore)
+    changed = sorted(k for k, digest in recorded.items() if k not in ignore and now.get(k) != digest)
+    if changed:
+        raise NloraError(f"cannot resume {config_path.parent}: {config_path} was changed after the run started "
+                         f"({', '.join(changed)} differ from the configuration recorded in {run_json.name}, which "
+                         "its tasks were trained with). Put back the values it was started with, or pass "
+                         "--overwrite to start over")

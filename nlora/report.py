@@ -2,7 +2,8 @@
 comparison of several (one table and overlaid plots, written to a folder of the caller's choice).
 
 Everything is read from the run directories: metrics.json for the accuracies and continual-learning metrics,
-diagnostics.json (recomputed from the saved adapters when missing or stale) for the parameter diagnostics.
+diagnostics.json (recomputed from the saved adapters when missing or stale) for the parameter diagnostics, and
+general.json (`nlora eval-general`), where present, for the general-ability scores.
 Plots use matplotlib's object API with the Agg canvas, so no display and no global pyplot state is involved.
 """
 
@@ -18,8 +19,10 @@ from matplotlib.figure import Figure
 
 from .diagnostics import diagnose_run, load_or_diagnose, natural_key
 from .errors import NloraError
-from .io import write_bytes_atomic, write_text_atomic
-from .tracking import LOG_FILE, read_log
+from .general import mixing_reasons, read_general
+from .io import staged_dir, write_bytes_atomic, write_text_atomic
+from .paths import check_holds_no_run
+from .rundir import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
 
@@ -31,6 +34,7 @@ PLOTS = {
     "nuclear_norms.png": "Nuclear norms of the task updates",
 }
 CURVES = "training_curves.png"  # written when a run has a log.jsonl (older runs have none)
+GENERAL_PLOT = "general_ability.png"  # written when a run has a general.json whose scores can be drawn together
 _NO_VALUE = "–"
 
 
@@ -40,6 +44,7 @@ class RunData:
     label: str
     metrics: dict
     diagnostics: dict
+    general: dict | None = None  # general.json, from `nlora eval-general`
 
     @property
     def tasks(self) -> list[str]:
@@ -59,7 +64,7 @@ def _load_run(path: Path, rediagnose: bool, rel_eps: float | None, eps_scale: st
         diagnostics = diagnose_run(path, **kwargs)
     else:
         diagnostics = load_or_diagnose(path, rel_eps, eps_scale)
-    return RunData(path, str(metrics.get("method", path.name)), metrics, diagnostics)
+    return RunData(path, str(metrics.get("method", path.name)), metrics, diagnostics, read_general(path))
 
 
 def _label_runs(runs: list[RunData]) -> None:
@@ -74,9 +79,10 @@ def _label_runs(runs: list[RunData]) -> None:
 
 
 def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: float | None = None,
-                 eps_scale: str | None = None) -> Path:
+                 eps_scale: str | None = None, overwrite: bool = False) -> Path:
     """Write the report of one run (default folder RUN_DIR/report) or the comparison of several runs (into
-    `output_dir`, required then); returns the report folder. `rediagnose` recomputes diagnostics.json first."""
+    `output_dir`, required then); returns the report folder, which is replaced as a whole. A folder of the
+    caller's that holds files is replaced only with `overwrite`. `rediagnose` recomputes diagnostics.json first."""
     paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not paths:
         raise NloraError("no run directory given")
@@ -86,6 +92,11 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
                              "(--output-dir DIR)")
         output_dir = paths[0] / "report"
     out = Path(output_dir)
+    own = len(paths) == 1 and out.resolve() == (paths[0] / "report").resolve()  # the run's report/: nlora's
+    check_holds_no_run(out, paths, "option --output-dir:")
+    if not (own or overwrite) and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
+                         "--overwrite to replace it")
     runs = [_load_run(p, rediagnose, rel_eps, eps_scale) for p in paths]
     _label_runs(runs)
     figures = {
@@ -97,12 +108,15 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
     }
     if any(_train_lines(r) for r in runs):
         figures[CURVES] = plot_training_curves(runs)
+    if _general_runs(runs) and not _general_mixing(runs):
+        figures[GENERAL_PLOT] = plot_general(runs)
     try:
-        for name, fig in figures.items():
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110)
-            write_bytes_atomic(out / name, buffer.getvalue())
-        write_text_atomic(out / "report.md", report_markdown(runs))
+        with staged_dir(out) as folder:  # the old report stays whole until the new one is
+            for name, fig in figures.items():
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=110)
+                write_bytes_atomic(folder / name, buffer.getvalue())
+            write_text_atomic(folder / "report.md", report_markdown(runs))
     except OSError as e:
         raise NloraError(f"cannot write the report into {out}: {e.strerror or e}") from None
     return out
@@ -209,6 +223,7 @@ def report_markdown(runs: list[RunData]) -> str:
             parts += ["Fewer than two task updates: no pairwise diagnostics.", ""]
     parts += _images("collision_heatmap.png", "layer_sparsity_collision.png", "nuclear_norms.png")
     parts += training_section(runs)
+    parts += general_section(runs)
 
     parts += ["## Definitions", "",
               "- **collision rate**: fraction of the positions of a layer's weight matrix where both ΔW_s and ΔW_t "
@@ -578,3 +593,145 @@ def plot_training_curves(runs: list[RunData]) -> Figure:
         top.legend(unique.values(), unique.keys(), title="task" if single else "run", fontsize=8,
                    loc="upper right")
     return fig
+
+
+# ------------------------------------------------------------------------------------- general ability
+
+def _general_runs(runs: list[RunData]) -> list[RunData]:
+    return [r for r in runs if r.general is not None]
+
+
+def _general_mixing(runs: list[RunData]) -> list[str]:
+    """Why the runs' general.json cannot be compared (empty: they can, or there is at most one)."""
+    found = _general_runs(runs)
+    return mixing_reasons({r.label: r.general for r in found}) if len(found) > 1 else []
+
+
+def _after_label(record: dict, after: str) -> str:
+    return "base" if after == "0" else f"{after} {record['labels'][after]}"
+
+
+def _general_settings_line(record: dict) -> str:
+    settings = record["settings"]
+    fewshot = "each benchmark's own" if settings.get("num_fewshot") is None else settings["num_fewshot"]
+    limit = "none" if settings.get("limit") is None else settings["limit"]
+    metrics = ", ".join(f"{b} {info.get('metric')}" for b, info in record["benchmarks"].items())
+    quantized = f" ({settings['quantization']} quantized)" if settings.get("quantization") else ""
+    return (f"lm-eval {record.get('lm_eval_version')}; few-shot: {fewshot}; limit: {limit}; batch size "
+            f"{settings.get('batch_size')}; weights {settings.get('dtype')}{quantized}; scores: {metrics}.")
+
+
+def general_section(runs: list[RunData]) -> list[str]:
+    """The general-ability scores of each run with a general.json: a table per run, the plot where they can be
+    drawn together; runs scored under different settings are not compared, and the section says why."""
+    found = _general_runs(runs)
+    if not found:
+        return []
+    parts = ["## General ability (lm-evaluation-harness)", "",
+             "From each run's general.json (`nlora eval-general`): the base model and the model after task K, scored "
+             "by lm-eval on general benchmarks. A benchmark's score is its first metric, in lm-eval's units "
+             "(accuracies as fractions); in parentheses ΔG = the score after K − the base model's score; ΔG (mean) "
+             "averages ΔG over every benchmark of the file, where all of them are scored after K.", ""]
+    mixing = _general_mixing(runs)
+    if mixing:
+        parts += ["Not compared across runs: scores computed under different settings are never mixed ("
+                  + "; ".join(mixing) + "). Each run's table below stands alone, and there is no joint plot.", ""]
+    for r in found:
+        g = r.general
+        benchmarks = list(g["benchmarks"])
+        parts += [f"### {r.label}", "", _general_settings_line(g), ""]
+        limit = g["settings"].get("limit")
+        if limit is not None:
+            parts += [f"**Smoke test** (`--limit {limit}`: the first {limit} examples of each benchmark), not "
+                      "comparable with full-benchmark numbers.", ""]
+        rows = []
+        for after, scores in g["scores"].items():
+            delta = g["delta"].get(after, {})
+            cells = [_after_label(g, after)]
+            for b in benchmarks:
+                d = delta.get("per_benchmark", {}).get(b)
+                cells.append(_NO_VALUE if b not in scores else
+                             f"{scores[b]['score']:.4f}" + (f" ({d:+.4f})" if d is not None else ""))
+            cells.append("" if after == "0" else _NO_VALUE if delta.get("mean") is None else f"{delta['mean']:+.4f}")
+            rows.append(cells)
+        parts += [_table(["after"] + benchmarks + ["ΔG (mean)"], rows), ""]
+    if not mixing:
+        parts += [f"![General ability along the sequence]({GENERAL_PLOT})", ""]
+    return parts
+
+
+def _general_curve(ax, record: dict, value, **style) -> None:
+    """value(after) for each scored position along the sequence (0 = base), where it has one."""
+    points = [(int(a), value(a)) for a in record["scores"]]
+    points = [(x, y) for x, y in points if y is not None]
+    if points:
+        ax.plot(*zip(*points), **style)
+
+
+def _sequence_ticks(ax, runs: list[RunData]) -> None:
+    T = max(len(r.tasks) for r in runs)
+    same_order = all(r.tasks == runs[0].tasks for r in runs)
+    labels = ["base"] + (runs[0].tasks if same_order else [str(i + 1) for i in range(T)])
+    ax.set_xticks(range(T + 1), labels, rotation=30 if T > 5 else 0, ha="right" if T > 5 else "center",
+                  fontsize=_tick_font(T) + 1)
+    ax.grid(alpha=0.3)
+
+
+def plot_general(runs: list[RunData]) -> Figure:
+    """One run: each benchmark's score along the sequence, and ΔG per benchmark with its mean. Several runs
+    (scored under the same settings): one panel per benchmark and one for the mean ΔG, a line per run."""
+    found = _general_runs(runs)
+    if len(found) == 1:
+        g = found[0].general
+        fig = Figure(figsize=(12.0, 4.3), layout="constrained")
+        left, right = fig.subplots(1, 2)
+        for (b, color), marker in zip(zip(g["benchmarks"], _colors(len(g["benchmarks"]))), MARKERS * 10):
+            _general_curve(left, g, lambda a, b=b: g["scores"][a].get(b, {}).get("score"), color=color,
+                           marker=marker, label=b)
+            _general_curve(right, g, lambda a, b=b: 0.0 if a == "0" else
+                           g["delta"].get(a, {}).get("per_benchmark", {}).get(b), color=color, marker=marker,
+                           alpha=0.6, label=b)
+        _general_curve(right, g, lambda a: 0.0 if a == "0" else g["delta"].get(a, {}).get("mean"), color="black",
+                       linestyle="--", linewidth=2, marker="o", label="mean ΔG")
+        left.set_ylabel("score (lm-eval's units)")
+        left.set_title("Score on each benchmark", fontsize=10)
+        right.set_ylabel("ΔG = score − base score")
+        right.set_title("Change from the base model", fontsize=10)
+        right.axhline(0.0, color="0.5", linewidth=1)
+        for ax in (left, right):
+            _sequence_ticks(ax, found)
+            ax.set_xlabel("after training task")
+        right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.suptitle(f"{found[0].label}: general ability along the sequence", fontsize=11)
+        return fig
+    benchmarks = []
+    for r in found:
+        benchmarks += [b for b in r.general["benchmarks"] if b not in benchmarks]
+    panels = benchmarks + ["mean ΔG"]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for k, (r, color) in enumerate(zip(found, _colors(len(found)))):
+        g = r.general
+        style = dict(color=color, marker=MARKERS[k % len(MARKERS)], markersize=max(3.0, 8.0 - 1.2 * k), label=r.label)
+        for ax, panel in zip(axes, panels):
+            if panel == "mean ΔG":
+                _general_curve(ax, g, lambda a: 0.0 if a == "0" else g["delta"].get(a, {}).get("mean"), **style)
+            elif panel in g["benchmarks"]:
+                _general_curve(ax, g, lambda a, b=panel: g["scores"][a].get(b, {}).get("score"), **style)
+    for ax, panel in zip(axes, panels):
+        ax.set_title(panel if panel == "mean ΔG" else f"{panel} ({_metric_of(found, panel)})", fontsize=10)
+        _sequence_ticks(ax, found)
+    fig.supxlabel("after training task")
+    handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=len(found))
+    fig.suptitle("General ability along the sequence (same lm-eval settings)", x=0.02, ha="left", fontsize=11)
+    return fig
+
+
+def _metric_of(runs: list[RunData], benchmark: str) -> str:
+    return next(r.general["benchmarks"][benchmark].get("metric", "") for r in runs
+                if benchmark in r.general["benchmarks"])

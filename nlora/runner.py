@@ -1,28 +1,14 @@
-"""A continual-learning run: train the tasks one after another, evaluate after each, and write the run directory.
-
-Run directory (the contract every feature writes into; every file but the append-only log is written atomically):
-    config.yaml                          the fully resolved configuration
-    run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
-    metrics.json                         accuracy matrix and summary metrics, rewritten after each task
-    log.jsonl                            training and evaluation log (nlora.tracking), appended line by line
-    tensorboard/                         TensorBoard event files, with --report-to tensorboard
-    adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format)
-    predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
-    checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
-    diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
-    report/                              plots and report.md, written by `nlora report RUN_DIR`
+"""A continual-learning run: train the tasks one after another, evaluate after each, and write the run directory
+(its contract: nlora.rundir).
 
 The run directory is also the checkpoint: `run(config, resume=True)` reloads what is finished (adapters of
-trained phases, matrix rows of evaluated ones), continues a phase from its last checkpoint, and ends with the
-same metrics.json as an uninterrupted run.
+trained phases with the method's state after them, matrix rows of evaluated ones), continues a phase from its last
+checkpoint, and ends with the same metrics.json as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,15 +16,15 @@ import torch
 from transformers import set_seed
 
 from .adapters import ContinualAdapters, folding
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint, remove_checkpoint
-from .config import RunConfig, load_yaml_file
+from .checkpoint import load_checkpoint, remove_checkpoint
+from .config import RunConfig, load_config
 from .data import TaskData, load_instructions, load_task
 from .engine import make_accelerator, shard_model
 from .errors import NloraError
 from .evaluation import evaluate
 from .evaluation_plan import planned_rows
 from .faults import fault_point
-from .io import recover_replaced_dirs, write_json_atomic, write_jsonl_atomic, write_yaml_atomic
+from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
 from .metrics import summarize
@@ -47,29 +33,14 @@ from .objectives import make_objective
 from .preflight import preflight
 from .prompts import PromptSpec, check_prompt_budget
 from .provenance import collect as collect_provenance
-from .provenance import record_run
+from .provenance import check_config_digest, config_digest, record_run
+from .runlock import RunLock
 from .precision import check_runtime, warn_precision
-from .tracking import LOG_FILE, TENSORBOARD_DIR, RunLogger
+from .rundir import RESUME_FREE_KEYS, check_output_dir, check_same_config, prepare_output_dir, read_metrics
+from .tracking import RunLogger
 from .training import train_task
 
 SCHEMA_VERSION = 1
-RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
-               CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR)
-# Keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = ("overwrite", "output_dir", "log_steps", "report_to")
-
-
-class RunPaths:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.metrics = self.root / "metrics.json"
-
-    def adapter(self, k: int, task: str) -> Path:
-        return self.root / "adapters" / f"{k}-{task}"
-
-    def predictions(self, k: int, train_task: str, eval_task: str) -> Path:
-        return self.root / "predictions" / f"{k}-{train_task}" / f"{eval_task}.jsonl"
 
 
 def load_tasks(config: RunConfig) -> list[TaskData]:
@@ -83,49 +54,6 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
                       config.seed, unknown_labels=policies, prompt=prompt) for name in config.tasks]
 
 
-def check_output_dir(config: RunConfig, resume: bool) -> RunPaths:
-    """Everything `prepare_output_dir` would refuse, checked without changing anything on disk."""
-    paths = RunPaths(config.output_dir)
-    root = paths.root
-    existing = [e for e in RUN_ENTRIES if (root / e).exists()]
-    if resume and config.overwrite:
-        raise NloraError("options 'resume' and 'overwrite' exclude each other")
-    if resume and not paths.config.is_file():
-        raise NloraError(f"cannot resume: {root} holds no run (no config.yaml)")
-    if existing and not (config.overwrite or resume):
-        raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
-                         "continue it, --overwrite to replace it, or choose another 'output_dir'")
-    nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
-    if not nearest.is_dir():
-        raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=nearest) as probe:  # nameless on Linux, removed on close
-            probe.write(b"ok")
-            probe.flush()
-    except OSError as e:
-        raise NloraError(f"output dir {root} is not writable ({nearest}: {e.strerror or e})") from None
-    return paths
-
-
-def prepare_output_dir(config: RunConfig, resume: bool) -> RunPaths:
-    paths = check_output_dir(config, resume)
-    root = paths.root
-    existing = [e for e in RUN_ENTRIES if (root / e).exists()]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NloraError(f"output dir {root} cannot be created: {e.strerror or e}") from None
-    if resume:  # temporary files of writes a crash interrupted; never read, so safe to drop
-        recover_replaced_dirs(root)
-        for stale in sorted(root.rglob(".*.tmp"), reverse=True):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    if config.overwrite:  # remove only what a run writes
-        for entry in existing:
-            path = root / entry
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return paths
-
-
 def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
     targets = config.target_modules or default_target_modules(backbone.model_type)
     names = [n for n, _ in backbone.model.named_modules()]
@@ -136,31 +64,6 @@ def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
         raise NloraError(f"option 'target_modules': {missing} not found in model '{config.model}'; "
                          f"its linear layers are named {', '.join(linear)}")
     return list(targets)
-
-
-def check_same_config(saved: dict, current: dict, path: Path) -> None:
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k))
-    if differ:
-        def was(k):  # a key an older nlora did not write is named as such, not as a None the run never had
-            return f"{saved[k]!r} in the run" if k in saved else "not in the run's config.yaml (an older nlora)"
-        detail = "; ".join(f"{k}: {was(k)}, {current.get(k)!r} now" for k in differ)
-        if any(k not in saved for k in differ):  # `nlora resume` would refuse too: say how to go on
-            advice = f"To continue it, add those keys to {path} with the values to continue with"
-        else:
-            advice = "Resume with the saved configuration (`nlora resume RUN_DIR`)"
-        raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). {advice}, or pass "
-                         "--overwrite to start over")
-
-
-def _read_metrics(paths: RunPaths) -> dict | None:
-    if not paths.metrics.is_file():
-        return None
-    try:
-        return json.loads(paths.metrics.read_text())
-    except json.JSONDecodeError as e:
-        raise NloraError(f"{paths.metrics} is corrupt ({e}); it is written atomically, so it was changed "
-                         "outside nlora") from None
 
 
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
@@ -199,6 +102,11 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
 def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json).
     With `resume`, continue the run in `config.output_dir` from where it stopped."""
+    with RunLock() as lock:  # taken before the first change to the run directory, released however the run ends
+        return _run(config, progress, resume, lock)
+
+
+def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict:
     config.validate()
     check_runtime(config)
     tasks = load_tasks(config)
@@ -215,21 +123,26 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
                               attn_implementation=backbone.attn_implementation,
                               target_modules=resolve_target_modules(config, backbone))
     check_prompt_budget(backbone.tokenizer, tasks, config.max_source_length, backbone.kind)
-    previous = _read_metrics(paths) if resume else None
+    previous = read_metrics(paths) if resume else None
     if resume:
-        check_same_config(load_yaml_file(paths.config), resolved.to_dict(), paths.config)
+        saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
+        check_same_config(saved, resolved.to_dict(), paths.config)
+        check_config_digest(paths.root / "run.json", saved, paths.config, RESUME_FREE_KEYS)
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        lock.acquire(paths.root)  # a second writer is refused here, having written nothing
         prepare_output_dir(config, resume)
     accelerator.wait_for_everyone()
+    # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
+    recorded = saved if resume else resolved.replace(overwrite=False).to_dict()
     if accelerator.is_main_process and not resume:
-        # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
-        write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+        write_yaml_atomic(paths.config, recorded)
     if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
         record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
-                                                               accelerator.num_processes), resume)
+                                                               accelerator.num_processes), resume,
+                   config_digest(recorded, RESUME_FREE_KEYS))
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 
@@ -291,11 +204,13 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             if state is not None:
                 method.load_state_dict(state)
         else:
+            hook_start = time.perf_counter()
             if added:
                 method.init_adapter(k, ctx)
             adapters.activate(method.active_for_training(k, adapters.names), trainable=name,
                               factors=method.train_factors(k))
             method.before_task(k, ctx)
+            before_seconds = time.perf_counter() - hook_start
             checkpoint = load_checkpoint(paths.root) if resume else None
             if checkpoint is not None and checkpoint[0].phase != k:
                 checkpoint = None
@@ -304,8 +219,10 @@ def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
             stats = train_task(adapters, objective, method, method.training_examples(tasks, k), phase_config, k,
                                accelerator, run_dir=paths.root, resume=checkpoint,
                                desc=f"{label} train {tasks[k].name}", progress=progress, logger=logger, ctx=ctx)
+            hook_start = time.perf_counter()
             method.after_task(k, ctx)
-            train_stats[tasks[k].name] = stats.to_dict()
+            hooks = {"before_task": round(before_seconds, 3), "after_task": round(time.perf_counter() - hook_start, 3)}
+            train_stats[tasks[k].name] = {**stats.to_dict(), "hook_seconds": hooks}
             if accelerator.is_main_process:
                 state = method.state_dict()
                 adapters.save(name, adapter_dir, extra=lambda folder: save_state(state, folder))

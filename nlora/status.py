@@ -16,10 +16,9 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import CHECKPOINT_DIR
 from .errors import NloraError
 from .summary import format_matrix
-from .tracking import LOG_FILE, read_log
+from .rundir import CHECKPOINT_DIR, LOG_FILE, read_log
 
 LAST_STEPS = 5  # logged steps shown
 
@@ -35,13 +34,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _phases(config: dict, n_tasks: int) -> list[int]:
-    from .config import RunConfig
-    from .methods import get_method
-
-    try:
-        return get_method(config.get("method", ""))(RunConfig.from_dict(config)).phases(n_tasks)
-    except NloraError:  # a configuration of another version: one phase per task
-        return list(range(n_tasks))
+    """The phases before metrics.json records them (a run writes it right after config.yaml): one per task. The
+    method is not resolved here, so `nlora status` imports no torch."""
+    return list(range(n_tasks))
 
 
 def _phase_steps(n_examples: int, config: dict) -> int:
@@ -87,7 +82,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         step = mine[-1]["step"] if mine else 0
         if checkpoint and checkpoint.get("phase") == current:
             step = max(step, int(checkpoint.get("step", 0)))
-        steps = mine[-1].get("steps") if mine else None
+        begun = [line for line in log if line.get("event") == "train_begin" and line.get("phase") == current]
+        steps = mine[-1].get("steps") if mine else begun[-1].get("steps") if begun else None
         n_train = metrics.get("n_train")
         if steps is None and n_train:
             steps = _phase_steps(n_train[current], config)
@@ -110,6 +106,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "last_steps": trains[-LAST_STEPS:],
         "summary": {k: metrics.get(k) for k in ("average_accuracy", "bwt", "fwt", "forgetting")},
         "has_log": bool(log),
+        # a session that has logged nothing since it began (before its first logging step): it may be running
+        "quiet_since_start": not complete and bool(log) and log[-1].get("event") in ("start", "train_begin"),
     }
 
 
@@ -157,6 +155,16 @@ def _num(x, fmt: str = ".4g") -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else "-"
 
 
+def _elapsed(status: dict[str, Any], now: float) -> str:
+    """The run's time at its last log line; for a session that has logged nothing since it began, also the time
+    up to now, which is the elapsed time if it is still running (steps may have run without a log line)."""
+    logged = _duration(status["elapsed"])
+    if not status.get("quiet_since_start") or status["last_update"] is None:
+        return logged
+    return f"{_duration(status['elapsed'] + max(now - status['last_update'], 0))} if it is still running " \
+           f"({logged} at its last log line)"
+
+
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     pos = status["position"]
@@ -174,7 +182,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             else:
                 where += f"trained ({pos['step']} steps), evaluated {pos['evaluated']} of {pos['columns']} tasks"
             lines.append(where)
-    lines.append(f"elapsed: {_duration(status['elapsed'])}" if status["has_log"] else
+    lines.append(f"elapsed: {_elapsed(status, now)}" if status["has_log"] else
                  "elapsed: unknown (no log.jsonl: a run from before log files)")
     remaining = status["remaining"]
     if remaining is not None:

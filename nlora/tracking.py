@@ -3,15 +3,17 @@ tracker API (TensorBoard, Weights & Biases, MLflow).
 
 log.jsonl holds one JSON object per line, appended and flushed by the main process as the run goes, so a run that
 crashes keeps what it logged. Each line has an `event`:
-    start      a session of the run began (a fresh run, or a resumption)
-    train      a logging step: task, phase, epoch, step (of `steps` in the phase), global_step, loss (task loss),
-               regularizer (and regularizer_terms when the method names them), lr, grad_norm (before clipping),
-               tokens_per_s, examples_per_s, s_per_step, peak_memory_mb (where there is an accelerator);
-               loss, regulariser and throughput are means over the steps since the previous logging step
-    train_end  a phase finished training: its steps, mean loss and regulariser, seconds
-    eval       one entry of the accuracy matrix: accuracy on `task` after training phase `phase` (-1: the base
-               model), examples, seconds
-    summary    AP, BWT, FWT and forgetting of the complete run
+    start        a session of the run began (a fresh run, or a resumption)
+    train_begin  a phase began training: task, phase, steps (its optimizer steps in all), global_step; written
+                 once per phase (a resumption that continues the phase writes none)
+    train        a logging step: task, phase, epoch, step (of `steps` in the phase), global_step, loss (task loss),
+                 regularizer (and regularizer_terms when the method names them), lr, grad_norm (before clipping),
+                 tokens_per_s, examples_per_s, s_per_step, peak_memory_mb (where there is an accelerator);
+                 loss, regulariser and throughput are means over the steps since the previous logging step
+    train_end    a phase finished training: its steps, mean loss and regulariser, seconds
+    eval         one entry of the accuracy matrix: accuracy on `task` after training phase `phase` (-1: the base
+                 model), examples, seconds
+    summary      AP, BWT, FWT and forgetting of the complete run
 Every line also has `elapsed` (seconds of the run so far, summed over its sessions) and `time` (Unix time).
 
 A resumed run redoes the work after its last checkpoint. When a phase (or a matrix row) starts, the lines it is
@@ -33,9 +35,8 @@ import torch
 
 from .errors import NloraError
 from .io import write_jsonl_atomic
+from .rundir import LOG_FILE, TENSORBOARD_DIR, read_log  # noqa: F401  (imported from here by readers)
 
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard/<PROJECT>/: the TensorBoard event files
 PROJECT = "nlora"  # the project name given to the trackers (the W&B project, the MLflow experiment)
 
 # --report-to names: accelerate's tracker name, the package to install, and accelerate's availability check
@@ -137,6 +138,25 @@ class StepWindow:
     def end_step(self) -> None:
         self.steps += 1
 
+    def state(self) -> dict[str, Any]:
+        """The window so far, for a checkpoint: a run resumed from it logs the same means at its next logging step
+        as the run that was not interrupted (the seconds it ran, not its clock)."""
+        return {"seconds": time.perf_counter() - self.start, "steps": self.steps, "loss": self.loss,
+                "regularizer": self.regularizer, "tokens": self.tokens, "examples": self.examples,
+                "terms": dict(self.terms)}
+
+    @classmethod
+    def restored(cls, state: Mapping[str, Any] | None, tokens: bool = True) -> "StepWindow":
+        """A window that continues `state` (None: a fresh one). `tokens` False: start the token count at 0 (a
+        process other than the one whose count, summed over processes, the state holds)."""
+        window = cls()
+        if state:
+            window.start -= float(state["seconds"])
+            window.steps, window.loss, window.regularizer = int(state["steps"]), state["loss"], state["regularizer"]
+            window.tokens, window.examples = int(state["tokens"]) if tokens else 0, int(state["examples"])
+            window.terms = dict(state.get("terms") or {})
+        return window
+
     def flush(self, tokens: int | None = None) -> dict[str, Any]:
         """Means per step over the window; `tokens` replaces the window's count (the sum over processes)."""
         now = time.perf_counter()
@@ -165,22 +185,6 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------- log.jsonl
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The lines of a log.jsonl; a line that is not a JSON object (the last one, cut by a crash) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict):
-            lines.append(line)
-    return lines
-
 
 def _identity(line: dict) -> tuple:
     """What a line is about: a redone step or matrix entry has the identity of the line it replaces."""
@@ -298,6 +302,10 @@ class RunLogger:
         ends = {line["phase"]: line.get("steps", 0) for line in self.lines
                 if line.get("event") == "train_end" and line.get("phase", phase) < phase}
         self.offsets[phase] = sum(ends.values())
+        if not any(line.get("event") == "train_begin" and line.get("phase") == phase for line in self.lines):
+            # the step total, known before the first logging step (`nlora status` reads it)
+            self._write({"event": "train_begin", "task": self.tasks[phase], "phase": phase, "steps": steps,
+                         "global_step": self.offsets[phase]}, send=False)
 
     def log_train(self, phase: int, epoch: float, step: int, steps: int, values: Mapping[str, Any]) -> None:
         """A logging step: `values` holds loss, regularizer (and regularizer_terms), lr, grad_norm, tokens_per_s,

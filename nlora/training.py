@@ -132,7 +132,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     total_steps = config.epochs * steps_per_epoch
     if logger is not None:
         logger.train_begin(phase, pos.step, total_steps)
-    window = StepWindow()
+    # a resumed phase continues the logging window its checkpoint saved (the tokens summed over processes: once)
+    window = StepWindow.restored(pos.window, tokens=accelerator.is_main_process)
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
@@ -227,6 +228,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 if (run_dir is not None and config.checkpoint_steps and pos.step % config.checkpoint_steps == 0
                         and pos.epoch < config.epochs and not deepspeed):
                     _check_finite(named, phase, pos.step, desc)  # never replace a good checkpoint by a bad one
+                    pos.window = _window_state(accelerator, window)
                     if accelerator.is_main_process:
                         save_checkpoint(run_dir, pos, saved_state, optimizer, scheduler, method.state_dict())
                     accelerator.wait_for_everyone()
@@ -242,6 +244,15 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     if logger is not None:
         logger.train_end(phase, stats.to_dict())
     return stats
+
+
+def _window_state(accelerator: Accelerator, window: StepWindow) -> dict:
+    """The logging window for a checkpoint, its tokens summed over the processes (every process calls this)."""
+    state = window.state()
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), "sum")
+        state["tokens"] = int(total.item())
+    return state
 
 
 def _log_step(logger: RunLogger, accelerator: Accelerator, window: StepWindow, phase: int, step: int,

@@ -41,7 +41,7 @@ def single_run(tmp_path_factory, synthetic_dir) -> Path:
     give (here to be built once for both). Built before a launch, not while it runs: on 2 cores the two slow each
     other down more than running them in turn costs."""
     from nlora.cli import main
-    from test_distributed import RUN
+    from launch_support import RUN
 
     out = tmp_path_factory.mktemp("single") / "run"
     assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 0

@@ -32,6 +32,7 @@ def _metrics(run_dir: Path) -> dict:
     metrics.pop("eval_seconds", None)
     for stats in metrics["train"].values():
         stats.pop("seconds", None)
+        stats.pop("hook_seconds", None)
     return metrics
 
 

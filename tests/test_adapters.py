@@ -1,3 +1,7 @@
+import json
+import warnings
+
+import pytest
 import torch
 from peft import PeftModel
 
@@ -74,3 +78,47 @@ def test_saved_adapter_reloads_with_peft(tmp_path):
     want = ad.model(input_ids=x).last_hidden_state
     fresh = PeftModel.from_pretrained(load_backbone("tiny-bert").model, str(folder)).eval()
     torch.testing.assert_close(fresh(input_ids=x).last_hidden_state, want)
+
+
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # PEFT looks the name up on the (offline) hub
+def test_every_saved_adapter_names_the_base_model(tmp_path):
+    bb, ad = _adapters()
+    bb.model.name_or_path = "org/base-model"  # what from_pretrained records on a loaded model
+    for k in range(3):
+        ad.add(f"task{k}")
+        ad.save(f"task{k}", tmp_path / f"{k}-t")
+    recorded = [json.loads((tmp_path / f"{k}-t" / "adapter_config.json").read_text())["base_model_name_or_path"]
+                for k in range(3)]
+    assert recorded == ["org/base-model"] * 3  # the later ones too: AutoPeftModel loads the base from it
+
+
+def test_wrapping_the_model_prints_no_gradient_checkpointing_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, ad = _adapters()
+        ad.add("task0")
+        ad.add("task1")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_saved_adapters_combined_with_peft_cat_at_weight_1_give_the_summed_model(tmp_path):
+    # what README "Using a trained model" tells a plain PEFT user: the sum, PEFT's "cat"; "linear" is another model
+    bb, ad = _adapters()
+    for k in range(2):
+        ad.add(f"task{k}")
+        _randomize(ad, f"task{k}", 5 + k)
+        with torch.no_grad():
+            for f in ad.factors(f"task{k}"):
+                f.A.mul_(3.0)  # large enough that the cross terms of "linear" show
+        ad.save(f"task{k}", tmp_path / f"{k}-t")
+    ad.activate(["task0", "task1"])
+    ad.model.eval()
+    x = torch.randint(3, 100, (2, 9))
+    want = ad.model(input_ids=x).last_hidden_state
+    plain = PeftModel.from_pretrained(load_backbone("tiny-bert").model, str(tmp_path / "0-t"), adapter_name="a")
+    plain.load_adapter(str(tmp_path / "1-t"), adapter_name="b")
+    for combination, same in (("cat", True), ("linear", False)):
+        plain.add_weighted_adapter(["a", "b"], [1.0, 1.0], combination, combination_type=combination)
+        plain.set_adapter(combination)
+        got = plain.eval()(input_ids=x).last_hidden_state
+        assert torch.allclose(got, want, atol=1e-5) == same, combination

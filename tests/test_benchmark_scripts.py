@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -119,3 +120,32 @@ def test_penalty_chunks_prints_one_row_per_chunk_size(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert "| delta_l1, chunk 64 |" in out and "| delta_l1, chunk 16 |" in out and "| layer fwd" in out
+
+
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path, capsys):
+    """benchmarks/gpu_check.py --cpu-smoke: every section runs at a tiny size on the CPU and gives its row; the
+    killed and resumed run equals the uninterrupted one, and the comparison sees a changed prediction."""
+    import torch
+
+    module = _load("gpu_check")
+    out, work = tmp_path / "table.md", tmp_path / "work"
+    assert module.main(["--cpu-smoke", "--out", str(out), "--work-dir", str(work)]) == 0
+    text = out.read_text()
+    assert capsys.readouterr().out == text  # the runs' own printout goes to stderr
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert {r[0][2:] for r in rows} == set(module.SECTIONS)
+    assert not [r for r in rows if r[2] in ("failed", "skipped")], text
+    results = {}
+    for r in rows:
+        results.setdefault(r[0][2:], r[2])  # each section's first row
+    assert "fold form concat" in results["e2e"]  # the recipe's bf16 base folds by concatenation
+    assert "identical:" in text and "report.md written" in text
+    assert results["quantized"] in ("not installed", "needs CUDA")
+
+    run, killed = work / "e2e-run", work / "e2e-killed"
+    assert module.compare_runs(run, killed).startswith("identical")
+    prediction = next((killed / "predictions").rglob("*.jsonl"))
+    prediction.write_bytes(prediction.read_bytes().replace(b'"prediction": "', b'"prediction": "x', 1))
+    assert module.compare_runs(run, killed).startswith("differs")
+    # tokens up to and including the first eos (id 1); a row without one counts whole
+    assert module.generated_tokens(torch.tensor([[5, 1, 0], [5, 6, 7]]), eos=1) == 5

@@ -23,6 +23,8 @@ def test_unknown_key_is_named_with_valid_keys():
     ("lr", "fast", "key 'lr' must be a number"),
     ("overwrite", "maybe", "key 'overwrite' must be true or false"),
     ("tasks", 5, "key 'tasks' must be a list of strings"),
+    ("epochs", 1.0e10, "key 'epochs' is out of range: 10000000000"),
+    ("seed", "-99999999999", "key 'seed' is out of range: -99999999999"),
 ])
 def test_bad_types_are_named(key, value, message):
     with pytest.raises(NloraError, match=message):
@@ -37,10 +39,14 @@ def test_bad_types_are_named(key, value, message):
     ({"lora_r": 0}, "option 'lora_r': must be >= 1"),
     ({"epochs": 0}, "option 'epochs'"),
     ({"lora_dropout": 1.0}, "option 'lora_dropout'"),
-    ({"method": "ewc"}, "option 'method': unknown method 'ewc'; available: .*n-lora"),
+    ({"method": "ewd"}, "option 'method': unknown method 'ewd'; available: .*n-lora"),
     ({"penalty_form": "l2"}, "option 'penalty_form': 'l2' is not one of delta, reference, factors"),
     ({"tasks": ["a", "a"]}, "option 'tasks': a task appears twice"),
     ({"data_dir": "/nonexistent/nlora-data"}, "option 'data_dir': folder /nonexistent/nlora-data does not exist"),
+    ({"tasks": [""]}, r"option 'tasks': task name '' is not a plain dataset name \(it is empty\)"),
+    ({"tasks": ["a", "b\\c"]}, r"option 'tasks': task name 'b\\\\c' is not a plain dataset name"),
+    ({"tasks": ["a\nb"]}, r"task name 'a\\nb' is not a plain dataset name \(it holds a control character\)"),
+    ({"epochs_per_task": [1e10]}, "option 'epochs_per_task': values must be whole numbers from 1 to 2147483647"),
 ])
 def test_validate_rejects_bad_values(changes, message):
     cfg = RunConfig(tasks=["a"]).replace(**changes)

@@ -88,6 +88,15 @@ def test_unknown_task_lists_available(tmp_path, make_task):
         load_task(tmp_path, "nope")
 
 
+def test_a_task_folder_given_as_data_folder_names_the_folder_to_give(tmp_path, make_task):
+    folder = make_task(tmp_path, "SC", "yelp", ["a"], [{"label": "a", "sentence": "x"}])
+    with pytest.raises(NloraError) as e:
+        load_task(folder, "yelp")
+    assert str(e.value) == (f"data folder {folder} is the folder of one task (yelp), not a data folder: give the "
+                            f"folder that holds the task family folders, {tmp_path} in the CL_Benchmark layout "
+                            "(<data>/SC/yelp)")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="benchmark data not present")
 def test_reads_the_real_benchmark_layout():
     task = load_task(SHARED_DATA, "CB", max_train=20, max_test=10, seed=0)
@@ -154,3 +163,22 @@ def test_every_preset_task_list_passes_validation_on_the_real_data(bench, order,
     if "MNLI" in config.tasks:  # its test.json labels 131 examples '-' (no gold label): kept, scored as wrong
         mnli = next(t for t in tasks if t.name == "MNLI")
         assert mnli.unknown_labels == {"test": {"-": 131}} and len(mnli.test) == 7600
+
+
+@pytest.mark.parametrize("name", ["../flat", "/abs", "..", "", "a/../../b"])
+def test_a_task_name_never_leads_out_of_the_data_folder(tmp_path, make_task, name):
+    make_task(tmp_path / "data", "G", "t", ["a"], [{"label": "a", "sentence": "s"}])
+    make_task(tmp_path, "", "flat", ["a"], [{"label": "a", "sentence": "s"}])  # beside the data folder
+    with pytest.raises(NloraError, match=f"task name {name!r} is not a plain dataset name"):
+        find_task_dir(tmp_path / "data", name)
+
+
+def test_a_data_folder_that_is_a_symbolic_link_loop_is_named_so(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    with pytest.raises(NloraError, match=f"data folder: {loop} is a symbolic link loop"):
+        find_task_dir(loop, "t")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("nowhere")
+    with pytest.raises(NloraError, match=f"{dangling} is a symbolic link to nowhere, which does not exist"):
+        find_task_dir(dangling, "t")

@@ -3,6 +3,7 @@ predicted after its last task (or after task K with --upto); `nlora predict` rep
 through the evaluation code of training; bad requests fail with one clear error."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -102,9 +103,9 @@ def test_predict_reproduces_the_runs_predictions(tmp_path, runs, synthetic_dir, 
     # --upto 2 and a JSONL input: the run's model after task 2, on the same examples given as sentences
     data = {t.name: t for t in load_tasks(load_config(run_dir / "config.yaml"))}
     task = data["orchard"]
+    # the task name picks the instruction the task was trained with (its family's: "synthetic")
     lines = [{"sentence": e.sentence, "options": list(e.options), "task": "orchard",
-              "instruction": task.instruction, **({"label": e.label} if i % 2 else {})}
-             for i, e in enumerate(task.test)]
+              **({"label": e.label} if i % 2 else {})} for i, e in enumerate(task.test)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     records = predict_run(run_dir, input_file=tmp_path / "in.jsonl", upto=2, output=tmp_path / "o.jsonl",
                           progress=False)
@@ -112,6 +113,15 @@ def test_predict_reproduces_the_runs_predictions(tmp_path, runs, synthetic_dir, 
     assert [r["prediction"] for r in records] == [r["prediction"] for r in want]
     assert [r["input"] for r in records] == [r["input"] for r in want]
     assert all(("correct" in r) == bool(i % 2) for i, r in enumerate(records))
+    # a run written before run.json recorded the tasks' instructions: read from its data folder
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    record = json.loads((old / "run.json").read_text())
+    for session in record["sessions"]:
+        del session["tasks"]
+    (old / "run.json").write_text(json.dumps(record))
+    again = predict_run(old, input_file=tmp_path / "in.jsonl", upto=2, output=tmp_path / "o2.jsonl", progress=False)
+    assert [r["input"] for r in again] == [r["input"] for r in want]
 
 
 def test_predict_reads_and_folds_as_the_run_did(tmp_path, synthetic_dir):
@@ -121,18 +131,18 @@ def test_predict_reads_and_folds_as_the_run_did(tmp_path, synthetic_dir):
     instructions.write_text(json.dumps({t: f"Which label fits this {t} text? Choose one from the option.\n"
                                         for t in TASKS}))
     run_dir = _train(tmp_path, synthetic_dir, "tiny-bert", "n-lora", tasks=TASKS[:2], lr=0.05,
-                     prompt_format="reference", add_dataset_name=True, instructions=str(instructions),
-                     fold_adapters=False)
+                     prompt_format="reference", add_task_name=True, add_dataset_name=True,
+                     instructions=str(instructions), fold_adapters=False)
     rows = predict_run(run_dir, tasks=TASKS[:2], output=tmp_path / "p.jsonl", progress=False)
     want = [r for t in TASKS[:2] for r in _run_predictions(run_dir, 1, "orchard", t)]
     assert [r["input"] for r in rows] == [r["input"] for r in want]
-    assert all(r["input"].startswith("Dataset:") for r in rows)
+    assert all(r["input"].startswith("Task:synthetic\nDataset:") for r in rows)
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in want]
     (tmp_path / "in.jsonl").write_text(json.dumps({"sentence": "a plain sentence", "options": ["x", "y"],
                                                    "task": "harbor"}) + "\n")
     (record,) = predict_run(run_dir, input_file=tmp_path / "in.jsonl", output=tmp_path / "o.jsonl", progress=False)
-    assert record["input"] == ("Dataset:harbor\nWhich label fits this harbor text? Choose one from the option.\n"
-                               "Option: x, y \na plain sentence\nAnswer:")
+    assert record["input"] == ("Task:synthetic\nDataset:harbor\nWhich label fits this harbor text? Choose one from "
+                               "the option.\nOption: x, y \na plain sentence\nAnswer:")
     adapters, _ = load_model(read_run(run_dir))
     assert adapters.fold_form is None and adapters.folded == []
 

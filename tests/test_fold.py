@@ -2,7 +2,6 @@
 float tolerance, the same predictions) on the three model kinds with 4 tasks, O-LoRA's orthogonality against the
 concatenated past A, which methods fold, and a folded run that stops and resumes in-process."""
 
-import json
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from nlora.objectives import make_objective
 from nlora.penalties import olora_orthogonality
 from nlora.regularization import Regularization
 from nlora.synthetic import TASK_NAMES
+from same_run import outcome
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -175,14 +175,9 @@ def _config(tmp_path, synthetic_dir, out, **kw):
 
 
 def _outcome(run_dir):
-    """metrics.json without its timings, and the bytes of the adapters and predictions (also used by test_resume)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("eval_seconds")
-    for stats in metrics["train"].values():
-        stats.pop("seconds")
-    files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".jsonl") and p.name != "log.jsonl"}
-    return metrics, files
+    """metrics.json without its timings, and the bytes of the adapters and predictions (tests/same_run.py)."""
+    found = outcome(run_dir)
+    return found["metrics"], found["files"]
 
 
 class Stop(Exception):

@@ -29,6 +29,9 @@ def test_normalize_and_accuracy():
     assert normalize_answer("A: the cat") == "a the cat"  # articles stay (unlike SQuAD's own)
     assert normalize_answer("...") == "" and normalize_answer("café") == "café"  # non-ASCII stays
     assert accuracy(["World", "sports ", "x"], ["world", "Sports", "y"]) == pytest.approx(200 / 3)
+    # MNLI's '-' (no gold label) normalises to "": an empty or punctuation-only prediction matches it, as in the
+    # reference's metric
+    assert accuracy(["", " . ", "neutral"], ["-", "-", "-"]) == pytest.approx(200 / 3)
     with pytest.raises(ValueError, match="2 predictions for 1 targets"):
         accuracy(["a", "b"], ["a"])
 
@@ -51,6 +54,20 @@ def test_forgetting_ignores_accuracy_before_training():
     assert average_forgetting(M) == pytest.approx(10.0)
 
 
+def test_forgetting_takes_the_best_earlier_accuracy_not_the_first():
+    # task 0 improves after task 1 (backward transfer) before it drops: its best, 80, is the reference
+    M = [[60.0, None, None], [80.0, 50.0, None], [50.0, 40.0, 90.0]]
+    # task 0: 80 - 50 = 30 (not 60 - 50 = 10); task 1: 50 - 40 = 10
+    assert average_forgetting(M) == pytest.approx(20.0)
+    assert summarize(M)["forgetting"] == pytest.approx(20.0)
+
+
+def test_average_accuracy_skips_an_unevaluated_entry_of_the_last_row():
+    M = [[70.0, None, None], [None, None, None], [60.0, None, 90.0]]  # task 1 not evaluated after task 3
+    assert average_accuracy(M) == pytest.approx(75.0)  # not (60 + 0 + 90) / 3
+    assert summarize(M)["average_accuracy"] == pytest.approx(75.0)
+
+
 def test_missing_entries():
     # Without eval_future the upper triangle is None; FWT needs it.
     M = [[90.0, None, None], [70.0, 80.0, None], [60.0, 85.0, 95.0]]
@@ -71,3 +88,21 @@ def test_single_task_and_shapes():
         average_accuracy([[1.0, 2.0]])
     with pytest.raises(ValueError, match="3 reference scores for 2 tasks"):
         forward_transfer([[1.0, 2.0], [3.0, 4.0]], [1.0, 2.0, 3.0])
+
+
+def test_bwt_denominator_t():
+    # TRACE / SAPT: ((60 - 90) + (85 - 80) + (95 - 95)) / 3, against -12.5 over T-1 = 2
+    assert backward_transfer(R, "t") == pytest.approx(-25 / 3)
+    assert backward_transfer(R) == backward_transfer(R, "t-1") == pytest.approx(-12.5)
+    assert summarize(R, BASE, bwt_denominator="t")["bwt"] == pytest.approx(-25 / 3)
+    assert summarize(R, BASE)["bwt"] == pytest.approx(-12.5)
+    # (T-1)/T x the usual value whenever every entry exists
+    M = [[70.0, None, None, None], [65.0, 80.0, None, None], [60.0, 70.0, 90.0, None], [50.0, 75.0, 88.0, 91.0]]
+    assert backward_transfer(M, "t") == pytest.approx(backward_transfer(M) * 3 / 4)
+    # one task: nothing to forget under T-1; a single zero term under T
+    assert backward_transfer([[77.0]]) is None and backward_transfer([[77.0]], "t") == 0.0
+    # a pair with a missing entry is skipped under both
+    partial = [[None, None, None], [None, 50.0, None], [10.0, 40.0, 60.0]]
+    assert backward_transfer(partial, "t") == pytest.approx(-5.0)
+    with pytest.raises(ValueError, match="BWT denominator 'T' is not one of t-1, t"):
+        backward_transfer(R, "T")

@@ -52,3 +52,26 @@ def test_encoder_scores_only_the_examples_own_options():
     # cross-entropy over allowed options equals the brute-force log-softmax over that subset
     expected = -torch.stack([scores[0, [1, 3]].log_softmax(0)[1], scores[1, [0, 2]].log_softmax(0)[1]]).mean()
     torch.testing.assert_close(obj.loss(bb.model, batch), expected)
+
+
+class _Writes:
+    """A model whose generation appends the same text to every prompt."""
+
+    def __init__(self, tokenizer, text):
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        return torch.cat([input_ids, torch.tensor([self.ids] * len(input_ids))], 1)[:, : input_ids.shape[1]
+                                                                                       + max_new_tokens]
+
+
+def test_reference_decoder_prediction_is_the_text_after_the_last_answer_cue():
+    tok = load_backbone("tiny-llama").tokenizer
+    obj = make_objective("decoder", tok, 40, 20)
+    short, long = "short text", "x" * 100
+    examples = [Example("t", text, "True", ("True", "False"), f"Q?\n{text}\nAnswer:", fmt)
+                for text, fmt in ((short, "reference"), (long, "reference"), (long, "nlora"))]
+    # the reference decodes prompt + generation and keeps what follows the last "Answer:": nothing where
+    # truncation cut the prompt's cue (40 tokens of the long one); nlora's format keeps the cue
+    assert obj.generate(_Writes(tok, " True"), examples, "cpu") == ["True", "", "True"]
+    assert obj.generate(_Writes(tok, " x Answer: False"), examples, "cpu") == ["False", "False", "x Answer: False"]

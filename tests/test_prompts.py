@@ -3,12 +3,14 @@
 and the truncation of each format."""
 
 import json
+import re
 
 import pytest
 
-from nlora.data import load_instructions, load_task
+from nlora.data import Example, load_instructions, load_task
 from nlora.errors import NloraError
 from nlora.models import load_backbone
+from nlora.objectives import IGNORE, make_objective
 from nlora.prompts import REFERENCE_INSTRUCTIONS, PromptSpec, prompt_token_ids
 
 REF = PromptSpec("reference", add_task_name=True, add_dataset_name=True)
@@ -71,6 +73,17 @@ def test_reference_instruction_config_is_accepted_as_it_is(tmp_path, make_task):
     # the same file serves nlora's own layout too
     task = load_task(tmp_path / "data", "agnews", load_instructions(path))
     assert task.train[0].prompt == "Topic? \n\nOptions: World\nText: s\nAnswer:"
+
+
+@pytest.mark.parametrize("field", ["{0.x}", "{0[x]}", "{0!z}", "{1}", "{x}"])
+def test_a_template_that_cannot_be_filled_stays_unfilled_as_in_the_reference(tmp_path, make_task, field):
+    """The reference fills the sentence in with str.format in a try whose `finally: return` keeps the template
+    as it is on any error."""
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps({"SC": f"Rate {field} here.\n"}))
+    make_task(tmp_path / "data", "SC", "yelp", ["good", "bad"], [{"label": "good", "sentence": "Fine."}])
+    task = load_task(tmp_path / "data", "yelp", load_instructions(path, "reference"), prompt=PromptSpec("reference"))
+    assert task.train[0].prompt == f"Rate {field} here.\nOption: good, bad \n{{0}}\nAnswer:"
 
 
 def test_reference_format_needs_an_instruction_for_the_family(tmp_path, make_task):
@@ -141,3 +154,46 @@ def test_t5_reference_truncation_matches_the_collator():
     prompt = "Task:SC\nDataset:yelp\n" + "x" * 100 + "\nAnswer:"
     ids = prompt_token_ids(tok, prompt, "", "reference", 40, "seq2seq")
     assert ids == tok(prompt[:39])["input_ids"] and ids[-1] == tok.eos_token_id
+
+
+class LlamaLikeTokenizer(CharTokenizer):
+    """As LLaMA's tokenizer: BOS added in front, no EOS at the end, and "<s>" / "</s>" in the text read as the
+    special tokens (so a decoded "<s>" comes back as a BOS id)."""
+    pad_token_id = 0
+
+    def __call__(self, text, max_length=None, truncation=False, add_special_tokens=True):
+        ids = [1] if add_special_tokens else []
+        for part in re.split(r"(<s>|</s>)", text):
+            ids += [{"<s>": 1, "</s>": 2}[part]] if part in ("<s>", "</s>") else [ord(c) + 10 for c in part]
+        return {"input_ids": ids[:max_length] if truncation and max_length else ids}
+
+
+def _collator_training_ids(tok, prompt, label, max_source, max_target):
+    """src/uie_collator.py's decoder path on a training example, step by step (as read in its code)."""
+    task_input, label_text = tok.bos_token + prompt, label + tok.eos_token
+    tokenized_input, tokenized_label = tok(task_input)["input_ids"], tok(label_text)["input_ids"]
+    limit = max_source + max_target
+    if len(tokenized_input) + len(tokenized_label) <= limit:
+        source = task_input + label_text
+    else:
+        source = tok.decode((tokenized_input + tokenized_label)[:limit], skip_special_tokens=False)
+    return tok(source, max_length=max_source, truncation=True)["input_ids"]
+
+
+# prompt lengths around the limits (30 + 10 tokens): short; over 30 with prompt + label within 40 (the collator
+# cuts the ids: two BOS); prompt + label over 40 (it decodes and tokenizes again: three BOS)
+@pytest.mark.parametrize("length,bos", [(10, 2), (30, 2), (40, 3)])
+def test_reference_decoder_training_sequence_follows_the_collator(length, bos):
+    tok = LlamaLikeTokenizer()
+    prompt = "x" * (length - 8) + "\nAnswer:"
+    example = Example("t", "x", "True", ("True", "False"), prompt, "reference")
+    batch = make_objective("decoder", tok, 30, 10).collate([example])
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    answer = batch["labels"][0][batch["labels"][0] != IGNORE].tolist()
+    reference = _collator_training_ids(tok, prompt, "True", 30, 10)
+    assert ids[:bos + 1] == [1] * bos + [ord("x") + 10]
+    assert answer == tok("True</s>", add_special_tokens=False)["input_ids"]  # "Answer:True</s>": no space
+    if len(reference) < 30:  # the collator kept the whole sequence: the very same ids
+        assert ids == reference and tok.decode(ids).endswith("\nAnswer:True</s>")
+    else:  # it cut the answer off at 30 tokens; nlora keeps it after the same 30 prompt tokens
+        assert ids == reference + answer

@@ -1,4 +1,4 @@
-"""run.json: versions, devices, git commit and the sha256 of every data file read."""
+"""run.json: versions, devices, git commit, the sha256 of every data file read and each task's instruction."""
 
 import hashlib
 import importlib.metadata
@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from nlora.config import load_config
+from nlora.data import DEFAULT_INSTRUCTIONS
 from nlora.provenance import git_state
 from nlora.runner import run
 
@@ -30,6 +31,7 @@ def test_run_json_records_versions_devices_and_data_hashes(synthetic_dir, tmp_pa
     expected = {str((folder / f).resolve()): hashlib.sha256((folder / f).read_bytes()).hexdigest()
                 for f in ("labels.json", "train.json", "test.json")}
     assert record["data_files"] == expected
+    assert record["tasks"] == {"harbor": {"family": "synthetic", "instruction": DEFAULT_INSTRUCTIONS["synthetic"]}}
     if (ROOT / ".git").exists():
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
         assert record["git"]["commit"] == head.strip()

@@ -3,10 +3,12 @@ is the one in metrics.json / diagnostics.json."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
 
+import nlora.demo
 from nlora.cli import main
 from nlora.demo import run_demo
 from nlora.report import PLOTS, write_report
@@ -20,12 +22,24 @@ NONE = "–"
 def demo(tmp_path_factory, synthetic_dir):
     """The default job on a tiny model: N-LoRA and IncLoRA runs, and their comparison report."""
     root = tmp_path_factory.mktemp("demo")
-    run_demo(None, {"model": "tiny-bert", "output_dir": str(root), "data_dir": str(synthetic_dir),
-                    "tasks": "harbor,orchard,library", "max_train_samples": 4, "max_eval_samples": 3,
-                    "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True,
-                    "max_source_length": 160},  # byte-level tokenizer: room for the whole instruction
-             progress=False, num_seeds=1)
+    run_demo(None, _demo_options(root, synthetic_dir), progress=False, num_seeds=1)
     return root
+
+
+def _demo_options(root, synthetic_dir) -> dict:
+    return {"model": "tiny-bert", "output_dir": str(root), "data_dir": str(synthetic_dir),
+            "tasks": "harbor,orchard,library", "max_train_samples": 4, "max_eval_samples": 3,
+            "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "lr": 5e-3, "eval_future": True,
+            "max_source_length": 160}  # byte-level tokenizer: room for the whole instruction
+
+
+def test_a_second_demo_replaces_its_own_report(demo, synthetic_dir, monkeypatch):
+    """The demo replaces its own earlier results, its comparison report included (runs: read back, not retrained)."""
+    monkeypatch.setattr(nlora.demo, "run", lambda config, progress: json.loads(
+        (Path(config.output_dir) / "metrics.json").read_text()))
+    (demo / "report" / "stale.png").write_bytes(b"")
+    run_demo(None, _demo_options(demo, synthetic_dir), progress=False, num_seeds=1)
+    assert (demo / "report" / "report.md").is_file() and not (demo / "report" / "stale.png").exists()
 
 
 def tables(markdown: str) -> list[list[list[str]]]:

@@ -1,9 +1,10 @@
 """Crash and resume: a tiny run is killed (SIGKILL) at several points in a process of its own (tests/fresh_process.py),
 resumed in this process, and must end with the same metrics, adapters and predictions as an uninterrupted run (built
-in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora), mtl,
-O-LoRA (whose penalty reads the earlier adapters reloaded from disk), and a decoder with gradient accumulation and
-eval_future. Every run's log.jsonl must also match (every step logged once, in order), and `nlora status` is checked
-on each killed run and on the resumed one."""
+in this process too). Configurations: N-LoRA on T5 (every kind of kill point), a snapshot layout (seq-lora),
+mtl with a learning-rate warm-up and a logging window that the checkpoint splits, O-LoRA (whose penalty reads the
+earlier adapters reloaded from disk), and a decoder with gradient accumulation and eval_future. Every run's log.jsonl
+must also match (every step logged once, in order), and `nlora status` is checked on each killed run and on the
+resumed one."""
 
 import functools
 import json
@@ -15,8 +16,7 @@ import pytest
 
 import fresh_process
 from nlora.cli import main
-from nlora.tracking import read_log
-from test_fold import _outcome as _metrics_and_files
+from same_run import outcome
 
 fresh_process.start()
 
@@ -24,12 +24,13 @@ ARGS = ["--model", "tiny-t5", "--tasks", "harbor,orchard",
         "--max-train-samples", "12", "--max-eval-samples", "6", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "2", "--checkpoint-steps", "2", "--max-target-length", "4", "--device", "cpu", "--quiet",
         "--log-steps", "1"]
-LOG_TIMING = ("elapsed", "time", "seconds", "tokens_per_s", "examples_per_s", "s_per_step")
 # 3 optimizer steps per epoch, 6 per task, a checkpoint every 2 steps
 CONFIGS = {
     "n-lora": ["--method", "n-lora", "--lambda", "0.001"],
     "seq-lora": ["--method", "seq-lora"],
-    "mtl": ["--method", "mtl"],
+    # a learning rate still warming up at the checkpoint (the scheduler's state must come back with the
+    # optimizer's), and a log line every 3 steps, so the checkpoint of step 2 falls inside a logging window
+    "mtl": ["--method", "mtl", "--warmup-steps", "5", "--log-steps", "3"],
     "o-lora": ["--method", "o-lora", "--orth-lambda", "0.1", "--l2-lambda", "0.01"],
     "decoder-accum-future": ["--method", "n-lora", "--lambda", "0.001", "--model", "tiny-llama", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                              "--eval-future"],
@@ -50,10 +51,7 @@ def _killed(argv: list[str], fault: str, log: Path):
 
 
 def _outcome(run_dir: Path) -> dict:
-    metrics, files = _metrics_and_files(run_dir)
-    log = [{k: v for k, v in line.items() if k not in LOG_TIMING} for line in read_log(run_dir / "log.jsonl")
-           if line["event"] != "start"]
-    return {"metrics": metrics, "files": files, "log": log}
+    return outcome(run_dir, log=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def _status(run_dir, capsys) -> str:
     ("n-lora", "checkpoint_save:2"),  # a checkpoint written, not yet moved into place
     ("n-lora", "dir_swap:1"),         # the old checkpoint renamed aside, the new one not yet in place
     ("seq-lora", "train_step:9"),     # the shared adapter, mid-way through the second task
-    ("mtl", "train_step:3"),
+    ("mtl", "train_step:3"),          # resumed from step 2: steps 1-3 make the line of step 3
     ("o-lora", "train_step:9"),       # second task, resumed with the first task's adapter read from disk
     ("decoder-accum-future", "train_step:4"),
 ])
@@ -131,7 +129,7 @@ def test_run_resume_flag_refuses_a_changed_configuration(tmp_path, synthetic_dir
 
 def test_a_key_the_saved_configuration_lacks_is_named_as_missing(tmp_path):
     from nlora.errors import NloraError
-    from nlora.runner import check_same_config
+    from nlora.rundir import check_same_config
 
     saved = {"lr": 0.001, "output_dir": "a"}  # written before fold_adapters existed
     current = {"lr": 0.001, "output_dir": "b", "fold_adapters": True}

@@ -70,3 +70,26 @@ def test_status_of_a_missing_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["status", str(tmp_path / "empty")]) == 2
     assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_status_before_the_first_logging_step(tmp_path):
+    # a fresh run with --log-steps 50: the phase has begun (its step total logged), a checkpoint at step 4 is
+    # written, no training line yet and no metrics.json
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump({"method": "inc-lora", "model": "tiny-t5", "tasks": ["a", "b"],
+                                                      "epochs": 2, "batch_size": 4}))
+    lines = [_line("start", elapsed=0.0, time=1000.0),
+             _line("train_begin", task="a", phase=0, steps=60, global_step=0, elapsed=5.0, time=1005.0)]
+    (root / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "checkpoint").mkdir()
+    (root / "checkpoint" / "progress.json").write_text(json.dumps({"phase": 0, "epoch": 0, "batch": 4, "step": 4,
+                                                                   "loss_sum": 1.0, "reg_sum": 0.0}))
+    text = format_status(run_status(root), now=1125.0)
+    assert "task 1 of 2 (a): training, step 4 of 60" in text
+    assert "elapsed: 0:02:05 if it is still running (0:00:05 at its last log line)" in text
+    lines.append(_line("train", task="a", phase=0, step=50, steps=60, loss=1.0, s_per_step=2.0, elapsed=105.0,
+                       time=1105.0))
+    (root / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = format_status(run_status(root), now=1125.0)
+    assert "task 1 of 2 (a): training, step 50 of 60" in text and "elapsed: 0:01:45\n" in text

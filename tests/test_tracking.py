@@ -42,8 +42,10 @@ def tracked_run(tmp_path_factory, synthetic_dir):
 def test_log_jsonl_of_a_tiny_run(tracked_run):
     metrics = json.loads((tracked_run / "metrics.json").read_text())
     log = read_log(tracked_run / "log.jsonl")
-    assert [line["event"] for line in log] == ["start"] + (["train"] * 2 + ["train_end", "eval"]) + \
-        (["train"] * 2 + ["train_end", "eval", "eval"]) + ["summary"]
+    assert [line["event"] for line in log] == ["start"] + (["train_begin"] + ["train"] * 2 + ["train_end", "eval"]) + \
+        (["train_begin"] + ["train"] * 2 + ["train_end", "eval", "eval"]) + ["summary"]
+    begun = [(x["task"], x["phase"], x["steps"], x["global_step"]) for x in log if x["event"] == "train_begin"]
+    assert begun == [("harbor", 0, 6, 0), ("orchard", 1, 6, 6)]  # the step totals, before any logging step
     trains = [line for line in log if line["event"] == "train"]
     # every 4th step, and the last step of each task
     assert [(x["task"], x["phase"], x["step"], x["steps"], x["global_step"]) for x in trains] == \
@@ -284,6 +286,8 @@ def test_resumed_log_drops_what_is_redone_and_trackers_get_each_step_once(tmp_pa
     trains = [(x["phase"], x["step"], x["global_step"], x["loss"]) for x in log if x["event"] == "train"]
     assert trains == [(0, 1, 1, 1.0), (0, 2, 2, 2.0), (1, 1, 3, 10.0), (1, 2, 4, 21.0), (1, 3, 5, 30.0)]
     assert [x["event"] for x in log].count("start") == 2
+    # a phase's step total once, however often it is resumed
+    assert [(x["phase"], x["steps"]) for x in log if x["event"] == "train_begin"] == [(0, 2), (1, 3)]
     # the trackers had step 4 before the crash; after it they get only what is new
     assert [step for step, _ in acc.sent] == [1, 2, 2, 3, 4]
     assert [(step, v.get("train/loss")) for step, v in acc2.sent] == [(5, 30.0), (5, None)]

@@ -116,6 +116,17 @@ def _write(name: str, text: str):
     return lambda folder: (folder / name).write_text(text)
 
 
+# 9 levels of 9 (534 bytes): 9**9 strings once expanded
+_ALIAS_BOMB = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefg", "bcdefgh")) + \
+    "tasks: [*h,*h,*h,*h,*h,*h,*h,*h,*h]\n"
+
+
+def _symlink_loop(path: Path) -> Path:
+    os.symlink(path.name, path)
+    return path
+
+
 CASES = {
     # data folder and tasks
     "data_dir missing from the config": lambda ctx: (
@@ -130,6 +141,15 @@ CASES = {
         ctx.base("--tasks", "harbor,nope"),
         [f"task 'nope' not found in data folder {ctx.syn}", "available: synthetic/harbor"]),
     "task appears twice": _option(["--tasks", "harbor,harbor"], "option 'tasks': a task appears twice"),
+    "task name that climbs out": _option(["--tasks", "../../../../x"], "option 'tasks': task name '../../../../x' "
+                                         "is not a plain dataset name (it holds a path separator)"),
+    "task name that is an absolute path": _option(["--tasks", "/tmp/x"], "option 'tasks': task name '/tmp/x' is "
+                                                  "not a plain dataset name"),
+    "task name '..'": _option(["--tasks", ".."], "option 'tasks': task name '..' is not a plain dataset name (it "
+                              "starts with '.')"),
+    "data_dir is a symbolic link loop": lambda ctx: (
+        ctx.base("--data-dir", str(_symlink_loop(ctx.tmp / "loop"))),
+        [f"option 'data_dir': {ctx.tmp / 'loop'} is a symbolic link loop"]),
     "missing train split": _data(lambda f: (f / "train.json").unlink(), "train.json", "file not found"),
     "missing test split": _data(lambda f: (f / "test.json").unlink(), "test.json", "file not found"),
     "missing labels.json": _data(lambda f: (f / "labels.json").unlink(), "labels.json", "file not found"),
@@ -152,6 +172,10 @@ CASES = {
                                       "example 0 has label 'zzz', which is not in labels.json (a, b)"),
     "labels.json not a list of strings": _data(_write("labels.json", '{"a": 1}'), "labels.json",
                                                "expected a non-empty JSON list of label strings"),
+    "blank label in labels.json": _data(_write("labels.json", '["a", "", "b"]'), "labels.json",
+                                        "label 1 is blank ('')"),
+    "labels that differ only in case": _data(_write("labels.json", '["Good", "Bad", "good"]'), "labels.json",
+                                             "labels 'Good' and 'good' are one answer to exact match"),
     "instructions file missing": lambda ctx: (
         ctx.base("--instructions", str(ctx.tmp / "prompts.json")),
         [f"option 'instructions': file {ctx.tmp / 'prompts.json'} does not exist"]),
@@ -193,6 +217,15 @@ CASES = {
     "bad YAML file": lambda ctx: (
         ctx.base("--config", str(ctx.yaml("lr: 0.1\ntasks: [harbor\n"))),
         [f"config file {ctx.tmp / 'run.yaml'}: not valid YAML", "line 3"]),
+    "alias bomb in the YAML file": lambda ctx: (
+        ctx.base("--config", str(ctx.yaml(_ALIAS_BOMB))),
+        [f"config file {ctx.tmp / 'run.yaml'}: line 2: aliases (*a) are not accepted"]),
+    "key given twice in the YAML file": lambda ctx: (
+        ctx.base("--config", str(ctx.yaml("epochs: 1\nlr: 0.01\nepochs: 3\n"))),
+        [f"config file {ctx.tmp / 'run.yaml'}: line 3: key 'epochs' is given twice"]),
+    "epochs beyond any sane count": lambda ctx: (
+        ctx.base("--config", str(ctx.yaml("epochs: 1.0e+10\n"))),
+        [f"config file {ctx.tmp / 'run.yaml'}: key 'epochs' is out of range: 10000000000"]),
     "YAML file not a mapping": lambda ctx: (
         ctx.base("--config", str(ctx.yaml("- lr\n- 0.1\n"))),
         [f"config file {ctx.tmp / 'run.yaml'}: expected a mapping of keys to values, got list"]),

@@ -1,0 +1,462 @@
+"""General-ability retention: how the model a run trained scores on general benchmarks (MMLU, GSM8K, BBH, ... or
+a local task file) after each task, compared with its base model, through EleutherAI's lm-evaluation-harness
+(`lm-eval`, the optional extra `nlora[general]`).
+
+`nlora eval-general RUN_DIR --tasks B1,B2` scores the base model (after = 0) and the model after each chosen task K,
+rebuilt in memory from the run's saved adapters (nlora.predict.load_model) and handed to lm-eval as an HFLM. The
+folded sum of the adapters is kept as its own LoRA path (the concat form, nlora.adapters), which computes exactly
+what the adapter of `nlora export RUN_DIR OUT --upto K` computes, so `lm_eval --model hf --model_args
+pretrained=BASE,peft=OUT` gives the same numbers (`lm_eval_command`).
+
+RUN_DIR/general.json holds, per benchmark, its primary score (lm-eval's first reported metric) and all its metrics
+after each scored task, and ΔG = score after K − score of the base, per benchmark and their mean (TRACE's general
+ability delta). It records lm-eval's version, each benchmark's task versions and a hash of their configurations,
+and the settings (few-shot, limit, batch size, weight dtype); scores already held under the same settings are not
+computed again, and a file computed under other settings is never added to: the call is refused and says why.
+
+A runner scores a phase through `GeneralEval.score_phase(after, model)`, which skips what general.json holds."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import NloraError
+from .export import check_summable, read_run, read_run_config
+from .io import write_json_atomic
+
+GENERAL_FILE = "general.json"
+SCHEMA_VERSION = 1
+INSTALL_HINT = 'pip install "nlora[general]"'
+BACKENDS = {"decoder": "causal", "seq2seq": "seq2seq"}  # nlora's model kinds that lm-eval scores, as its HFLM names them
+
+
+def require_lm_eval():
+    """The lm_eval module, or one clear error naming the extra that installs it."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise NloraError("general-ability evaluation needs EleutherAI's lm-evaluation-harness, in the optional extra "
+                         f"'general': {INSTALL_HINT} (from a clone: pip install -e '.[general]')") from None
+    return lm_eval
+
+
+@dataclass(frozen=True)
+class GeneralSettings:
+    """What must be equal for two scores to be compared."""
+    num_fewshot: int | None = None  # None: each benchmark's own default
+    limit: int | None = None  # score only the first N examples of each benchmark: a smoke test, not comparable
+    batch_size: int = 8
+
+    def validate(self) -> "GeneralSettings":
+        for name, value, low in (("--num-fewshot", self.num_fewshot, 0), ("--limit", self.limit, 1),
+                                 ("--batch-size", self.batch_size, 1)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise NloraError(f"option {name}: must be an integer >= {low}, got {value!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        # lm-eval's default seeds (python, numpy, torch, few-shot sampling), which its CLI uses too
+        return {**asdict(self), "apply_chat_template": False, "seeds": [0, 1234, 1234, 1234]}
+
+
+@dataclass
+class ScoredModel:
+    """A model to score: a transformers model (or a PEFT model around one) and its tokenizer."""
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # decoder | seq2seq (an encoder has no language-model head to score)
+    dtype: str  # the weight dtype of the base
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    return str(getattr(model, "dtype", next(model.parameters()).dtype)).removeprefix("torch.")
+
+
+def rebuild_model(run_dir: str | Path, after: int, device: str = "cpu") -> ScoredModel:
+    """The run's model after task `after` (0: its base model), as `nlora predict` rebuilds it, with no task id
+    (every adapter the run sums is active). The folded sum stays a LoRA path of its own, as in the exported adapter."""
+    from .models import detect_kind
+    from .predict import load_base, load_model
+
+    if after == 0:
+        backbone = load_base(read_run_config(run_dir), device)
+        backbone.model.eval()
+        return ScoredModel(backbone.model, backbone.tokenizer, backbone.kind, backbone.dtype)
+    run = read_run(run_dir, after)
+    check_summable(run)
+    adapters, objective = load_model(run, device, merge_fp32=False)
+    adapters.activate(run.method.active_for_eval(run.phase, run.phase, adapters.names))
+    base = adapters.base_model
+    return ScoredModel(adapters.model, objective.tokenizer, detect_kind(base.config), _dtype_name(base))
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """Silence one lm-eval logger below errors: HFLM warns against launching a pre-built model through
+    accelerate, which nlora never does."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def evaluate_model(scored: ScoredModel, benchmarks: list[str], settings: GeneralSettings, task_manager,
+                   log_samples: bool = False) -> dict:
+    """lm-eval's results (`simple_evaluate`) for an in-memory model."""
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if scored.kind not in BACKENDS:
+        raise NloraError(f"general-ability benchmarks score language models (decoder or seq2seq); this model is "
+                         f"an {scored.kind}, which has no language-model head")
+    with _quiet("lm_eval.models.huggingface"):
+        lm = HFLM(pretrained=scored.model, tokenizer=scored.tokenizer, backend=BACKENDS[scored.kind],
+                  batch_size=settings.batch_size)
+    return simple_evaluate(model=lm, tasks=list(benchmarks), num_fewshot=settings.num_fewshot, limit=settings.limit,
+                           task_manager=task_manager, log_samples=log_samples)
+
+
+def primary_metric(results: dict, benchmark: str) -> str:
+    """The benchmark's first reported "metric,filter" (the first metric of its configuration, first filter)."""
+    for key, value in results.items():
+        if "," in key and "_stderr," not in key and isinstance(value, (int, float)):
+            return key
+    raise NloraError(f"benchmark {benchmark!r}: lm-eval reports no score for it (a group without "
+                     "aggregate_metric_list?); name its tasks instead")
+
+
+def _numbers(results: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in results.items()
+            if "," in k and isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def _config_hash(task) -> str:
+    text = json.dumps(task.dump_config(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def mean_delta(deltas: dict[str, float], benchmarks: dict[str, dict]) -> float | None:
+    """ΔG: the mean of the per-benchmark changes, over every benchmark of the file, all higher-is-better; None
+    where one is missing (the row is incomplete) or lower-is-better (a mean would mix directions)."""
+    if set(deltas) != set(benchmarks) or not deltas:
+        return None
+    if any(benchmarks[b].get("higher_is_better") is False for b in deltas):
+        return None
+    return sum(deltas.values()) / len(deltas)
+
+
+def summarize(record: dict) -> dict:
+    """The ΔG section of general.json: per scored task, score − base score per benchmark, and their mean."""
+    base = record["scores"].get("0", {})
+    out = {}
+    for after, scores in record["scores"].items():
+        if after == "0":
+            continue
+        deltas = {b: scores[b]["score"] - base[b]["score"] for b in record["benchmarks"] if b in scores and b in base}
+        out[after] = {"per_benchmark": deltas, "mean": mean_delta(deltas, record["benchmarks"])}
+    return out
+
+
+def read_general(run_dir: str | Path) -> dict | None:
+    """RUN_DIR/general.json, or None where there is none."""
+    path = Path(run_dir) / GENERAL_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NloraError(f"{path} is corrupt ({e})") from None
+    if not isinstance(record, dict) or record.get("schema_version") != SCHEMA_VERSION:
+        raise NloraError(f"{path}: not a general.json of schema version {SCHEMA_VERSION}")
+    return record
+
+
+def comparability(record: dict) -> dict:
+    """What two general.json files must share for their scores to be compared."""
+    return {"harness": record.get("harness"), "lm_eval_version": record.get("lm_eval_version"),
+            **record.get("settings", {})}
+
+
+def differences(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(key, value in a, value in b) for each entry of two `comparability` records that differs."""
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _definition(benchmark: dict) -> dict:
+    return {"version": benchmark.get("version"), "tasks": benchmark.get("tasks")}
+
+
+def mixing_reasons(records: dict[str, dict]) -> list[str]:
+    """Why the general.json records of several runs (by label) cannot be compared; empty where they can: same
+    harness, lm-eval version and settings, and the same definition of every benchmark they share."""
+    labels = list(records)
+    first = records[labels[0]]
+    reasons = []
+    for label in labels[1:]:
+        other = records[label]
+        changed = [f"{k} {x!r} vs {y!r}" for k, x, y in differences(comparability(first), comparability(other))]
+        common = [b for b in first["benchmarks"] if b in other["benchmarks"]]
+        changed += [f"benchmark {b} defined differently (lm-eval task versions or configurations)" for b in common
+                    if _definition(first["benchmarks"][b]) != _definition(other["benchmarks"][b])]
+        if changed:
+            reasons.append(f"{labels[0]} vs {label}: " + "; ".join(changed))
+    return reasons
+
+
+class GeneralEval:
+    """The general-ability scores of one run under one set of settings, kept in RUN_DIR/general.json."""
+
+    def __init__(self, run_dir: str | Path, benchmarks: list[str], settings: GeneralSettings = GeneralSettings(),
+                 include_path: str | Path | None = None, device: str = "auto"):
+        lm_eval = require_lm_eval()
+        self.root = Path(run_dir)
+        self.config = read_run_config(self.root)
+        self.benchmarks = list(dict.fromkeys(b.strip() for b in benchmarks if b.strip()))
+        if not self.benchmarks:
+            raise NloraError("option --tasks: name at least one lm-eval task, group or tag")
+        self.settings = settings.validate()
+        self.include_path = None if include_path is None else Path(include_path)
+        if self.include_path is not None and not self.include_path.is_dir():
+            raise NloraError(f"option --include-path: {self.include_path} is not a folder")
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.path = self.root / GENERAL_FILE
+        fresh = {"schema_version": SCHEMA_VERSION, "harness": "lm-evaluation-harness",
+                 "lm_eval_version": lm_eval.__version__,
+                 "run": {"model": self.config.model, "method": self.config.method, "tasks": list(self.config.tasks)},
+                 "settings": {**self.settings.to_dict(), "dtype": None, "quantization": self._quantization()},
+                 "benchmarks": {}, "scores": {}, "delta": {}}
+        self.record = self._check_held(read_general(self.root), fresh)
+        self._task_manager = None
+        self._local_only = self.include_path is not None  # try the --include-path folder alone first
+        self._checked = False
+
+    def _quantization(self) -> str | None:
+        from .models import backbone_options
+
+        return backbone_options(self.config)["quantization"]  # a 4-bit/8-bit base is scored as the run loaded it
+
+    # ---------------------------------------------------------------- what general.json already holds
+
+    def _refuse(self, what: str) -> None:
+        raise NloraError(f"{self.path} holds scores computed with {what}. Scores computed with different settings "
+                         f"are never mixed: ask with the same settings, or move {self.path.name} aside to start a "
+                         "new one")
+
+    def _check_held(self, held: dict | None, fresh: dict) -> dict:
+        if held is None:
+            return fresh
+        if held.get("run") != fresh["run"]:
+            raise NloraError(f"{self.path} belongs to another run: {held.get('run')} (this run: {fresh['run']})")
+        # the dtype is known once the model is built (score_phase checks it)
+        asked = {**comparability(fresh), "dtype": held.get("settings", {}).get("dtype")}
+        changed = differences(comparability(held), asked)
+        if changed:
+            self._refuse("; ".join(f"{k} {x!r} (asked: {y!r})" for k, x, y in changed))
+        return held
+
+    def label(self, after: int) -> str:
+        return "base" if after == 0 else self.config.tasks[after - 1]
+
+    def pending(self, after: int) -> list[str]:
+        """The benchmarks general.json holds no score for after task `after` (0: the base model)."""
+        held = self.record["scores"].get(str(after), {})
+        return [b for b in self.benchmarks if b not in held]
+
+    # ---------------------------------------------------------------- benchmarks
+
+    @property
+    def task_manager(self):
+        """lm-eval's task index: the --include-path folder alone where it defines every benchmark asked for (the
+        index of the built-in tasks takes seconds to build), else the built-in tasks and that folder."""
+        if self._task_manager is None:
+            from lm_eval.tasks import TaskManager
+
+            path = None if self.include_path is None else str(self.include_path)
+            if self._local_only:
+                local = TaskManager(include_path=path, include_defaults=False)
+                if all(b in local.all_tasks for b in self.benchmarks):
+                    self._task_manager = local
+                    return local
+                self._local_only = False
+            self._task_manager = TaskManager(include_path=path)
+        return self._task_manager
+
+    def _load(self, benchmark: str) -> dict:
+        """lm-eval's tasks and groups of one benchmark; its data is read here, so errors name the benchmark."""
+        try:
+            return self.task_manager.load([benchmark])
+        except KeyError:
+            where = f", nor one defined in {self.include_path}" if self.include_path else ""
+            raise NloraError(f"option --tasks: {benchmark!r} is not an lm-eval task, group or tag{where}") from None
+        except Exception as e:  # lm-eval and datasets raise many kinds here
+            if self._local_only:  # a local group may name built-in tasks: retry with the built-in index
+                self._local_only, self._task_manager = False, None
+                return self._load(benchmark)
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise NloraError(f"benchmark {benchmark!r}: lm-eval cannot load it ({type(e).__name__}: {first_line}). "
+                             "Offline, lm-eval's built-in benchmarks need their datasets in the Hugging Face cache "
+                             "(load them once online); a benchmark of your own can be a local task file "
+                             "(dataset_path: json) in --include-path DIR") from None
+
+    def fingerprint(self, benchmark: str) -> dict:
+        """Version, configuration hash and number of documents of each lm-eval task of the benchmark."""
+        loaded = self._load(benchmark)
+        group, task = loaded["groups"].get(benchmark), loaded["tasks"].get(benchmark)
+        if group is None and task is None:
+            raise NloraError(f"option --tasks: {benchmark!r} is an lm-eval tag, a set of tasks with no score of its "
+                             f"own; name its tasks ({', '.join(sorted(loaded['tasks']))}) or a group")
+        if group is not None and not group.aggregate_metric_list:
+            raise NloraError(f"option --tasks: lm-eval group {benchmark!r} has no aggregate score "
+                             "(aggregate_metric_list); name its tasks instead")
+        return {"version": group.version if group is not None else task.VERSION,
+                "tasks": {name: {"version": t.VERSION, "config_sha256": _config_hash(t), "documents": len(t.eval_docs)}
+                          for name, t in sorted(loaded["tasks"].items())}}
+
+    def check_benchmarks(self) -> None:
+        """Load every benchmark once: unknown names and unreadable data fail here, before any model is loaded, and
+        a benchmark whose tasks changed since general.json scored it is refused."""
+        if self._checked:
+            return
+        owners: dict[str, str] = {}
+        for benchmark in self.benchmarks:
+            now = self.fingerprint(benchmark)
+            for task in now["tasks"]:
+                if task in owners:
+                    raise NloraError(f"option --tasks: {owners[task]!r} and {benchmark!r} both hold lm-eval task "
+                                     f"{task!r}; name each task once")
+                owners[task] = benchmark
+            held = self.record["benchmarks"].get(benchmark)
+            if held is not None and _definition(held) != now:
+                self._refuse(f"another definition of benchmark {benchmark!r} (its lm-eval tasks, their versions, "
+                             f"configurations or number of documents differ: {_changed_tasks(held, now)})")
+            self.record["benchmarks"].setdefault(benchmark, now)
+        self._checked = True
+
+    # ---------------------------------------------------------------- scoring
+
+    def score_phase(self, after: int, model: Callable[[], ScoredModel] | None = None) -> dict[str, dict]:
+        """Score the model after task `after` (0: the base model) on the benchmarks general.json does not hold for
+        it yet, and add them to general.json; returns the scores of every benchmark asked for. `model` builds the
+        model to score (default: rebuilt from the run's adapters); it is not called when nothing is left to do."""
+        if not 0 <= after <= len(self.config.tasks):
+            raise NloraError(f"option --upto: must be between 1 and {len(self.config.tasks)} (the run's tasks), "
+                             f"got {after}")
+        self.check_benchmarks()  # also where nothing is left: a benchmark redefined since is refused, not reused
+        missing = self.pending(after)
+        if missing:
+            scored = model() if model is not None else rebuild_model(self.root, after, self.device)
+            held = self.record["settings"]["dtype"]
+            if held not in (None, scored.dtype):
+                self._refuse(f"weights in {held} (this model's: {scored.dtype}; a run's dtype 'auto' resolves by "
+                             "device, so score on the same kind of device)")
+            self.record["settings"]["dtype"] = scored.dtype
+            results = evaluate_model(scored, missing, self.settings, self.task_manager)
+            del scored
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._store(after, missing, results)
+        return {b: self.record["scores"][str(after)][b] for b in self.benchmarks}
+
+    def _store(self, after: int, benchmarks: list[str], results: dict) -> None:
+        scores = self.record["scores"].setdefault(str(after), {})
+        for benchmark in benchmarks:
+            values = results["results"][benchmark]
+            metric = primary_metric(values, benchmark)
+            info = self.record["benchmarks"][benchmark]
+            if info.setdefault("metric", metric) != metric:
+                raise NloraError(f"benchmark {benchmark!r}: lm-eval now reports {metric} first, general.json "
+                                 f"holds {info['metric']}")
+            name = metric.split(",")[0]
+            info.setdefault("higher_is_better", results.get("higher_is_better", {}).get(benchmark, {}).get(name))
+            info.setdefault("n_shot", {t: results["n-shot"].get(t) for t in info["tasks"]})
+            scores[benchmark] = {"score": float(values[metric]), "metrics": _numbers(values),
+                                 "examples": sum(results["n-samples"].get(t, {}).get("effective", 0)
+                                                 for t in info["tasks"])}
+        self.record["scores"] = {k: self.record["scores"][k] for k in sorted(self.record["scores"], key=int)}
+        self.record["labels"] = {k: self.label(int(k)) for k in self.record["scores"]}
+        self.record["delta"] = summarize(self.record)
+        write_json_atomic(self.path, self.record)
+
+
+def _changed_tasks(held: dict, now: dict) -> str:
+    before, after = held.get("tasks", {}), now["tasks"]
+    changed = sorted(t for t in set(before) | set(after) if before.get(t) != after.get(t))
+    return ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "") if changed else "the benchmark's version"
+
+
+def score_phase(run_dir: str | Path, after: int, benchmarks: list[str], settings: GeneralSettings = GeneralSettings(),
+                include_path: str | Path | None = None, model: Callable[[], ScoredModel] | None = None,
+                device: str = "auto") -> dict[str, dict]:
+    """One phase of `GeneralEval` (see there): what a runner calls after a task; skips what general.json holds."""
+    return GeneralEval(run_dir, benchmarks, settings, include_path, device).score_phase(after, model)
+
+
+def eval_general(run_dir: str | Path, benchmarks: list[str], upto: list[int] | None = None,
+                 settings: GeneralSettings = GeneralSettings(), include_path: str | Path | None = None,
+                 device: str = "auto") -> dict:
+    """Score the base model and the model after each task in `upto` (default: the last trained); returns the
+    general.json record."""
+    evaluation = GeneralEval(run_dir, benchmarks, settings, include_path, device)
+    upto = [read_run(run_dir).upto] if upto is None else sorted(set(upto))
+    for after in upto:  # every request is valid before anything is scored
+        check_summable(read_run(run_dir, after))
+    for after in [0, *upto]:
+        evaluation.score_phase(after)
+    return evaluation.record
+
+
+def lm_eval_command(run_dir: str | Path, record: dict, after: int, benchmarks: list[str],
+                    include_path: str | Path | None = None, adapter_dir: str = "ADAPTER_DIR") -> str:
+    """The shell commands that score the same model with lm-eval's own CLI: export the summed adapter, load it
+    on the base with PEFT."""
+    settings = record["settings"]
+    model_args = f"pretrained={record['run']['model']}"
+    if after:
+        model_args += f",peft={adapter_dir}"
+    if settings.get("dtype"):
+        model_args += f",dtype={settings['dtype']}"
+    parts = ["lm_eval --model hf", f"--model_args {model_args}", f"--tasks {','.join(benchmarks)}",
+             f"--batch_size {settings['batch_size']}"]
+    if settings.get("num_fewshot") is not None:
+        parts.append(f"--num_fewshot {settings['num_fewshot']}")
+    if settings.get("limit") is not None:
+        parts.append(f"--limit {settings['limit']}")
+    if include_path is not None:
+        parts.append(f"--include_path {include_path}")
+    command = " ".join(parts)
+    return f"nlora export {run_dir} {adapter_dir} --upto {after} && {command}" if after else command
+
+
+def format_general(record: dict) -> list[str]:
+    """The scores as a plain-text table: one row per scored task, one column per benchmark, then ΔG."""
+    benchmarks = list(record["benchmarks"])
+    header = ["after", *benchmarks, "ΔG (mean)"]
+    rows = []
+    for after, scores in record["scores"].items():
+        cells = [f"{after} {record['labels'][after]}" if after != "0" else "base"]
+        cells += [f"{scores[b]['score']:.4f}" if b in scores else "–" for b in benchmarks]
+        mean = record["delta"].get(after, {}).get("mean")
+        cells.append("" if after == "0" else f"{mean:+.4f}" if mean is not None else "–")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    metrics = ", ".join(f"{b}: {record['benchmarks'][b].get('metric')}" for b in benchmarks)
+    lines.append(f"scores: {metrics}; ΔG = score − base score")
+    if record["settings"].get("limit") is not None:
+        lines.append(f"--limit {record['settings']['limit']}: a smoke test, not comparable with full benchmarks")
+    return lines

@@ -1,0 +1,202 @@
+"""The run directory's contract, in one place: where each file lives (RunPaths), what a run writes (RUN_ENTRIES),
+the checks before a run writes into a folder, reading back config.yaml and metrics.json, the saved adapters of a
+run and the model they make as of task K (`read_run`). Used by the runner and by every reader of run directories
+(export, predict, status, report, diagnose, eval-general).
+
+    config.yaml                          the fully resolved configuration (core options + the method's options)
+    run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
+    metrics.json                         accuracy matrix and summary metrics, rewritten after each task
+    log.jsonl                            training and evaluation log (nlora.tracking), appended line by line
+    tensorboard/                         TensorBoard event files, with --report-to tensorboard
+    adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format) and the method's state after
+                                         it (method_state.{safetensors,json}, nlora.method_state)
+    predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
+    checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
+    diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
+    general.json                         general-ability scores (`nlora eval-general`)
+    report/                              plots and report.md, written by `nlora report RUN_DIR`
+
+This module imports no torch: the methods (and torch) load only where a method is resolved (`read_run`,
+`read_run_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import NloraError
+from .io import recover_replaced_dirs
+from .paths import check_plain_name
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .methods import Method
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
+               CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR)
+# Keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = ("overwrite", "output_dir", "log_steps", "report_to")
+
+
+class RunPaths:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.json"
+
+    def adapter(self, k: int, task: str) -> Path:
+        return self.root / "adapters" / f"{k}-{task}"
+
+    def predictions(self, k: int, train_task: str, eval_task: str) -> Path:
+        return self.root / "predictions" / f"{k}-{train_task}" / f"{eval_task}.jsonl"
+
+
+def check_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
+    """Everything `prepare_output_dir` would refuse, checked without changing anything on disk."""
+    paths = RunPaths(config.output_dir)
+    root = paths.root
+    existing = [e for e in RUN_ENTRIES if (root / e).exists()]
+    if resume and config.overwrite:
+        raise NloraError("options 'resume' and 'overwrite' exclude each other")
+    if resume and not paths.config.is_file():
+        raise NloraError(f"cannot resume: {root} holds no run (no config.yaml)")
+    if existing and not (config.overwrite or resume):
+        raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
+                         "continue it, --overwrite to replace it, or choose another 'output_dir'")
+    nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
+    if not nearest.is_dir():
+        raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=nearest) as probe:  # nameless on Linux, removed on close
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as e:
+        raise NloraError(f"output dir {root} is not writable ({nearest}: {e.strerror or e})") from None
+    return paths
+
+
+def prepare_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
+    paths = check_output_dir(config, resume)
+    root = paths.root
+    existing = [e for e in RUN_ENTRIES if (root / e).exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NloraError(f"output dir {root} cannot be created: {e.strerror or e}") from None
+    if resume:  # temporary files of writes a crash interrupted; never read, so safe to drop
+        recover_replaced_dirs(root)
+        for stale in sorted(root.rglob(".*.tmp"), reverse=True):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if config.overwrite:  # remove only what a run writes
+        for entry in existing:
+            path = root / entry
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return paths
+
+
+def check_same_config(saved: dict, current: dict, path: Path) -> None:
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k))
+    if differ:
+        def was(k):  # a key an older nlora did not write is named as such, not as a None the run never had
+            return f"{saved[k]!r} in the run" if k in saved else "not in the run's config.yaml (an older nlora)"
+        detail = "; ".join(f"{k}: {was(k)}, {current.get(k)!r} now" for k in differ)
+        if any(k not in saved for k in differ):  # `nlora resume` would refuse too: say how to go on
+            advice = f"To continue it, add those keys to {path} with the values to continue with"
+        else:
+            advice = "Resume with the saved configuration (`nlora resume RUN_DIR`)"
+        raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). {advice}, or pass "
+                         "--overwrite to start over")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The lines of a log.jsonl; a line that is not a JSON object (the last one, cut by a crash) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
+def read_metrics(paths: RunPaths) -> dict | None:
+    if not paths.metrics.is_file():
+        return None
+    try:
+        return json.loads(paths.metrics.read_text())
+    except json.JSONDecodeError as e:
+        raise NloraError(f"{paths.metrics} is corrupt ({e}); it is written atomically, so it was changed "
+                         "outside nlora") from None
+
+
+@dataclass
+class TrainedRun:
+    """A run directory read back: the model after its first `upto` tasks is the sum of `folders` (stacked
+    methods) or the one adapter in `folders` (snapshot methods)."""
+    root: Path
+    config: "RunConfig"
+    method: "Method"
+    upto: int  # tasks trained, 1-based: the model after task `upto`
+    folders: list[Path]  # the saved adapters that make up that model, in task order
+
+    @property
+    def phase(self) -> int:
+        return self.upto - 1
+
+
+def read_run_config(run_dir: str | Path) -> "RunConfig":
+    """The configuration saved in a run directory, resolved as `nlora resume` resolves it (a config.yaml of an
+    older release, with every method's options, reads the same)."""
+    from .config import load_config
+
+    root = Path(run_dir)
+    if not (root / "config.yaml").is_file():
+        raise NloraError(f"{root} is not a run directory (no config.yaml)")
+    return load_config(root / "config.yaml", {"output_dir": str(root)}, saved_run=True)
+
+
+def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
+    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
+    root = Path(run_dir)
+    config = read_run_config(root)
+    from .methods import resolve
+
+    method = resolve(config)
+    tasks, paths = config.tasks, RunPaths(root)
+    for task in tasks:  # each becomes part of an adapter's path
+        check_plain_name(task, f"{root / 'config.yaml'}: task name")
+    saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
+    if not saved:
+        raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
+    if upto is None:
+        upto = saved[-1] + 1
+        if saved != list(method.phases(len(tasks))):  # the run stopped, or runs, before its last task
+            print(f"nlora: warning: {root} is not finished: this is the partial model after task {upto} of "
+                  f"{len(tasks)} ({tasks[upto - 1]}), not the run's final model", file=sys.stderr)
+    if not 1 <= upto <= len(tasks):
+        raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
+    if upto - 1 not in saved:
+        raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
+                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}")
+    k = upto - 1
+    phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
+    folders = [paths.adapter(j, tasks[j]) for j in phases]
+    return TrainedRun(root, config, method, upto, folders)
+
+
