@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_reference import add_adapters
+from same_run import assert_same_run
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
@@ -183,3 +184,36 @@ def test_lwf_keeps_the_first_task_closer_to_the_teacher_than_its_base(tmp_path, 
     drift_base = _first_task_drift(tmp_path / "base", layout, synthetic_dir)
     drift_lwf = _first_task_drift(tmp_path / "lwf", layout, synthetic_dir)
     assert drift_lwf < 0.2 * drift_base
+
+
+class Stop(Exception):
+    pass
+
+
+def test_stacked_lwf_stopped_mid_task_and_resumed_ends_the_same(tmp_path, synthetic_dir, monkeypatch):
+    """The conformance kit kills and resumes the smoke options' shared layout; the stacked teacher (the frozen,
+    folded adapters) likewise: stopped after a checkpoint of the second task, resumed in this process."""
+    import nlora.training as training
+
+    argv = ["run", "--method", "lwf", "--lwf-lambda", "10", "--model", "tiny-t5", "--tasks", "harbor,orchard",
+            "--data-dir", str(synthetic_dir), "--max-train-samples", "8", "--max-eval-samples", "2",
+            "--max-target-length", "4", "--batch-size", "4", "--epochs", "2", "--checkpoint-steps", "1",
+            "--device", "cpu", "--quiet", "--log-steps", "1"]
+    assert main([*argv, "--output-dir", str(tmp_path / "whole")]) == 0
+    seen = {"steps": 0}
+    real = training.fault_point
+
+    def stop_at(event):
+        if event == "train_step":
+            seen["steps"] += 1
+            if seen["steps"] == 6:  # task 2, its second step; the checkpoint of its first is on disk
+                raise Stop
+        real(event)
+
+    monkeypatch.setattr(training, "fault_point", stop_at)
+    with pytest.raises(Stop):
+        main([*argv, "--output-dir", str(tmp_path / "stopped")])
+    monkeypatch.setattr(training, "fault_point", real)
+    assert (tmp_path / "stopped" / "checkpoint").is_dir()
+    assert main(["resume", str(tmp_path / "stopped"), "--quiet"]) == 0
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped", log=True)
