@@ -40,12 +40,13 @@ class LwFOptions(MethodOptions):
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(teacher/T) ‖ softmax(student/T)) of each row (items × classes), in float32. Entries where the
-    teacher's logit is not finite (an encoder's scores off the example's options) are outside both
-    distributions: they add nothing and get no gradient."""
+    """KL(softmax(teacher/T) ‖ softmax(student/T)) of each row (items × classes), in float64: near the teacher
+    the KL is a small difference of large terms (log-probabilities of a vocabulary), which float32 rounds to a
+    few per cent. Entries where the teacher's logit is not finite (an encoder's scores off the example's options)
+    are outside both distributions: they add nothing and get no gradient."""
     inside = torch.isfinite(teacher)
-    log_q = (teacher.float() / temperature).log_softmax(-1).masked_fill(~inside, 0)
-    log_p = (student.float() / temperature).log_softmax(-1).masked_fill(~inside, 0)
+    log_q = (teacher.double() / temperature).log_softmax(-1).masked_fill(~inside, 0)
+    log_p = (student.double() / temperature).log_softmax(-1).masked_fill(~inside, 0)
     q = log_q.exp().masked_fill(~inside, 0)
     return (q * (log_q - log_p)).sum(-1)
 
@@ -79,4 +80,4 @@ class LwF(Method):
         if not torch.equal(teacher.item_mask, out.item_mask):
             raise RuntimeError("lwf: the teacher's pass has other loss items than the training pass")
         kl = distillation_kl(out.item_logits, teacher.item_logits, self.options.lwf_temperature)
-        return self.options.lwf_lambda * self.options.lwf_temperature ** 2 * kl.sum()
+        return (self.options.lwf_lambda * self.options.lwf_temperature ** 2 * kl.sum()).to(out.loss.dtype)
