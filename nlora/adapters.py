@@ -170,8 +170,11 @@ class ContinualAdapters:
     def current(self) -> str:
         return self.names[-1]
 
-    def add(self, name: str) -> str:
-        """Add a fresh adapter, activate it with all earlier ones, and make only it trainable."""
+    def add(self, name: str, factors: str = "both") -> str:
+        """Add a fresh adapter, activate it with all earlier ones, and make only it trainable (only `factors` of it:
+        "both", "A" or "B"). PEFT draws A (kaiming-uniform, bound 1/√d_in) and sets B = 0, so ΔW = 0. With
+        factors "A" the roles swap: A = 0 and B drawn as PEFT draws A, for the transposed layer (bound 1/√d_out),
+        since A alone next to B = 0 could never learn (its gradient s·Bᵀ·g·xᵀ is zero)."""
         config = LoraConfig(**self.lora_config)
         if self.peft_model is None:
             for p in self.base_model.parameters():
@@ -184,8 +187,43 @@ class ContinualAdapters:
         else:
             self.peft_model.add_adapter(name, config)
         self.names.append(name)
-        self.activate(self.names, trainable=name)
+        if factors == "A":
+            self._swap_init(name)
+        self.activate(self.names, trainable=name, factors=factors)
         return name
+
+    def _swap_init(self, name: str) -> None:
+        """A = 0, B random (see `add`)."""
+        with torch.no_grad():
+            for f in self.factors(name):
+                f.A.zero_()
+                torch.nn.init.kaiming_uniform_(f.B.T, a=5 ** 0.5)  # fan-in of Bᵀ (r × d_out): d_out
+
+    def copy_frozen(self, source: str, name: str) -> None:
+        """Hold a copy of adapter `source`'s current factors in a frozen adapter `name` (created by the first call,
+        overwritten by later ones) that only `using([name])` runs: a method's reference point for an extra pass (a
+        teacher, an anchor). It is none of the run's adapters (`names`): never trained, activated, saved or
+        folded by the engine; what trains and what is active stay as they were. A loss term's `earlier_A`
+        (nlora.regularization) lists it with the layer's other adapters."""
+        if name in self.names or name == PAST:
+            raise ValueError(f"copy_frozen: {name!r} is one of the run's adapters")
+        if name not in self.peft_model.peft_config:
+            trains = [(p, p.requires_grad) for p in self.model.parameters()]
+            active = [(m, m._active_adapter, m._disable_adapters) for _, m in self.lora_layers()]
+            with torch.random.fork_rng(devices=[]):  # PEFT's initial values are overwritten below
+                self.peft_model.add_adapter(name, LoraConfig(**self.lora_config, inference_mode=True))
+            for p, flag in trains:  # PEFT re-marks the active adapters trainable when it adds one
+                p.requires_grad_(flag)
+            for m, adapter, disabled in active:
+                m._active_adapter, m._disable_adapters = adapter, disabled
+        copies = {f.layer: f for f in self._factors(name)}
+        with torch.no_grad():
+            for f in self.factors(source):
+                copy = copies[f.layer]
+                copy.A.copy_(f.A)
+                copy.B.copy_(f.B)
+                copy.A.requires_grad_(False)
+                copy.B.requires_grad_(False)
 
     def activate(self, names: list[str], trainable: str | None = None, factors: str = "both") -> None:
         """Make `names` the summed active adapters (none: the bare base model); freeze all but `trainable`, of

@@ -197,7 +197,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         adapter_dir = paths.adapter(k, tasks[k].name)
         added = name not in adapters.names
         if added:
-            adapters.add(name)
+            adapters.add(name, factors=method.train_factors(k))
         if adapter_dir.is_dir():  # trained before the run stopped: the adapter and the method's state after it
             adapters.load(name, adapter_dir)
             state = load_state(adapter_dir)

@@ -3,6 +3,8 @@
 from .base import Method, MethodContext
 from .registry import (METHODS, get_method, option_owner, per_task_pairs, register, resolve,  # noqa: F401
                        split_method_options)
-from . import bounds, ewc, inc_lora, inflora, n_lora, o_lora, replay, seq_lora  # noqa: F401,E402  (registers the methods)
+# each module registers its method(s)
+from . import (bounds, clora, ewc, inc_lora, inflora, lwf, n_lora, o_lora, replay,  # noqa: F401,E402
+               seq_lora)
 
 __all__ = ["METHODS", "Method", "MethodContext", "register", "get_method", "resolve"]
