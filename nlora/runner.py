@@ -24,6 +24,7 @@ from .errors import NloraError
 from .evaluation import evaluate
 from .evaluation_plan import planned_rows
 from .faults import fault_point
+from .full_model import FullModel, latest_saved_phase
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
@@ -146,8 +147,11 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 
-    adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, resolved.target_modules)
+    if method.trains == "base":  # every base parameter trains; a phase saves the whole model (nlora.full_model)
+        adapters = FullModel(backbone.model, keep_every_phase=method.keeps_saved())
+    else:
+        adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
+                                     config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
@@ -190,7 +194,12 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         save_metrics()
 
     eval_rows = planned_rows(config.eval_plan, config.eval_every, method.phases(n))
+    # a method that trains the base may keep only the latest phase's model: a resumed run starts from it
+    resume_from = latest_saved_phase({k: paths.adapter(k, tasks[k].name) for k in method.phases(n)}) \
+        if method.trains == "base" else None
     for k in method.phases(n):
+        if resume_from is not None and k < resume_from:  # trained and evaluated; a later saved model supersedes it
+            continue
         label = f"[{k + 1}/{n}]"
         set_seed(config.seed + k)
         name = method.adapter_name(k)
