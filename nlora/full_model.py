@@ -165,8 +165,14 @@ def remove_earlier_models(folder: Path) -> None:
             shutil.rmtree(other)
 
 
-def latest_saved_phase(folders: dict[int, Path]) -> int | None:
-    """The last phase whose model is saved (`folders`: phase -> its folder), the starting point of a resumed run
-    whose earlier models were removed; None if there is none."""
+def resume_point(folders: dict[int, Path], keep_every_phase: bool, remove: bool) -> int | None:
+    """The last phase whose model is saved (`folders`: phase -> its folder), where a resumed run starts: the models
+    of earlier phases may have been removed. With `remove` (one process) and not `keep_every_phase`, the earlier
+    models that a crash between saving a model and removing them left behind are removed now. None: no model saved."""
     saved = [k for k, folder in folders.items() if folder.is_dir()]
-    return max(saved) if saved else None
+    if not saved:
+        return None
+    latest = max(saved)
+    if remove and not keep_every_phase:
+        remove_earlier_models(folders[latest])
+    return latest
