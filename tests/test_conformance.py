@@ -202,8 +202,12 @@ def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsy
         if base_type(options, f) is str and not f.metadata.get("choices"):
             continue  # any text is a valid value
         key = public_name(f.name)
-        assert main(["run", "--method", method, *module, f"--{key.replace('_', '-')}", "not-a-value", *BASE,
-                     "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 2, key
+        bad = [f"--{key.replace('_', '-')}", "not-a-value"]
+        if base_type(options, f) is bool:  # a flag takes no value: the bad value comes from a config file
+            (tmp_path / "bad.yaml").write_text(f"{key}: not-a-value\n")
+            bad = ["--config", str(tmp_path / "bad.yaml")]
+        assert main(["run", "--method", method, *module, *bad, *BASE, "--data-dir", str(synthetic_dir),
+                     "--output-dir", str(out)]) == 2, key
         assert f"'{key}'" in capsys.readouterr().err
     assert not out.exists()
 
