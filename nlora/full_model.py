@@ -12,7 +12,8 @@ Disk. A full model per task is large (T5-large 2.95 GB in float32, a 7B model 13
 default (`keep_every_phase` False) saving phase k's model removes the models of earlier phases: at rest the run
 holds one model, the latest, and a resumed run starts from it; while a phase is being saved two exist for a
 moment. Those earlier phases' predictions and metrics stay. A method keeps every phase's model when asked
-(SeqFT: `seqft_save_every_task`)."""
+(SeqFT: `seqft_save_every_task`). Within a phase, the mid-task checkpoint adds the model and its optimizer state
+(AdamW: 3x the weights' bytes)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from safetensors import safe_open
 
 from .errors import NloraError
 from .faults import fault_point
-from .io import replace_dir_atomic, staging_dir
+from .io import staged_dir
 from .rundir import MODEL_FILE, MODEL_INDEX, model_files
+
 
 @contextlib.contextmanager
 def _quiet_transformers():
@@ -135,12 +137,11 @@ class FullModel:
         """Write the whole model to `folder` (save_pretrained) with `extra`'s files (the method's state),
         atomically; then, unless every phase is kept, remove the models of the earlier phases beside it."""
         folder = Path(folder)
-        tmp = staging_dir(folder)
-        save_model(self.base_model, tmp)
-        if extra is not None:
-            extra(tmp)
-        fault_point("adapter_save")
-        replace_dir_atomic(tmp, folder)
+        with staged_dir(folder) as tmp:  # removed if the save fails (a full disk): it is a model's size
+            save_model(self.base_model, tmp)
+            if extra is not None:
+                extra(tmp)
+            fault_point("adapter_save")
         fault_point("model_saved")
         if not self.keep_every_phase:
             remove_earlier_models(folder)
