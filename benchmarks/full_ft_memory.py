@@ -186,7 +186,8 @@ def measured_table(results: list[dict]) -> str:
 
 
 def saves_table(results: list[dict]) -> str:
-    rows = ["| slice | weights | optimizer | model on disk MB | s | checkpoint on disk MB | s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| slice | weights | optimizer | model on disk MB | s | checkpoint on disk MB | s |",
+            "|---|---|---|---|---|---|---|"]
     for r in results:
         if "model_bytes" in r:
             rows.append(f"| {r['model']} | {r['dtype']} | {r['optimizer']} | {_mb(r['model_bytes'])} | "
