@@ -68,9 +68,17 @@ def load_checkpoint(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor], d
     return progress, params, state
 
 
-def remove_checkpoint(run_dir: Path) -> None:
+def remove_checkpoint(run_dir: Path, done_phase: int | None = None) -> None:
+    """Remove the mid-task checkpoint; with `done_phase`, only one of that phase or an earlier one (a run killed
+    between saving a phase and removing its checkpoint left it; a later phase's checkpoint is still needed)."""
     import shutil
 
     folder = Path(run_dir) / CHECKPOINT_DIR
+    if done_phase is not None:
+        try:
+            if json.loads((folder / "progress.json").read_text())["phase"] > done_phase:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no checkpoint, or one without its progress: nothing a resumed phase can continue from
     if folder.exists():
         shutil.rmtree(folder)

@@ -370,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_diagnostics(diagnostics))
                 print(f"written: {(Path(run_dir) / DIAGNOSTICS_FILE).resolve()}")
         elif args.command == "export":
-            from .export import export_run
+            import json
+
+            from .export import EXPORT_INFO, export_run
 
             out = export_run(args.run_dir, args.out_dir, merge=args.merge, upto=args.upto, overwrite=args.overwrite)
-            print(f"{'merged model' if args.merge else 'PEFT adapter'}: {out.resolve()}")
+            print(f"{json.loads((out / EXPORT_INFO).read_text())['form']}: {out.resolve()}")
         elif args.command == "predict":
             from .predict import accuracy_lines, predict_run
 

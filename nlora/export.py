@@ -1,13 +1,15 @@
 """The model a run trained, for use outside nlora: `nlora export RUN_DIR OUT_DIR` writes it as one PEFT LoRA
 adapter that holds every task's update summed (rank r·K, loads with `PeftModel.from_pretrained`, needs no task
 id), or with `--merge` as a full model with the updates merged into the base weights (`save_pretrained`,
-loads with `AutoModel*.from_pretrained`). `--upto K` takes the model as it was after the first K tasks.
+loads with `AutoModel*.from_pretrained`). `--upto K` takes the model as it was after the first K tasks. A method
+that trains the base (SeqFT) saved the whole model: its export is a copy of it, with the tokenizer.
 
 The summed adapter is the run's own saved per-task adapters stacked along the rank (nlora.adapters.
 concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run evaluated after task K."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -61,13 +63,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, up
         raise NloraError(f"output folder {out} already exists and is not empty; choose another or pass "
                          "--overwrite")
     with staged_dir(out) as tmp:
-        rank = write_summed_adapter(run, tmp)
-        if merge:
-            _merge_into_base(run, tmp)
+        if run.method.trains == "base":  # the saved model is whole already: --merge changes nothing
+            rank, form = None, "full model"
+            _copy_full_model(run, tmp)
+        else:
+            rank, form = write_summed_adapter(run, tmp), "merged model" if merge else "PEFT LoRA adapter"
+            if merge:
+                _merge_into_base(run, tmp)
         write_json_atomic(tmp / EXPORT_INFO, {
             "run_dir": str(run.root.resolve()), "method": run.config.method, "model": run.config.model,
             "tasks": run.config.tasks[: run.upto], "upto": run.upto, "rank": rank,
-            "form": "merged model" if merge else "PEFT LoRA adapter", "eval_mode": run.config.eval_mode})
+            "form": form, "eval_mode": run.config.eval_mode})
     return out
 
 
@@ -88,3 +94,16 @@ def _merge_into_base(run: TrainedRun, folder: Path) -> None:
     merged.save_pretrained(str(folder))
     backbone.tokenizer.save_pretrained(str(folder))
 
+
+
+def _copy_full_model(run: TrainedRun, folder: Path) -> None:
+    """A method that trains the base saved the whole model (save_pretrained): copy it, without the method's state,
+    and add the base model's tokenizer, so that the folder loads with `AutoModel*.from_pretrained` alone."""
+    from .method_state import STATE_JSON, STATE_TENSORS
+    from .models import load_tokenizer
+
+    for path in sorted(run.folders[-1].iterdir()):
+        if path.is_file() and path.name not in (STATE_JSON, STATE_TENSORS):
+            shutil.copy2(path, folder / path.name)
+    load_tokenizer(run.config.model, run.config.model_kind, run.config.trust_remote_code).save_pretrained(
+        str(folder))

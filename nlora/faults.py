@@ -1,7 +1,8 @@
 """Fault-injection points for the crash/resume tests: with NLORA_FAULT="EVENT:N" in the environment, the process
 kills itself (SIGKILL, no clean-up) at the N-th occurrence of EVENT. Events: train_step, task_trained,
 eval_batch, file_write, adapter_save and checkpoint_save (the folder written, not yet moved into place), dir_swap
-(between the two renames of replacing a folder). Without the variable this is a no-op."""
+(between the two renames of replacing a folder), model_saved (a whole model in place, the earlier ones not yet
+removed: nlora.full_model). Without the variable this is a no-op."""
 
 from __future__ import annotations
 

@@ -161,10 +161,17 @@ def _load_pretrained(name: str, kind: str, trust_remote_code: bool, dtype: str, 
             raise NloraError(f"option 'attn_implementation': {attn_implementation} is not available for "
                              f"'{name}' ({str(e).splitlines()[0]})") from None
         raise
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return Backbone(model, load_tokenizer(path, kind, trust_remote_code), kind, name, config.model_type, dtype)
+
+
+def load_tokenizer(name: str, kind: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_backbone` gives model `name` of `kind`, without loading the model."""
+    if name in TINY_MODELS:
+        return ByT5Tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
     if kind == "decoder" and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(model, tokenizer, kind, name, config.model_type, dtype)
+    return tokenizer
 
 
 # transformers renamed from_pretrained's torch_dtype to dtype in 4.56

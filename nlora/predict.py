@@ -22,6 +22,7 @@ from .config import RunConfig
 from .data import GENERIC_INSTRUCTION, Example, find_task_dir, load_instructions, task_family, task_instruction
 from .errors import NloraError
 from .evaluation import evaluate
+from .full_model import FullModel
 from .rundir import TrainedRun, read_run
 from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
@@ -40,19 +41,24 @@ def load_base(config: RunConfig, device: str = "cpu") -> Backbone:
 def load_model(run: TrainedRun, device: str = "cpu", merge_fp32: bool = True) -> tuple[ContinualAdapters, object]:
     """The run's base model with its adapters after task `run.upto`, as (adapters, objective). A method that sums
     its adapters gets them folded as the run folded them (nlora.adapters: the same sum); `merge_fp32` False keeps
-    the folded sum as its own LoRA path (the concat form) even where the run merged it into the weights."""
+    the folded sum as its own LoRA path (the concat form) even where the run merged it into the weights. A method
+    that trains the base gets its saved whole model."""
     config, method = run.config, run.method
     backbone = load_base(config, device)  # as the run loaded it, so the sum folds the way the run's did
-    adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, config.target_modules, merge_fp32=merge_fp32)
-    phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
-    for k, folder in zip(phases, run.folders):
-        name = method.adapter_name(k)
-        if name not in adapters.names:
-            adapters.add(name)
-        adapters.load(name, folder)
-    if folding(method, config):  # as the run did: an unfolded run evaluated one path per task
-        adapters.fold(dict(zip(adapters.names, run.folders)))
+    if method.trains == "base":  # the whole model saved after the phase (nlora.full_model)
+        adapters = FullModel(backbone.model)
+        adapters.load(method.adapter_name(run.phase), run.folders[-1])
+    else:
+        adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
+                                     config.lora_dropout, config.target_modules, merge_fp32=merge_fp32)
+        phases = [run.phase] if method.adapter_layout == "snapshot" else range(run.upto)
+        for k, folder in zip(phases, run.folders):
+            name = method.adapter_name(k)
+            if name not in adapters.names:
+                adapters.add(name)
+            adapters.load(name, folder)
+        if folding(method, config):  # as the run did: an unfolded run evaluated one path per task
+            adapters.fold(dict(zip(adapters.names, run.folders)))
     backbone.model.eval()
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)

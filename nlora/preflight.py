@@ -20,7 +20,28 @@ if TYPE_CHECKING:
 def preflight(config: "RunConfig", method: "Method", backbone: "Backbone", target_modules: list[str],
               num_processes: int) -> None:
     check_batch_split(config, num_processes)
+    check_trained_state(config, method)
     method.check_model(backbone.model, target_modules)
+
+
+def check_trained_state(config: "RunConfig", method: "Method") -> None:
+    """A method that trains every base parameter (Method.trains "base") cannot train a quantized base, nor one
+    sharded by nlora's FSDP2 (which keeps the base frozen and only the adapters whole), and has no LoRA factors."""
+    if method.trains not in ("adapters", "base"):
+        raise NloraError(f"method '{method.name}': trains must be 'adapters' or 'base', got {method.trains!r}")
+    if method.trains != "base":
+        return
+    for option in ("load_in_4bit", "load_in_8bit"):
+        if getattr(config, option):
+            raise NloraError(f"option '{option}': method '{method.name}' trains every base weight, which a "
+                             "quantized base cannot; load it in bfloat16 (--dtype bfloat16) instead")
+    if config.sharding != "none":
+        raise NloraError(f"option 'sharding': method '{method.name}' trains every base weight, but nlora's "
+                         f"{config.sharding} keeps the sharded base frozen; use sharding none (DDP or DeepSpeed "
+                         "ZeRO-2 through accelerate launch)")
+    if config.train_factors != "both":
+        raise NloraError(f"option 'train_factors': method '{method.name}' trains every base weight and has no "
+                         "LoRA factors; leave it at both")
 
 
 def check_batch_split(config: "RunConfig", num_processes: int) -> None:

@@ -9,7 +9,10 @@ run and the model they make as of task K (`read_run`). Used by the runner and by
     log.jsonl                            training and evaluation log (nlora.tracking), appended line by line
     tensorboard/                         TensorBoard event files, with --report-to tensorboard
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format) and the method's state after
-                                         it (method_state.{safetensors,json}, nlora.method_state)
+                                         it (method_state.{safetensors,json}, nlora.method_state); for a method
+                                         that trains the base, the whole model after phase k (save_pretrained:
+                                         config.json, model*.safetensors), by default only the latest one kept
+                                         (nlora.full_model)
     predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
     checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
     diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from .methods import Method
 
 ADAPTER_FILE = "adapter_model.safetensors"
+MODEL_FILE = "model.safetensors"  # a whole model's weights (save_pretrained), in one shard
+MODEL_INDEX = "model.safetensors.index.json"  # its index where they are saved in several shards
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -148,7 +153,8 @@ def read_metrics(paths: RunPaths) -> dict | None:
 @dataclass
 class TrainedRun:
     """A run directory read back: the model after its first `upto` tasks is the sum of `folders` (stacked
-    methods) or the one adapter in `folders` (snapshot methods)."""
+    methods) or the one adapter in `folders` (snapshot methods), or the whole model saved in `folders[-1]` (a
+    method that trains the base)."""
     root: Path
     config: "RunConfig"
     method: "Method"
@@ -171,6 +177,25 @@ def read_run_config(run_dir: str | Path) -> "RunConfig":
     return load_config(root / "config.yaml", {"output_dir": str(root)}, saved_run=True)
 
 
+def model_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a whole model saved by `save_pretrained` in `folder`: its one file, or the shards
+    its index names; empty where there is none."""
+    folder = Path(folder)
+    index = folder / MODEL_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise NloraError(f"model index {index} is unreadable ({e})") from None
+        return [folder / shard for shard in shards]
+    return [folder / MODEL_FILE] if (folder / MODEL_FILE).is_file() else []
+
+
+def phase_saved(method: "Method", folder: Path) -> bool:
+    """Whether `folder` holds a trained phase: its adapter, or for a method that trains the base its whole model."""
+    return bool(model_files(folder)) if method.trains == "base" else (folder / ADAPTER_FILE).is_file()
+
+
 def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
     """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
     root = Path(run_dir)
@@ -181,19 +206,23 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
     tasks, paths = config.tasks, RunPaths(root)
     for task in tasks:  # each becomes part of an adapter's path
         check_plain_name(task, f"{root / 'config.yaml'}: task name")
-    saved = [k for k in method.phases(len(tasks)) if (paths.adapter(k, tasks[k]) / ADAPTER_FILE).is_file()]
+    saved = [k for k in method.phases(len(tasks)) if phase_saved(method, paths.adapter(k, tasks[k]))]
     if not saved:
-        raise NloraError(f"{root}: no trained adapter yet (adapters/ is empty); nothing to use")
+        raise NloraError(f"{root}: no trained {'model' if method.trains == 'base' else 'adapter'} yet (adapters/ "
+                         "is empty); nothing to use")
     if upto is None:
         upto = saved[-1] + 1
-        if saved != list(method.phases(len(tasks))):  # the run stopped, or runs, before its last task
+        if saved[-1] != method.phases(len(tasks))[-1]:  # the run stopped, or runs, before its last task
             print(f"nlora: warning: {root} is not finished: this is the partial model after task {upto} of "
                   f"{len(tasks)} ({tasks[upto - 1]}), not the run's final model", file=sys.stderr)
     if not 1 <= upto <= len(tasks):
         raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
     if upto - 1 not in saved:
+        kept = (" (a method that trains the base keeps only its latest model unless its option to keep every "
+                "task's is on)") if method.trains == "base" else ""
         raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
-                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}")
+                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}"
+                         f"{kept}")
     k = upto - 1
     phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
     folders = [paths.adapter(j, tasks[j]) for j in phases]

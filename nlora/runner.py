@@ -24,6 +24,7 @@ from .errors import NloraError
 from .evaluation import evaluate
 from .evaluation_plan import planned_rows
 from .faults import fault_point
+from .full_model import FullModel, resume_point
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
@@ -146,8 +147,11 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 
-    adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
-                                 config.lora_dropout, resolved.target_modules)
+    if method.trains == "base":  # every base parameter trains; a phase saves the whole model (nlora.full_model)
+        adapters = FullModel(backbone.model, keep_every_phase=method.keeps_saved())
+    else:
+        adapters = ContinualAdapters(backbone.model, backbone.kind, config.lora_r, config.lora_alpha,
+                                     config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
@@ -190,7 +194,12 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         save_metrics()
 
     eval_rows = planned_rows(config.eval_plan, config.eval_every, method.phases(n))
+    # a method that trains the base may keep only the latest phase's model: a resumed run starts from it
+    resume_from = resume_point({k: paths.adapter(k, tasks[k].name) for k in method.phases(n)}, method.keeps_saved(),
+                               accelerator.is_main_process) if method.trains == "base" else None
     for k in method.phases(n):
+        if resume_from is not None and k < resume_from:  # trained and evaluated; a later saved model supersedes it
+            continue
         label = f"[{k + 1}/{n}]"
         set_seed(config.seed + k)
         name = method.adapter_name(k)
@@ -203,6 +212,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
             state = load_state(adapter_dir)
             if state is not None:
                 method.load_state_dict(state)
+            if accelerator.is_main_process:  # killed between saving the phase and removing its checkpoint
+                remove_checkpoint(paths.root, done_phase=k)
         else:
             hook_start = time.perf_counter()
             if added:
@@ -225,8 +236,9 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
             train_stats[tasks[k].name] = {**stats.to_dict(), "hook_seconds": hooks}
             if accelerator.is_main_process:
                 state = method.state_dict()
+                # the training stats first: a run killed after the adapter is saved does not train the phase again
+                save_metrics()
                 adapters.save(name, adapter_dir, extra=lambda folder: save_state(state, folder))
-                save_metrics()  # the training stats, before the evaluation
                 remove_checkpoint(paths.root)
             accelerator.wait_for_everyone()
             fault_point("task_trained")

@@ -100,7 +100,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     if not params:
         raise NloraError(f"method '{method.name}' left no trainable parameters for task {phase}")
     check_batch_split(config, accelerator.num_processes)  # run() checked it already; train_task is public
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = method.optimizer(params, config)  # AdamW unless the method chooses
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED

@@ -1,6 +1,8 @@
 """A model rebuilt from saved adapter folders alone, without nlora or PEFT's multi-adapter machinery: each adapted
 layer of a fresh base model adds Σ_folders scaling · B @ A · x (forward hooks), scaling = lora_alpha / r from
-the folder's adapter_config.json. The reference for what a run evaluated and what its adapters contain."""
+the folder's adapter_config.json. The reference for what a run evaluated and what its adapters contain. For a
+method that trains the base model itself, the reference is its saved whole model loaded with plain transformers
+(`load_saved_model`)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,14 @@ def add_adapters(model: torch.nn.Module, folders: list[str | Path]) -> torch.nn.
     for layer, factors in updates.items():
         modules[layer].register_forward_hook(hook(factors))
     return model
+
+
+def load_saved_model(folder: str | Path, kind: str) -> torch.nn.Module:
+    """A whole model saved with save_pretrained, loaded with transformers' Auto classes alone (no nlora)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    loader = {"seq2seq": AutoModelForSeq2SeqLM, "decoder": AutoModelForCausalLM, "encoder": AutoModel}[kind]
+    return loader.from_pretrained(str(folder)).eval()
 
 
 def assert_run_reproduces(run_dir: str | Path) -> None:

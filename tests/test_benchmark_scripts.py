@@ -149,3 +149,14 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path, capsys):
     assert module.compare_runs(run, killed).startswith("differs")
     # tokens up to and including the first eos (id 1); a row without one counts whole
     assert module.generated_tokens(torch.tensor([[5, 1, 0], [5, 6, 7]]), eos=1) == 5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_ft_memory_formula_is_what_a_step_keeps(dtype):
+    module = _load("full_ft_memory")
+    r = module.measure(dict(model="tiny", dtype=dtype, optimizer="adamw", prompt=8))
+    kept = r["weights"] + r["gradients"] + r["moments"]  # torch AdamW's step counters: 4 bytes per tensor more
+    assert kept == pytest.approx(r["computed"]["total"], rel=2e-3)
+    assert module.bytes_per_parameter(dtype, "adamw")["total"] == {"float32": 16, "bfloat16": 8}[dtype]
+    assert module.bytes_per_parameter("bfloat16", "adamw8bit")["total"] == pytest.approx(6.03125)
+    assert "| LLaMA-2-7B | bfloat16 | adamw | 13.5 | 13.5 | 27.0 | 53.9 (50.2) |" in module.computed_table()

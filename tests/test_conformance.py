@@ -8,8 +8,11 @@ with its `smoke_options`, and must show, each time against an independent refere
 - its saved method state loads back and saves to the same bytes;
 - what it evaluated is what its saved adapters compute, rebuilt without nlora or PEFT (tests/lora_reference.py):
   the sum of adapters 0..k (stacked, folded or not), the one adapter of phase k (snapshot), or task j's own
-  adapter (task id); a folding method is thereby checked folded against unfolded;
-- `nlora predict` and `nlora export` reproduce its last row of predictions;
+  adapter (task id); a folding method is thereby checked folded against unfolded; for a method that trains the
+  base (Method.trains "base"), the whole model saved after phase k, loaded with plain transformers (the phases
+  whose model is kept: at least the last);
+- `nlora predict` and `nlora export` reproduce its last row of predictions (an exported whole model loaded with
+  plain transformers and its exported tokenizer);
 - an option of another method, or a bad value of its own, is refused before anything is written;
 - 2 processes give the 1-process run (one accelerate launch runs every method in turn; marked distributed).
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import fresh_process
-from lora_reference import add_adapters
+from lora_reference import add_adapters, load_saved_model
 from nlora.cli import main
 from nlora.method_state import load_state, save_state
 from nlora.methods import METHODS, get_method
@@ -131,10 +134,15 @@ def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, metho
         k = int(row.name.split("-")[0])
         folders = sorted((run / "adapters").iterdir(), key=lambda p: int(p.name.split("-")[0]))
         folders = [f for f in folders if int(f.name.split("-")[0]) <= k]
+        if m.trains == "base" and not (run / "adapters" / row.name).is_dir():
+            continue  # this phase's whole model was not kept (only the latest is, by default)
         for path in sorted(row.glob("*.jsonl")):
             j = config.tasks.index(path.stem)
             backbone = load_backbone(config.model, config.model_kind)
-            model = add_adapters(backbone.model, _reference_folders(m, k, j, folders)).eval()
+            if m.trains == "base":
+                model = load_saved_model(run / "adapters" / row.name, backbone.kind)
+            else:
+                model = add_adapters(backbone.model, _reference_folders(m, k, j, folders)).eval()
             objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                        config.max_target_length, config.eval_mode)
             _, rows = evaluate(objective, model, tasks[j].test, config.eval_batch_size, progress=False)
@@ -160,12 +168,19 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
     from nlora.models import load_backbone
 
     backbone = load_backbone(config.model, config.model_kind)
-    model = add_adapters(backbone.model, [tmp_path / "export"]).eval()
+    tokenizer = backbone.tokenizer
+    if get_method(method)(config).trains == "base":  # the export is the whole model, with its tokenizer
+        from transformers import AutoTokenizer
+
+        model = load_saved_model(tmp_path / "export", backbone.kind)
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    else:
+        model = add_adapters(backbone.model, [tmp_path / "export"]).eval()
     from nlora.evaluation import evaluate
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
 
-    objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
+    objective = make_objective(backbone.kind, tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
     rows = [r for t in load_tasks(config) for r in evaluate(objective, model, t.test, 4, progress=False)[1]]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in evaluated]
@@ -189,8 +204,12 @@ def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsy
         if base_type(options, f) is str and not f.metadata.get("choices"):
             continue  # any text is a valid value
         key = public_name(f.name)
-        assert main(["run", "--method", method, *module, f"--{key.replace('_', '-')}", "not-a-value", *BASE,
-                     "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 2, key
+        bad = [f"--{key.replace('_', '-')}", "not-a-value"]
+        if base_type(options, f) is bool:  # a flag takes no value: the bad value comes from a config file
+            (tmp_path / "bad.yaml").write_text(f"{key}: not-a-value\n")
+            bad = ["--config", str(tmp_path / "bad.yaml")]
+        assert main(["run", "--method", method, *module, *bad, *BASE, "--data-dir", str(synthetic_dir),
+                     "--output-dir", str(out)]) == 2, key
         assert f"'{key}'" in capsys.readouterr().err
     assert not out.exists()
 

@@ -5,6 +5,6 @@ from .registry import (METHODS, get_method, option_owner, per_task_pairs, regist
                        split_method_options)
 # each module registers its method(s)
 from . import (bounds, clora, ewc, inc_lora, inflora, lwf, n_lora, o_lora, replay,  # noqa: F401,E402
-               seq_lora)
+               seq_ft, seq_lora)
 
 __all__ = ["METHODS", "Method", "MethodContext", "register", "get_method", "resolve"]

@@ -4,8 +4,10 @@ A method is one file: a subclass of `Method` registered with `@register`. The en
 calls it at fixed points and never needs editing for a new method.
 
 Declarations (read by the engine; the defaults give IncLoRA):
-  phases, adapter_name, training_examples, active_for_training, active_for_eval, loss_terms (penalties on the
-  trained adapter's factors, computed inside each LoRA layer's forward: nlora.regularization), train_factors.
+  trains ("adapters": LoRA adapters on a frozen base; "base": every base parameter, no adapter, the phase's model
+  saved whole: nlora.full_model), phases, adapter_name, training_examples, active_for_training, active_for_eval,
+  loss_terms (penalties on the trained adapter's factors, computed inside each LoRA layer's forward:
+  nlora.regularization), train_factors, keeps_saved, optimizer.
 
 Hooks (each gets the `MethodContext` of the run; each default does nothing):
   check_model(model, targets)       checks that need the loaded base model, before anything is written
@@ -71,6 +73,10 @@ class Method:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # "adapters": LoRA adapters train on the frozen base (nlora.adapters); "base": every base parameter trains and
+    # there is no adapter (nlora.full_model: adapters/<k>-<task>/ holds the whole model after phase k, in the base
+    # model's own format). A method that trains the base uses the snapshot layout: one model through every phase.
+    trains: ClassVar[str] = "adapters"
     # "stacked": a new adapter per task, all summed at inference; "snapshot": one adapter trained through every
     # phase (adapters/<k>-<task>/ then holds its state after phase k).
     adapter_layout: ClassVar[str] = "stacked"
@@ -116,6 +122,15 @@ class Method:
     def train_factors(self, k: int) -> str:
         """Which factors of the phase's adapter train: "both", "A" or "B" (the run's `train_factors` option)."""
         return self.config.train_factors
+
+    def keeps_saved(self) -> bool:
+        """For `trains == "base"`: whether the model saved after every phase stays; False keeps only the latest
+        (a full model per task is large; a resumed run starts from the latest). LoRA adapters are always kept."""
+        return True
+
+    def optimizer(self, params: list[torch.nn.Parameter], config: "RunConfig") -> torch.optim.Optimizer:
+        """The optimizer of a phase, over `params` (what trains), with the run's (phase's) `config`."""
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
     def parameters(self, k: int) -> dict[str, torch.nn.Parameter]:
         """The method's own learnable tensors in phase k, by name (trained with the adapter)."""
