@@ -4,7 +4,8 @@ id), or with `--merge` as a full model with the updates merged into the base wei
 loads with `AutoModel*.from_pretrained`). `--upto K` takes the model as it was after the first K tasks.
 
 The summed adapter is the run's own saved per-task adapters stacked along the rank (nlora.adapters.
-concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run evaluated after task K."""
+concatenate_saved), so it computes B·A = Σ_t c_t·scaling_t·B_t·A_t: what the run evaluated after task K, c_t being
+the weight a method with learned scales gives each adapter (Method.update_scales; 1 otherwise)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .adapters import ADAPTER_FILE, concatenate_saved
 from .config import RunConfig, load_config
 from .errors import NloraError
 from .io import replace_dir_atomic, staging_dir, write_json_atomic
+from .method_state import load_state
 from .methods import Method, get_method
 from .runner import RunPaths
 
@@ -37,6 +39,23 @@ class TrainedRun:
     @property
     def phase(self) -> int:
         return self.upto - 1
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The method's names of the adapters in `folders`, in the same order."""
+        phases = [self.phase] if self.method.adapter_layout == "snapshot" else range(self.upto)
+        return [self.method.adapter_name(k) for k in phases]
+
+    def scales(self) -> list[float | dict[str, float] | None]:
+        """The multiplier of each of `folders` in the model (`Method.update_scales`, from the method's state saved
+        with the last of them); None where the adapter counts once."""
+        if not self.method.has_hook("update_scales"):
+            return [None] * len(self.folders)
+        state = load_state(self.folders[-1])
+        if state is not None:
+            self.method.load_state_dict(state)
+        declared = self.method.update_scales(self.phase)
+        return [declared.get(name) for name in self.adapter_names]
 
 
 def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
@@ -64,7 +83,7 @@ def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
 
 
 def _check_summable(run: TrainedRun) -> None:
-    if run.method.adapter_layout == "stacked" and not run.method.folds_past:
+    if run.method.needs_task_id:
         raise NloraError(f"method '{run.config.method}' evaluates each task with its own adapter (it needs the "
                          "task id), so its tasks do not make one model; each adapters/<k>-<task>/ folder is a "
                          "PEFT adapter of its own")
@@ -75,7 +94,7 @@ def write_summed_adapter(run: TrainedRun, folder: Path) -> int:
     from peft import LoraConfig
 
     _check_summable(run)
-    layers = concatenate_saved(run.folders)
+    layers = concatenate_saved(run.folders, run.scales())
     rank = next(iter(layers.values()))[0].shape[0]
     state = {}
     for layer, (A, B) in layers.items():

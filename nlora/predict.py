@@ -46,6 +46,9 @@ def load_model(run: TrainedRun, device: str = "cpu") -> tuple[ContinualAdapters,
         adapters.load(name, folder)
     if folding(method, config):  # as the run did: an unfolded run evaluated one path per task
         adapters.fold(dict(zip(adapters.names, run.folders)))
+    for name, scale in zip(run.adapter_names, run.scales()):  # learned weights of the saved adapters
+        if scale is not None:
+            adapters.scale_by(name, scale)
     backbone.model.eval()
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
@@ -58,7 +61,7 @@ def _task_index(run: TrainedRun, task: str | None) -> int:
     trained = run.config.tasks[: run.upto]
     if task in trained:
         return trained.index(task)
-    if run.method.adapter_layout == "stacked" and not run.method.folds_past:
+    if run.method.needs_task_id:
         raise NloraError(f"method '{run.config.method}' needs the task id: task {task!r} is not one of the tasks "
                          f"the run trained up to task {run.upto} ({', '.join(trained)})")
     return run.phase

@@ -156,7 +156,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 # A process without examples (a short last batch) still runs forward and backward, weighted 0,
                 # so that every process takes part in the gradient all-reduce.
                 weight = 1.0 if local else 0.0
-                batch = objective.collate(local or batches[b][:1])
+                ctx.examples = local or batches[b][:1]
+                batch = objective.collate(ctx.examples)
                 terms = objective.count_terms(batch) * weight
                 tokens = batch_tokens(batch) if local and logger is not None else 0
                 batch = to_device(batch, accelerator.device)

@@ -5,7 +5,8 @@ calls it at fixed points and never needs editing for a new method.
 
 Declarations (read by the engine; the defaults give IncLoRA):
   phases, adapter_name, training_examples, active_for_training, active_for_eval, loss_terms (penalties on the
-  trained adapter's factors, computed inside each LoRA layer's forward: nlora.regularization), train_factors.
+  trained adapter's factors, computed inside each LoRA layer's forward: nlora.regularization), train_factors,
+  parameters (learnable tensors of its own), update_scales (a saved adapter's weight in the evaluated model).
 
 Hooks (each gets the `MethodContext` of the run; each default does nothing):
   check_model(model, targets)       checks that need the loaded base model, before anything is written
@@ -61,6 +62,9 @@ class MethodContext:
     run_dir: Path | None = None
     model: torch.nn.Module | None = None
     scratch: dict[str, Any] = field(default_factory=dict)  # per-phase values a method keeps between hooks
+    # this process's examples of the micro-batch being trained, in the batch's row order (set by the loop before
+    # its forward; a process with no example of a short last batch runs the first one at weight 0)
+    examples: list["Example"] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +93,9 @@ class Method:
     # ------------------------------------------------------------------ declarations
     @property
     def needs_task_id(self) -> bool:
-        """Whether evaluating a task needs to know which task it is (per-adapter evaluation)."""
+        """Whether evaluating a task needs to know which task it is (per-adapter evaluation). By default a stacked
+        method that does not fold evaluates each task with its own adapter; a method that keeps its adapters apart
+        for another reason (learned scales) and sums them overrides this."""
         return self.adapter_layout == "stacked" and not self.folds_past
 
     def phases(self, n_tasks: int) -> list[int]:
@@ -121,6 +127,14 @@ class Method:
 
     def parameters(self, k: int) -> dict[str, torch.nn.Parameter]:
         """The method's own learnable tensors in phase k, by name (trained with the adapter)."""
+        return {}
+
+    def update_scales(self, k: int) -> dict[str, float | dict[str, float]]:
+        """How the model evaluated after phase k weighs each saved adapter's update (alpha/r · B·A), read from the
+        method's state as saved with phase k's adapter (after `load_state_dict`): {adapter name: a multiplier for
+        every layer, or {layer: multiplier}}; an adapter not named counts once. `nlora predict` and `nlora export`
+        rebuild the model with them, and so does the conformance kit. A method that declares scales keeps its
+        adapters apart (folds_past = False) and sets them itself in training (`ContinualAdapters.scale_by`)."""
         return {}
 
     # ------------------------------------------------------------------ hooks
