@@ -11,6 +11,8 @@ with its `smoke_options`, and must show, each time against an independent refere
 - `nlora predict` and `nlora export` reproduce its last row of predictions;
 - an option of another method, or a bad value of its own, is refused before anything is written;
 - 2 processes give the 1-process run (one accelerate launch runs every method in turn; marked distributed).
+
+Core options that change how any method trains (grad_mask migu) get the same checks as a variant (VARIANTS).
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # a method from outside the package, registered through option method_module (as a user's own would be)
 EXTERNAL = {"l2-anchor": str(ROOT / "examples" / "methods" / "l2_anchor.py")}
 get_method("l2-anchor", list(EXTERNAL.values()))
-METHOD_NAMES = sorted(METHODS)
+REGISTERED = sorted(METHODS)
+# options of the core that change how any method trains, each run with one method as a variant of its own
+VARIANTS = {"n-lora+migu": ("n-lora", ["--grad-mask", "migu", "--migu-q", "0.5"])}
+METHOD_NAMES = REGISTERED + sorted(VARIANTS)
+
+
+def _base(name: str) -> str:
+    """The registered method a run of the kit uses."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 TASKS = ["harbor", "orchard"]
 BASE = ["--model", "tiny-t5", "--tasks", ",".join(TASKS), "--max-train-samples", "8", "--max-eval-samples", "4",
         "--batch-size", "4", "--eval-batch-size", "4", "--epochs", "1", "--checkpoint-steps", "1",
@@ -53,8 +63,9 @@ def _flags(options: dict) -> list[str]:
 
 def argv(method: str, data: Path, out: Path) -> list[str]:
     module = ["--method-module", EXTERNAL[method]] if method in EXTERNAL else []
-    return ["run", "--method", method, *module, *_flags(METHODS[method].smoke_options), *BASE, "--data-dir",
-            str(data), "--output-dir", str(out)]
+    extra = VARIANTS[method][1] if method in VARIANTS else []
+    return ["run", "--method", _base(method), *module, *_flags(METHODS[_base(method)].smoke_options), *extra,
+            *BASE, "--data-dir", str(data), "--output-dir", str(out)]
 
 
 class _Runs(dict):
@@ -80,7 +91,7 @@ def references(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_killed_and_resumed_is_the_uninterrupted_run(tmp_path, synthetic_dir, references, method):
     out = tmp_path / "run"
-    phases = get_method(method)(_config(references[method])).phases(len(TASKS))
+    phases = get_method(_base(method))(_config(references[method])).phases(len(TASKS))
     # 2 steps a phase (8 examples, batch 4): killed at the last step of the last phase, before it is saved and
     # after the checkpoint of the phase's first step (the fault point comes before a step's own checkpoint)
     fault = f"train_step:{2 * len(phases)}"
@@ -105,7 +116,7 @@ def test_method_state_round_trips(tmp_path, references, method):
         state = load_state(folder)
         if state is None:
             continue
-        fresh = get_method(method)(config)
+        fresh = get_method(_base(method))(config)
         fresh.load_state_dict(state)
         (tmp_path / folder.name).mkdir()
         save_state(fresh.state_dict(), tmp_path / folder.name)
@@ -137,7 +148,7 @@ def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, metho
 
     run = references[method]
     config = _config(run)
-    m = get_method(method)(config)
+    m = get_method(_base(method))(config)
     tasks = load_tasks(config)
     checked = 0
     for row in sorted((run / "predictions").iterdir(), key=lambda p: int(p.name.split("-")[0])):
@@ -166,7 +177,7 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
     predicted = [json.loads(line) for line in (tmp_path / "p.jsonl").open()]
     evaluated = [json.loads(line) for name in TASKS for line in (last / f"{name}.jsonl").open()]
     assert [r["prediction"] for r in predicted] == [r["prediction"] for r in evaluated]
-    if get_method(method)(config).needs_task_id:
+    if get_method(_base(method))(config).needs_task_id:
         assert main(["export", str(run), str(tmp_path / "export")]) == 2  # no single model to export
         return
     assert main(["export", str(run), str(tmp_path / "export")]) == 0
@@ -186,10 +197,10 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
 
 def _other_methods_option(method: str) -> str:
     mine = set(METHODS[method].Options.keys())
-    return next(k for m in METHOD_NAMES if m != method for k in METHODS[m].Options.keys() if k not in mine)
+    return next(k for m in REGISTERED if m != method for k in METHODS[m].Options.keys() if k not in mine)
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", REGISTERED)
 def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsys, method):
     out = tmp_path / "run"
     foreign = _other_methods_option(method)
@@ -210,7 +221,7 @@ def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsy
 
 def test_every_method_names_its_options_uniquely():
     seen = {}
-    for method in METHOD_NAMES:
+    for method in REGISTERED:
         for key in METHODS[method].Options.keys():
             assert seen.setdefault(key, METHODS[method].Options) is METHODS[method].Options, key
 
