@@ -9,6 +9,11 @@ FSDP2's reduction), the sums are added over the processes (their ranking is that
 of a (linear interpolation, torch.quantile), and rows with a[j] < τ get a zero gradient: the top 1 − q of the rows
 update. A row of A gates one rank component, a row of B one output feature.
 
+Ties: a new adapter's first step sees B = 0, so every row of B ties at zero and updates; after one Adam step B's
+entries are ±lr, so rows of B repeat and their magnitudes are equal but for float rounding, which differs with the
+batch's split across processes. Such rows may then rank differently with 1 and N processes (as the L1 penalty's
+subgradient may flip a sign): N processes give the 1-process run up to rows tied at the quantile.
+
 The public code (wenyudu/MIGU) masks nothing on its LoRA path: its trainer collects the magnitudes only for method
 "migu", while its LoRA backward masks only for "cluster_activate" and "random_update", and that entry point fails
 at import. This is an implementation of the paper's rule on the LoRA factors, checked against a brute-force mask.
