@@ -111,6 +111,7 @@ def read_saved_adapter(folder: str | Path) -> tuple[dict, dict[str, tuple[torch.
 
 
 SavedLayers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {layer: (A, B)} of one saved adapter
+Scale = float | torch.Tensor | Callable[[], float | torch.Tensor]  # a multiplier of an adapter's update
 
 
 def _read_scaled(folder: str | Path) -> tuple[float, SavedLayers]:
@@ -119,26 +120,38 @@ def _read_scaled(folder: str | Path) -> tuple[float, SavedLayers]:
     return _saved_scaling(config, Path(folder)), layers
 
 
-def _concatenate(folders: list[str | Path], read: list[tuple[float, SavedLayers]]) -> SavedLayers:
+def _concatenate(folders: list[str | Path], read: list[tuple[float, SavedLayers]],
+                 scales: "list[float | dict[str, float] | None] | None" = None) -> SavedLayers:
     """`concatenate_saved` of adapters already read (`read[i]` from `folders[i]`)."""
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     first: set[str] | None = None
-    for folder, (scaling, layers) in zip(folders, read):
+    for i, (folder, (scaling, layers)) in enumerate(zip(folders, read)):
+        scale = scales[i] if scales else None
         if first is not None and set(layers) != first:
             raise NloraError(f"adapter {folder} adapts other layers than {folders[0]}: "
                              f"{sorted(set(layers) ^ first)[:3]}")
         first = set(layers)
         for layer, (A, B) in layers.items():
             dtype = torch.promote_types(A.dtype, torch.float32)  # float32 at least (float64 stays)
-            parts.setdefault(layer, []).append((A.to(dtype), scaling * B.to(dtype)))
+            factor = scaling * layer_scale(scale, layer)
+            parts.setdefault(layer, []).append((A.to(dtype), factor * B.to(dtype)))
     return {layer: (torch.cat([A for A, _ in ab]), torch.cat([B for _, B in ab], dim=1))
             for layer, ab in parts.items()}
 
 
-def concatenate_saved(folders: list[str | Path]) -> SavedLayers:
+def layer_scale(scale: "float | dict[str, float] | None", layer: str) -> float:
+    """A declared multiplier of one saved adapter (`Method.update_scales`) in `layer`: 1 where none is declared."""
+    if isinstance(scale, dict):
+        scale = scale.get(layer)
+    return 1.0 if scale is None else float(scale)
+
+
+def concatenate_saved(folders: list[str | Path], scales: "list[float | dict[str, float] | None] | None" = None
+                      ) -> SavedLayers:
     """The summed update of the adapters saved in `folders` as one LoRA per layer, in float32 or wider: A = the A's
-    concatenated along the rank, B = the scaled B's side by side, so that B @ A = Σ scaling_s · B_s @ A_s."""
-    return _concatenate(folders, [_read_scaled(folder) for folder in folders])
+    concatenated along the rank, B = the scaled B's side by side, so that B @ A = Σ c_s · scaling_s · B_s @ A_s,
+    where c_s is `scales[s]` (a number, or one per layer; 1 where not given)."""
+    return _concatenate(folders, [_read_scaled(folder) for folder in folders], scales)
 
 
 def _mergeable(layer: LoraLayer) -> bool:
@@ -161,6 +174,8 @@ class ContinualAdapters:
         self.folded: list[str] = []  # those replaced by their sum (see `fold`)
         self.merge_fp32 = merge_fp32  # False: always the concat form
         self.fold_form: str | None = None  # "merge" or "concat", set by the first fold
+        self._scales: dict[str, Scale | dict[str, Scale]] = {}  # adapter -> its multiplier (see scale_by)
+        self._scale_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -239,15 +254,34 @@ class ContinualAdapters:
                 f.A.requires_grad_(factors in ("both", "A"))
                 f.B.requires_grad_(factors in ("both", "B"))
 
-    def scale_by(self, name: str, scale: torch.Tensor | float | None) -> None:
-        """Multiply adapter `name`'s update in every layer by `scale` (a 0-dim tensor: a learnable scalar gets its
-        gradient through PEFT's `result + B(A(x)) * scaling`); None restores alpha / r. Saved adapter files keep
-        alpha / r: a method that scales adapters keeps the scale in its own state."""
-        for _, layer in self.lora_layers():
-            if name not in layer.lora_A:
-                continue
-            base = layer.lora_alpha[name] / layer.r[name]
-            layer.scaling[name] = base if scale is None else scale * base
+    def scale_by(self, name: str, scale: "Scale | dict[str, Scale] | None") -> None:
+        """Multiply adapter `name`'s update by `scale`: one value for every layer, or {layer: value} (a layer left
+        out keeps alpha / r); None restores alpha / r in every layer. A value is a number, a 0-dim tensor or a
+        function returning one, read at every forward of the layer (a forward pre-hook), so that a learnable
+        scalar gets its gradient through PEFT's `result + B(A(x)) * scaling` and its optimizer updates take
+        effect: pass the learnable tensor itself, or a function of it, never a value derived from it once.
+        Saved adapter files keep alpha / r: a method that scales adapters keeps the scale in its own state and
+        declares it (`Method.update_scales`)."""
+        if scale is None:
+            self._scales.pop(name, None)
+        else:
+            self._scales[name] = scale
+        for layer_name, layer in self.lora_layers():
+            if name in layer.lora_A:
+                layer.scaling[name] = layer.lora_alpha[name] / layer.r[name]
+            if layer_name not in self._scale_hooks:
+                self._scale_hooks[layer_name] = layer.register_forward_pre_hook(self._scale_hook(layer_name))
+
+    def _scale_hook(self, layer_name: str):
+        def apply(layer, args):
+            for name, scale in self._scales.items():
+                if name not in layer.lora_A:
+                    continue
+                value = scale.get(layer_name) if isinstance(scale, dict) else scale
+                if value is not None:
+                    value = value() if callable(value) else value
+                    layer.scaling[name] = value * (layer.lora_alpha[name] / layer.r[name])
+        return apply
 
     @contextlib.contextmanager
     def using(self, names: list[str]):
@@ -288,8 +322,9 @@ class ContinualAdapters:
         out = []
         for layer_name, layer in self.lora_layers():
             if peft_name in layer.lora_A:
+                scaling = layer.scaling[peft_name]  # a tensor where a method scales the adapter (scale_by)
                 out.append(LoraFactors(layer_name, layer.lora_A[peft_name].weight, layer.lora_B[peft_name].weight,
-                                       float(layer.scaling[peft_name])))
+                                       float(scaling.detach() if torch.is_tensor(scaling) else scaling)))
         return out
 
     def factors(self, name: str) -> list[LoraFactors]:

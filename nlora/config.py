@@ -30,6 +30,7 @@ EVAL_MODES = ("generate", "score")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TRAIN_FACTORS = ("both", "A", "B")
+GRAD_MASKS = ("none", "migu")  # nlora.migu
 # Keys that hold per-task lists of a core scalar (a scalar the user sets drops a preset's list).
 CORE_PER_TASK_OF = {"epochs": "epochs_per_task"}
 
@@ -120,6 +121,12 @@ class RunConfig:
     train_factors: str = _opt("which LoRA factors of a new adapter train: both, A or B (the other stays at its "
                               "random initialisation: LoRA-FA trains B, RAC-LoRA's asymmetric step one of them)",
                               default="both", choices=TRAIN_FACTORS)
+
+    grad_mask: str = _opt("none, or migu: in every task but the first, each trained LoRA factor updates only the "
+                          "rows whose outputs had the largest summed magnitude over the optimizer step, the top "
+                          "1 - migu_q of them (MIGU); any LoRA method", default="none", choices=GRAD_MASKS)
+    migu_q: float = _opt("grad_mask migu: the quantile of a factor's row output magnitudes below which a row's "
+                         "gradient is zeroed", default=0.7, minimum=0, maximum=1)
 
     # adapters
     fold_adapters: bool = _opt("fold the frozen adapters of a method that sums them all into one frozen LoRA "

@@ -82,6 +82,10 @@ def _check_engine(accelerator: Accelerator, config: RunConfig) -> None:
                              "bf16 instead); autocast around a sharded model is not supported yet")
     if engine != DistributedType.DEEPSPEED:
         return
+    if config.grad_mask != "none":
+        raise NloraError(f"option 'grad_mask': {config.grad_mask} masks the gradients before the optimizer step, "
+                         "but DeepSpeed steps inside its backward; launch without DeepSpeed (DDP, or --sharding "
+                         "fsdp2)")
     check_batch_split(config, accelerator.num_processes)  # DeepSpeed's micro-batch below divides by it
     plugin = accelerator.state.deepspeed_plugin
     if plugin.zero_stage == 3:

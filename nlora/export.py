@@ -5,7 +5,8 @@ loads with `AutoModel*.from_pretrained`). `--upto K` takes the model as it was a
 that trains the base (SeqFT) saved the whole model: its export is a copy of it, with the tokenizer.
 
 The summed adapter is the run's own saved per-task adapters stacked along the rank (nlora.adapters.
-concatenate_saved), so it computes B·A = Σ_t scaling_t·B_t·A_t: what the run evaluated after task K."""
+concatenate_saved), so it computes B·A = Σ_t c_t·scaling_t·B_t·A_t: what the run evaluated after task K, c_t being
+the weight a method with learned scales gives each adapter (Method.update_scales; 1 otherwise)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def write_summed_adapter(run: TrainedRun, folder: Path) -> int:
     from peft import LoraConfig
 
     check_summable(run)
-    layers = concatenate_saved(run.folders)
+    layers = concatenate_saved(run.folders, run.scales())
     rank = next(iter(layers.values()))[0].shape[0]
     state = {}
     for layer, (A, B) in layers.items():

@@ -59,6 +59,9 @@ def load_model(run: TrainedRun, device: str = "cpu", merge_fp32: bool = True) ->
             adapters.load(name, folder)
         if folding(method, config):  # as the run did: an unfolded run evaluated one path per task
             adapters.fold(dict(zip(adapters.names, run.folders)))
+        for name, scale in zip(run.adapter_names, run.scales()):  # learned weights of the saved adapters
+            if scale is not None:
+                adapters.scale_by(name, scale)
     backbone.model.eval()
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)

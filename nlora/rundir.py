@@ -165,6 +165,25 @@ class TrainedRun:
     def phase(self) -> int:
         return self.upto - 1
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The method's names of the adapters in `folders`, in the same order."""
+        phases = [self.phase] if self.method.adapter_layout == "snapshot" else range(self.upto)
+        return [self.method.adapter_name(k) for k in phases]
+
+    def scales(self) -> list:
+        """The multiplier of each of `folders` in the model (`Method.update_scales`, from the method's state saved
+        with the last of them); None where the adapter counts once."""
+        if not self.method.has_hook("update_scales"):
+            return [None] * len(self.folders)
+        from .method_state import load_state
+
+        state = load_state(self.folders[-1])
+        if state is not None:
+            self.method.load_state_dict(state)
+        declared = self.method.update_scales(self.phase)
+        return [declared.get(name) for name in self.adapter_names]
+
 
 def read_run_config(run_dir: str | Path) -> "RunConfig":
     """The configuration saved in a run directory, resolved as `nlora resume` resolves it (a config.yaml of an

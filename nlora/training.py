@@ -31,6 +31,7 @@ from .engine import average_gradients, is_sharded, prepare, reduce_replicated_gr
 from .errors import NloraError
 from .faults import fault_point
 from .methods import Method, MethodContext
+from .migu import MiguMask
 from .objectives import Objective, to_device
 from .preflight import check_batch_split
 from .regularization import Regularization
@@ -137,6 +138,9 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
+    # MIGU (nlora.migu): every task but the first
+    migu = MiguMask(adapters, config.migu_q) if (config.grad_mask == "migu" and phase != method.phases(
+        len(config.tasks))[0]) else None
     try:
         for epoch in range(pos.epoch, config.epochs):
             order = epoch_order(len(examples), config.seed, phase, epoch)
@@ -157,7 +161,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 # A process without examples (a short last batch) still runs forward and backward, weighted 0,
                 # so that every process takes part in the gradient all-reduce.
                 weight = 1.0 if local else 0.0
-                batch = objective.collate(local or batches[b][:1])
+                ctx.examples = local or batches[b][:1]
+                if migu is not None:
+                    migu.counting = bool(local)
+                batch = objective.collate(ctx.examples)
                 terms = objective.count_terms(batch) * weight
                 tokens = batch_tokens(batch) if local and logger is not None else 0
                 batch = to_device(batch, accelerator.device)
@@ -199,6 +206,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 if method_params and world > 1 and not is_sharded(model):  # DDP averages the model's own only
                     average_gradients(list(method_params.values()))
                 method.transform_gradients(phase, named, ctx)  # on whole gradients, before clipping
+                if migu is not None:
+                    migu.apply(world)
                 logging = logger is not None and ((pos.step + 1) % config.log_steps == 0
                                                   or pos.step + 1 == total_steps)
                 grad_norm = None
@@ -234,6 +243,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                     accelerator.wait_for_everyone()
     finally:
         regularization.close()
+        if migu is not None:
+            migu.close()
         bar.close()
         model.eval()
         accelerator.sync_gradients = True

@@ -1,8 +1,8 @@
 """A model rebuilt from saved adapter folders alone, without nlora or PEFT's multi-adapter machinery: each adapted
-layer of a fresh base model adds Σ_folders scaling · B @ A · x (forward hooks), scaling = lora_alpha / r from
-the folder's adapter_config.json. The reference for what a run evaluated and what its adapters contain. For a
-method that trains the base model itself, the reference is its saved whole model loaded with plain transformers
-(`load_saved_model`)."""
+layer of a fresh base model adds Σ_folders c · scaling · B @ A · x (forward hooks), scaling = lora_alpha / r from
+the folder's adapter_config.json and c the folder's declared weight (1 unless a method learns one). The reference
+for what a run evaluated and what its adapters contain. For a method that trains the base model itself, the
+reference is its saved whole model loaded with plain transformers (`load_saved_model`)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,16 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
-def add_adapters(model: torch.nn.Module, folders: list[str | Path]) -> torch.nn.Module:
-    """`model` (a plain base model) with the summed updates of `folders`; no folders: the base model as is."""
+def add_adapters(model: torch.nn.Module, folders: list[str | Path], scales: list | None = None) -> torch.nn.Module:
+    """`model` (a plain base model) with the summed updates of `folders`; no folders: the base model as is.
+    `scales[i]` multiplies folder i's update: a number, or {PEFT layer name: number} (a method's learned weights,
+    `Method.update_scales`); None or absent: 1."""
     updates: dict[str, list] = {}
-    for folder in folders:
-        for layer, factors in read_adapter(folder).items():
-            updates.setdefault(layer, []).append(factors)
+    for i, folder in enumerate(folders):
+        scale = scales[i] if scales else None
+        for layer, (A, B, s) in read_adapter(folder).items():
+            c = scale.get("base_model.model." + layer, 1.0) if isinstance(scale, dict) else scale
+            updates.setdefault(layer, []).append((A, B, s * (1.0 if c is None else float(c))))
     modules = dict(model.named_modules())
     missing = sorted(set(updates) - set(modules))
     assert not missing, f"adapted layers not in the model: {missing[:3]}"

@@ -122,3 +122,31 @@ def test_saved_adapters_combined_with_peft_cat_at_weight_1_give_the_summed_model
         plain.set_adapter(combination)
         got = plain.eval()(input_ids=x).last_hidden_state
         assert torch.allclose(got, want, atol=1e-5) == same, combination
+
+
+def test_a_learnable_scale_trains_and_each_update_takes_effect():
+    bb, ad = _adapters()
+    ad.add("task0")
+    _randomize(ad, "task0", 5)
+    ad.add("task1")
+    name, layer = ad.lora_layers()[0]
+    x = torch.randn(3, layer.base_layer.in_features)
+    update = x @ (layer.lora_B["task0"].weight @ layer.lora_A["task0"].weight).T * (8 / 4)
+    base = layer(x) - update  # task1 adds nothing yet (B = 0)
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    per_layer = torch.nn.Parameter(torch.tensor(3.0))
+    ad.scale_by("task0", {name: lambda: per_layer * scale})  # a function of learnable tensors, this layer only
+    torch.testing.assert_close(layer(x), base + 6.0 * update)
+    (layer(x) * update).sum().backward()  # d/dscale = 3 |update|², d/dper_layer = 2 |update|²
+    torch.testing.assert_close(scale.grad, 3 * (update ** 2).sum())
+    torch.testing.assert_close(per_layer.grad, 2 * (update ** 2).sum())
+    with torch.no_grad():
+        scale.sub_(1.5)  # an optimizer step: the next forward reads the new value
+    torch.testing.assert_close(layer(x), base + 1.5 * update)
+    ad.scale_by("task0", scale)  # one value for every layer
+    for _, m in ad.lora_layers():
+        ones = torch.ones(1, m.base_layer.in_features)
+        own = ones @ (m.lora_B["task0"].weight @ m.lora_A["task0"].weight).T * (8 / 4)
+        torch.testing.assert_close(m(ones), m.base_layer(ones) + 0.5 * own)
+    ad.scale_by("task0", None)
+    torch.testing.assert_close(layer(x), base + update)

@@ -7,7 +7,8 @@ Declarations (read by the engine; the defaults give IncLoRA):
   trains ("adapters": LoRA adapters on a frozen base; "base": every base parameter, no adapter, the phase's model
   saved whole: nlora.full_model), phases, adapter_name, training_examples, active_for_training, active_for_eval,
   loss_terms (penalties on the trained adapter's factors, computed inside each LoRA layer's forward:
-  nlora.regularization), train_factors, keeps_saved, optimizer.
+  nlora.regularization), train_factors, keeps_saved, optimizer,
+  parameters (learnable tensors of its own), update_scales (a saved adapter's weight in the evaluated model).
 
 Hooks (each gets the `MethodContext` of the run; each default does nothing):
   check_model(model, targets)       checks that need the loaded base model, before anything is written
@@ -63,6 +64,9 @@ class MethodContext:
     run_dir: Path | None = None
     model: torch.nn.Module | None = None
     scratch: dict[str, Any] = field(default_factory=dict)  # per-phase values a method keeps between hooks
+    # this process's examples of the micro-batch being trained, in the batch's row order (set by the loop before
+    # its forward; a process with no example of a short last batch runs the first one at weight 0)
+    examples: list["Example"] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +138,14 @@ class Method:
 
     def parameters(self, k: int) -> dict[str, torch.nn.Parameter]:
         """The method's own learnable tensors in phase k, by name (trained with the adapter)."""
+        return {}
+
+    def update_scales(self, k: int) -> dict[str, float | dict[str, float]]:
+        """How the model evaluated after phase k weighs each saved adapter's update (alpha/r · B·A), read from the
+        method's state as saved with phase k's adapter (after `load_state_dict`): {adapter name: a multiplier for
+        every layer, or {layer: multiplier}}; an adapter not named counts once. `nlora predict` and `nlora export`
+        rebuild the model with them, and so does the conformance kit. A method that declares scales keeps its
+        adapters apart (folds_past = False) and sets them itself in training (`ContinualAdapters.scale_by`)."""
         return {}
 
     # ------------------------------------------------------------------ hooks
