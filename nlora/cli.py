@@ -110,9 +110,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            help="modules or .py files registering methods of your own (comma-separated)")
     p_presets = sub.add_parser("presets", help="list the benchmark presets, or print one (a YAML file to copy)")
     p_presets.add_argument("benchmark", nargs="?", help="standard, long (N-LoRA's protocol), o-lora-standard or "
-                           "o-lora-long (O-LoRA's)")
+                           "o-lora-long (O-LoRA's), trace or superni (free-text tasks)")
     p_presets.add_argument("order", nargs="?", type=int, help="the task order (standard: 1-3, long: 4-6, "
-                           "o-lora-long: 6)")
+                           "o-lora-long: 6, trace: 1, superni: 1-2)")
 
     p_report = sub.add_parser("report", help="plots and report.md of a run, or a comparison of several runs")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -253,8 +253,9 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
         epochs = "/".join(sorted({f"{x:g}" for x in p["epochs_per_task"]})) if p.get("epochs_per_task") \
             else str(p["epochs"])
         paper, script = preset_source(b, o)
+        batch = p["batch_size"] * p.get("gradient_accumulation_steps", 1)  # the examples of an optimizer step
         print(f"{'--benchmark ' + b + ' --order ' + str(o):<38} {p['method']:<7} {len(p['tasks']):>5} "
-              f"{float(p['lr']):>7.0e} {epochs:>7} {p['batch_size']:>5}  {lam}; {paper}, {script}")
+              f"{float(p['lr']):>7.0e} {epochs:>7} {batch:>5}  {lam + '; ' if lam else ''}{paper}, {script}")
     print(f"\npublished AP (%), {PUBLISHED_SOURCE}:")
     for b, scores in PUBLISHED.items():
         print(f"  {b:<9} " + "  ".join(f"{m} {v:.1f}" for m, v in scores.items()))
