@@ -124,6 +124,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_report.add_argument("--overwrite", action="store_true",
                           help="replace --output-dir if it holds files (RUN_DIR/report is always replaced)")
 
+    p_rescore = sub.add_parser("rescore", help="compute every score of a run again from its predictions files "
+                               "(another scoring mode, BWT denominator or metric) and rewrite its metrics.json")
+    p_rescore.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p_rescore.add_argument("--scoring-mode", metavar="MODE", help="standard or trace_reference (default: the run's)")
+    p_rescore.add_argument("--bwt-denominator", metavar="t-1|t", help="(default: the run's)")
+    p_rescore.add_argument("--metric", action="append", metavar="TASK=METRIC",
+                           help="score TASK with METRIC instead (nlora.scoring; repeatable)")
+
     p_status = sub.add_parser("status", help="where a run is (task, step, elapsed and remaining time), its matrix "
                               "so far and its last logged losses; works while it runs, once stopped, or complete")
     p_status.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
@@ -358,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
                                   rel_eps=args.rel_eps, eps_scale=args.eps_scale, overwrite=args.overwrite)
             print(f"report: {(folder / 'report.md').resolve()}")
+        elif args.command == "rescore":
+            from .rescore import rescore_run
+            from .summary import format_run
+
+            metrics = rescore_run(args.run_dir, args.scoring_mode, args.bwt_denominator, args.metric)
+            print(format_run(metrics))
+            print(f"written: {(Path(args.run_dir) / 'metrics.json').resolve()}")
         elif args.command == "status":
             from .status import format_status, run_status
 

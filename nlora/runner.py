@@ -27,7 +27,7 @@ from .faults import fault_point
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
-from .metrics import summarize
+from .metrics import summarize_run
 from .models import Backbone, backbone_options, default_target_modules, load_backbone
 from .objectives import make_objective
 from .preflight import preflight
@@ -65,10 +65,7 @@ def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
 
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
                   baseline, train_stats: dict, eval_seconds: dict, fold_form: str | None = None) -> dict:
-    last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
-    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None,
-                        complete_only=config.eval_plan != "full",
-                        bwt_denominator=config.bwt_denominator) if last else {}
+    summary = summarize_run(matrix, phases_done, baseline, config.eval_plan != "full", config.bwt_denominator)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
