@@ -103,6 +103,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
                         help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_demo.add_argument("--generative", action="store_true",
+                        help="free-text tasks instead: nlora's generated TRACE-layout stream, one task per metric, "
+                             "mixed with a classification task, on a built-in tiny model (a minute or two)")
 
     p_methods = sub.add_parser("methods", help="list the available methods, or one method's options")
     p_methods.add_argument("name", nargs="?", help="a method: print its options with their defaults")
@@ -353,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run directory: {Path(config.output_dir).resolve()}")
             shutdown()
         elif args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_generative_demo
 
+            if args.generative:
+                run_generative_demo(args.config, _overrides(args), progress=not args.quiet)
+                return 0
             if args.num_seeds < 1:
                 raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
             run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
