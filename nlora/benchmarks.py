@@ -4,7 +4,9 @@
 `nlora/presets/<benchmark>-order<k>.yaml`: the task sequence and the training protocol of the N-LoRA paper's
 T5-large experiments, with the public scripts each value comes from cited in the file. `--benchmark
 o-lora-standard --order {1,2,3}` and `--benchmark o-lora-long --order 6` are O-LoRA's own protocol, from its
-public scripts (1 epoch, global batch 64, lr 1e-3, λ₁ / λ₂ per task on the long order). A preset sits between
+public scripts (1 epoch, global batch 64, lr 1e-3, λ₁ / λ₂ per task on the long order). `--benchmark trace --order
+1` (TRACE's 8 free-text tasks and its LoRA script's schedule) and `--benchmark superni --order {1,2}` (SAPT's 15
+SuperNI tasks and its T5 script's schedule) read the user's copy of that data. A preset sits between
 RunConfig's defaults and the user's config file: defaults < preset < --config FILE < command-line flags.
 """
 
@@ -21,7 +23,11 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # standard / long: N-LoRA's protocol; o-lora-standard / o-lora-long: O-LoRA's own (its public scripts cover the
 # three standard orders and one long order, 6).
 BENCHMARK_ORDERS: dict[str, tuple[int, ...]] = {"standard": (1, 2, 3), "long": (4, 5, 6),
-                                                "o-lora-standard": (1, 2, 3), "o-lora-long": (6,)}
+                                                "o-lora-standard": (1, 2, 3), "o-lora-long": (6,),
+                                                "trace": (1,), "superni": (1, 2)}
+# The presets of free-text tasks (TRACE's layout, SuperNI task files): the others are classification benchmarks
+# in the CL_Benchmark layout.
+FREE_TEXT_BENCHMARKS = ("trace", "superni")
 BENCHMARK_CHOICES = ("none", *BENCHMARK_ORDERS)
 # The task sequence each preset family runs (the key of PUBLISHED).
 BENCHMARK_BASE = {"standard": "standard", "long": "long", "o-lora-standard": "standard", "o-lora-long": "long"}
@@ -31,6 +37,8 @@ PRESET_SOURCES = {
     "long": ("N-LoRA, arXiv 2410.10179", "PKU-YuanGroup/N-LoRA scripts/order_{order}.sh"),
     "o-lora-standard": ("O-LoRA, arXiv 2310.14152", "cmnfriend/O-LoRA scripts/order_{order}.sh"),
     "o-lora-long": ("O-LoRA, arXiv 2310.14152", "cmnfriend/O-LoRA scripts/long.sh"),
+    "trace": ("TRACE, arXiv 2310.06762", "BeyonderXX/TRACE scripts/train_lora.sh"),
+    "superni": ("SAPT, ACL 2024", "circle-hit/SAPT gen_script_superni_t5.py"),
 }
 
 # Average accuracy (AP, %) after the last task, averaged over the benchmark's task orders, T5-large.

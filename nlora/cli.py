@@ -103,6 +103,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
                         help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_demo.add_argument("--generative", action="store_true",
+                        help="free-text tasks instead: nlora's generated TRACE-layout stream, one task per metric, "
+                             "mixed with a classification task, on a built-in tiny model (a minute or two)")
 
     p_methods = sub.add_parser("methods", help="list the available methods, or one method's options")
     p_methods.add_argument("name", nargs="?", help="a method: print its options with their defaults")
@@ -110,9 +113,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            help="modules or .py files registering methods of your own (comma-separated)")
     p_presets = sub.add_parser("presets", help="list the benchmark presets, or print one (a YAML file to copy)")
     p_presets.add_argument("benchmark", nargs="?", help="standard, long (N-LoRA's protocol), o-lora-standard or "
-                           "o-lora-long (O-LoRA's)")
+                           "o-lora-long (O-LoRA's), trace or superni (free-text tasks)")
     p_presets.add_argument("order", nargs="?", type=int, help="the task order (standard: 1-3, long: 4-6, "
-                           "o-lora-long: 6)")
+                           "o-lora-long: 6, trace: 1, superni: 1-2)")
 
     p_report = sub.add_parser("report", help="plots and report.md of a run, or a comparison of several runs")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -123,6 +126,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_threshold_options(p_report, "that of the run's diagnostics.json, else 0.01")
     p_report.add_argument("--overwrite", action="store_true",
                           help="replace --output-dir if it holds files (RUN_DIR/report is always replaced)")
+
+    p_rescore = sub.add_parser("rescore", help="compute every score of a run again from its predictions files "
+                               "(another scoring mode, BWT denominator or metric) and rewrite its metrics.json")
+    p_rescore.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p_rescore.add_argument("--scoring-mode", metavar="MODE", help="standard or trace_reference (default: the run's)")
+    p_rescore.add_argument("--bwt-denominator", metavar="t-1|t", help="(default: the run's)")
+    p_rescore.add_argument("--metric", action="append", metavar="TASK=METRIC",
+                           help="score TASK with METRIC instead (nlora.scoring; repeatable)")
 
     p_status = sub.add_parser("status", help="where a run is (task, step, elapsed and remaining time), its matrix "
                               "so far and its last logged losses; works while it runs, once stopped, or complete")
@@ -253,8 +264,9 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
         epochs = "/".join(sorted({f"{x:g}" for x in p["epochs_per_task"]})) if p.get("epochs_per_task") \
             else str(p["epochs"])
         paper, script = preset_source(b, o)
+        batch = p["batch_size"] * p.get("gradient_accumulation_steps", 1)  # the examples of an optimizer step
         print(f"{'--benchmark ' + b + ' --order ' + str(o):<38} {p['method']:<7} {len(p['tasks']):>5} "
-              f"{float(p['lr']):>7.0e} {epochs:>7} {p['batch_size']:>5}  {lam}; {paper}, {script}")
+              f"{float(p['lr']):>7.0e} {epochs:>7} {batch:>5}  {lam + '; ' if lam else ''}{paper}, {script}")
     print(f"\npublished AP (%), {PUBLISHED_SOURCE}:")
     for b, scores in PUBLISHED.items():
         print(f"  {b:<9} " + "  ".join(f"{m} {v:.1f}" for m, v in scores.items()))
@@ -344,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run directory: {Path(config.output_dir).resolve()}")
             shutdown()
         elif args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_generative_demo
 
+            if args.generative:
+                run_generative_demo(args.config, _overrides(args), progress=not args.quiet)
+                return 0
             if args.num_seeds < 1:
                 raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
             run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
@@ -357,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
                                   rel_eps=args.rel_eps, eps_scale=args.eps_scale, overwrite=args.overwrite)
             print(f"report: {(folder / 'report.md').resolve()}")
+        elif args.command == "rescore":
+            from .rescore import rescore_run
+            from .summary import format_run
+
+            metrics = rescore_run(args.run_dir, args.scoring_mode, args.bwt_denominator, args.metric)
+            print(format_run(metrics))
+            print(f"written: {(Path(args.run_dir) / 'metrics.json').resolve()}")
         elif args.command == "status":
             from .status import format_status, run_status
 

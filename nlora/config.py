@@ -32,7 +32,11 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TRAIN_FACTORS = ("both", "A", "B")
 GRAD_MASKS = ("none", "migu")  # nlora.migu
 # Keys that hold per-task lists of a core scalar (a scalar the user sets drops a preset's list).
-CORE_PER_TASK_OF = {"epochs": "epochs_per_task"}
+CORE_PER_TASK_OF = {"epochs": "epochs_per_task", "max_new_tokens": "max_new_tokens_per_task"}
+# free-text tasks (nlora.tasks, nlora.freetext)
+TASK_FORMATS = ("auto", "cl_benchmark", "trace", "superni")
+PROMPT_STYLES = ("nlora", "trace")
+DECODINGS = ("greedy", "sample")
 
 
 def _opt(help: str, **kw) -> Any:
@@ -53,9 +57,11 @@ class RunConfig:
 
     # a preset of the papers' benchmarks (see `nlora presets`); its keys sit under the config file and the flags
     benchmark: str = _opt("start from a paper preset: standard (orders 1-3) or long (orders 4-6) with N-LoRA's "
-                          "protocol, o-lora-standard (1-3) or o-lora-long (6) with O-LoRA's; none: no preset",
+                          "protocol, o-lora-standard (1-3) or o-lora-long (6) with O-LoRA's, trace (1) or superni "
+                          "(1, 2) for free-text tasks; none: no preset",
                           default="none", choices=BENCHMARK_CHOICES)
-    order: int | None = _opt("task order of the benchmark preset (standard: 1, 2, 3; long: 4, 5, 6)", default=None)
+    order: int | None = _opt("task order of the benchmark preset (standard: 1, 2, 3; long: 4, 5, 6; trace: 1; "
+                             "superni: 1, 2)", default=None)
 
     # what to train
     model: str = _opt("hub name or local path of the base model, or a built-in tiny test model "
@@ -68,8 +74,17 @@ class RunConfig:
                                     "methods of your own with @nlora.register (also found through the "
                                     "'nlora.methods' entry-point group)", default_factory=list)
     tasks: list[str] = _opt("dataset names in training order", default_factory=list)
-    data_dir: str | None = _opt("folder in the CL_Benchmark layout <group>/<dataset>/{train,test,labels}.json",
+    data_dir: str | None = _opt("data folder: tasks in the CL_Benchmark layout <group>/<dataset>/{train,test,"
+                                "labels}.json, TRACE's <task>/{train,eval,test}.json or SuperNI task files",
                                 default=None)
+    task_format: str = _opt("how the tasks are read: auto (a folder with labels.json is a classification task "
+                            "of the CL_Benchmark layout, one of {\"prompt\", \"answer\"} records TRACE's layout, "
+                            "a SuperNI task file SuperNI), cl_benchmark, trace or superni", default="auto",
+                            choices=TASK_FORMATS)
+    task_metrics: list[str] = _opt("TASK=METRIC for each task not scored by its default (classification: "
+                                   "exact_match; SuperNI: rouge_l; TRACE's tasks: their paper's; other free-text "
+                                   "tasks: rouge_l), e.g. MeetingBank=rouge_l,Py150=edit_similarity(py150_literals"
+                                   "=true); metrics: nlora.scoring", default_factory=list)
     instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction (the "
                                     "reference's instruction_config.json is accepted as it is)",
                                     default=None)
@@ -82,6 +97,12 @@ class RunConfig:
                               choices=PROMPT_FORMATS)
     add_task_name: bool = _opt("reference prompt format: a 'Task:FAMILY' line in front", default=False)
     add_dataset_name: bool = _opt("reference prompt format: a 'Dataset:NAME' line in front", default=False)
+    prompt_style: str = _opt("prompts of free-text tasks: nlora (the prompt, then answer_separator on TRACE's "
+                             "prompts; over max_source_length the end of the input is cut) or trace (BOS + prompt "
+                             "+ answer + EOS, no separator, the start of the prompt cut: TRACE's training)",
+                             default="nlora", choices=PROMPT_STYLES)
+    answer_separator: str = _opt("prompt style nlora: the text put between a TRACE prompt and its answer",
+                                 default="\nAnswer: ")
 
     # labels not in labels.json (error, drop, or keep: kept test examples are scored as wrong)
     train_unknown_labels: str = _opt("training examples whose label is not in labels.json: error, drop or keep",
@@ -94,7 +115,12 @@ class RunConfig:
     max_train_samples: int | None = _opt("training examples per task (random subset; all if unset)", default=None)
     max_eval_samples: int | None = _opt("test examples per task (random subset; all if unset)", default=None)
     max_source_length: int = _opt("prompt tokens kept", default=256)
-    max_target_length: int = _opt("answer tokens generated at evaluation", default=16)
+    max_target_length: int = _opt("answer tokens trained on and, for classification, generated at evaluation",
+                                  default=16)
+    max_new_tokens: int | None = _opt("free-text tasks: tokens generated at evaluation (default: "
+                                      "max_target_length)", default=None)
+    max_new_tokens_per_task: list[float] | None = _opt("free-text tasks: one max_new_tokens per task in training "
+                                                       "order (overrides max_new_tokens)", default=None)
 
     # optimisation
     epochs: int = _opt("epochs per task", default=1)
@@ -141,6 +167,15 @@ class RunConfig:
     eval_mode: str = _opt("generate: greedy generation scored by exact match (the papers' protocol); score: the "
                           "label option with the highest log-likelihood, one batched pass (encoders always score)",
                           default="generate", choices=EVAL_MODES)
+    decoding: str = _opt("free-text tasks: greedy (default), or sample at `temperature` as TRACE's inference does "
+                         "(scores then vary with the seed; seeded per batch, so a run is reproducible)",
+                         default="greedy", choices=DECODINGS)
+    temperature: float = _opt("decoding sample: the sampling temperature (TRACE: 0.1)", default=0.1)
+    scoring_mode: str = _opt("standard, or trace_reference: the TRACE scripts' arithmetic (to compare with numbers "
+                             "published from them; see nlora.scoring)", default="standard",
+                             choices=("standard", "trace_reference"))
+    bwt_denominator: str = _opt("t-1 (default: the mean over the tasks before the last) or t (TRACE, SAPT: the "
+                                "same sum over T tasks)", default="t-1", choices=("t-1", "t"))
     eval_future: bool = _opt("also evaluate tasks not trained yet and the base model before training "
                              "(needed for forward transfer)", default=False)
     eval_plan: str = _opt("which rows of the accuracy matrix are evaluated: full (after every task; all metrics), "
@@ -259,13 +294,19 @@ class RunConfig:
                 bad(key, f"must be >= 1 when set, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", f"must be a positive number, got {self.lr}")
-        values = self.epochs_per_task
-        if values is not None and len(values) != len(self.tasks):
-            bad("epochs_per_task", f"has {len(values)} values for {len(self.tasks)} tasks")
-        if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
-            bad("epochs_per_task", f"values must be >= 0 and finite, got {values}")
-        if values is not None and any(x < 1 or x != int(x) or x > MAX_INT for x in values):
-            bad("epochs_per_task", f"values must be whole numbers from 1 to {MAX_INT}, got {values}")
+        for key in ("epochs_per_task", "max_new_tokens_per_task"):
+            values = getattr(self, key)
+            if values is not None and len(values) != len(self.tasks):
+                bad(key, f"has {len(values)} values for {len(self.tasks)} tasks")
+            if values is not None and any(not (x >= 0 and math.isfinite(x)) for x in values):
+                bad(key, f"values must be >= 0 and finite, got {values}")
+            if values is not None and any(x < 1 or x != int(x) or x > MAX_INT for x in values):
+                bad(key, f"values must be whole numbers from 1 to {MAX_INT}, got {values}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            bad("max_new_tokens", f"must be >= 1 when set, got {self.max_new_tokens}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            bad("temperature", f"must be a positive number, got {self.temperature}")
+        self.metric_of_task()  # each TASK=METRIC names a task of the run and a metric
         if not self.checkpoint_steps >= 0:
             bad("checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
         if self.lora_alpha <= 0:
@@ -299,6 +340,30 @@ class RunConfig:
         if self.instructions is not None and not Path(self.instructions).is_file():
             bad("instructions", f"file {self.instructions} does not exist")
         return self
+
+
+    def metric_of_task(self) -> dict[str, str]:
+        """{task: canonical metric spec} of the tasks `task_metrics` names (the others take their default)."""
+        from .scoring import parse_metric
+
+        out = {}
+        for item in self.task_metrics:
+            task, eq, spec = (s.strip() for s in item.partition("="))
+            if not eq or not task or not spec:
+                raise NloraError(f"option 'task_metrics': {item!r} is not TASK=METRIC")
+            if task not in self.tasks:
+                raise NloraError(f"option 'task_metrics': task {task!r} is not one of the run's tasks "
+                                 f"({', '.join(self.tasks)})")
+            if task in out:
+                raise NloraError(f"option 'task_metrics': task {task!r} is given twice")
+            out[task] = str(parse_metric(spec, where=f"option 'task_metrics' of task {task!r}"))
+        return out
+
+    def max_new_tokens_of(self, k: int) -> int:
+        """Tokens generated for free-text task k."""
+        if self.max_new_tokens_per_task:
+            return int(self.max_new_tokens_per_task[k])
+        return self.max_new_tokens or self.max_target_length
 
 
 def _plain(value: Any) -> Any:
@@ -394,4 +459,7 @@ def _resolve_preset(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, A
     for scalar, per_task in {**CORE_PER_TASK_OF, **per_task_pairs()}.items():
         if scalar in user and per_task not in user:
             preset.pop(per_task, None)
+    if "tasks" in user and isinstance(preset.get("task_metrics"), dict):  # the metrics of the tasks kept
+        tasks = RunConfig.from_dict({"tasks": user["tasks"]}, source="options").tasks
+        preset["task_metrics"] = {t: m for t, m in preset["task_metrics"].items() if t in tasks}
     return {**preset, "benchmark": probe.benchmark, "order": probe.order}

@@ -79,6 +79,7 @@ class TaskData:
     dev: list[Example] = field(default_factory=list)
     metric: str = "exact_match"
     kind: str = "classification"  # or "free_text"
+    files: list[Path] = field(default_factory=list)  # the files read (default: labels, train and test .json)
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:

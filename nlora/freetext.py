@@ -4,7 +4,7 @@ TRACE's layout (BeyonderXX/TRACE; TreeLoRA's 24-task set and LLMCL read the same
 `<root>/<Task>/{train,eval,test}.json`, each a JSON array of {"prompt": str, "answer": str} records (or the same
 records one per line, `.jsonl`; `dev` may stand for `eval`). The instruction is inside the prompt: the example's
 `sentence`, the raw input that SARI compares against, is the prompt without its task's instruction prefix
-(`TRACE_PROMPT_PREFIXES`, or the prefix given), or the whole prompt when it does not start with it. The prompt is
+(`TRACE_PROMPT_PREFIXES`, the prefix given, or the lines all its training prompts share), or the whole prompt when it does not start with it. The prompt is
 used as it is, with no separator before the answer, as TRACE trains; its examples carry prompt format "trace".
 
 SuperNI task files as SAPT and GainLoRA use them: `<root>/<task>/{train,dev,test}.json` (or under
@@ -22,6 +22,7 @@ task's metric (a nlora.scoring spec).
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -141,23 +142,34 @@ def trace_example(task: str, row: dict[str, str], prefix: str) -> Example:
     return Example(task, source, row["answer"], (), prompt, TRACE_FORMAT)
 
 
+def shared_instruction(prompts: list[str]) -> str:
+    """The instruction every prompt starts with, as far as it can be told: the prompts' longest common prefix, up
+    to and including its last line break ("" where they share no whole line, or for fewer than two prompts)."""
+    if len(prompts) < 2:
+        return ""
+    common = os.path.commonprefix(prompts)
+    return common[: common.rfind("\n") + 1]
+
+
 def load_trace_task(data_dir: str | Path, name: str, metric: str = "exact_match", prefix: str | None = None,
                     max_train: int | None = None, max_dev: int | None = None, max_test: int | None = None,
                     seed: int = 0, require_dev: bool = False) -> TaskData:
     """Read one task of TRACE's layout. `metric` is a nlora.scoring spec; `prefix` the instruction that starts its
-    prompts (default: TRACE's own for its task names). `require_dev`: refuse a task without eval.json, as some
-    releases lack it. Subsamples are deterministic from (seed, task, split), as for classification tasks."""
+    prompts (default: TRACE's own for its task names, else the lines all its training prompts start with,
+    `shared_instruction`). `require_dev`: refuse a task without eval.json, as some releases lack it. Subsamples
+    are deterministic from (seed, task, split), as for classification tasks."""
     spec = parse_metric(metric, where=f"task '{name}' metric")
     folder = find_freetext_task_dir(data_dir, name)
     files = _split_files(folder, TRACE_SPLIT_FILES, require_dev)
-    prefix = TRACE_PROMPT_PREFIXES.get(name, "") if prefix is None else prefix
+    rows = {split: read_trace_split(files[split]) if files[split] else [] for split in TRACE_SPLIT_FILES}
+    if prefix is None:
+        prefix = TRACE_PROMPT_PREFIXES.get(name) or shared_instruction([r["prompt"] for r in rows["train"]])
     splits = {}
     for split, limit in (("train", max_train), ("dev", max_dev), ("test", max_test)):
-        rows = read_trace_split(files[split]) if files[split] else []
-        rows = _subsample(rows, limit, seed, f"{name}/{split}")
-        splits[split] = [trace_example(name, row, prefix) for row in rows]
+        kept = _subsample(rows[split], limit, seed, f"{name}/{split}")
+        splits[split] = [trace_example(name, row, prefix) for row in kept]
     return TaskData(name, "trace", folder, [], prefix, splits["train"], splits["test"], dev=splits["dev"],
-                    metric=str(spec), kind="free_text")
+                    metric=str(spec), kind="free_text", files=[f for f in files.values() if f])
 
 
 # ----------------------------------------------------------------------------------------------------- SuperNI
@@ -226,4 +238,4 @@ def load_superni_task(data_dir: str | Path, name: str, metric: str = "rouge_l", 
         examples = [superni_example(name, definition, inst, rng) for inst in instances]
         splits[split] = _subsample(examples, limit, seed, f"{name}/{split}")
     return TaskData(name, "superni", folder, [], definition, splits["train"], splits["test"], dev=splits["dev"],
-                    metric=str(spec), kind="free_text")
+                    metric=str(spec), kind="free_text", files=[f for f in files.values() if f])

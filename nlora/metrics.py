@@ -111,3 +111,14 @@ def summarize(R: Matrix, baseline: Sequence[float | None] | None = None,
         "fwt": forward_transfer(R, baseline) if above or not complete_only else None,
         "forgetting": average_forgetting(R) if diagonal or not complete_only else None,
     }
+
+
+def summarize_run(R: Matrix, phases_completed: Sequence[int], baseline: Sequence[float | None] | None,
+                  complete_only: bool, bwt_denominator: str = "t-1") -> dict[str, float | None]:
+    """A run's summary metrics over the tasks trained so far (the leading block of R up to its last completed
+    phase); empty before any phase is complete."""
+    last = phases_completed[-1] + 1 if phases_completed else 0
+    if not last:
+        return {}
+    return summarize([row[:last] for row in R[:last]], baseline[:last] if baseline else None,
+                     complete_only=complete_only, bwt_denominator=bwt_denominator)

@@ -2,6 +2,9 @@
 how a prediction is made.
 
 - seq2seq (T5): the label text is the decoder target; prediction by greedy generation.
+- free-text examples (nlora.tasks), seq2seq and decoder: the answer tokenized on its own after the prompt (which
+  holds any separator), loss on the answer tokens; generated as a `Generation` says (greedy or sampled, a number
+  of new tokens per task); encoders cannot generate them.
 - decoder (LLaMA): prompt + label + eos, loss on the answer tokens only; prediction by greedy generation. In the
   reference prompt format, as its code: "Answer:{label}" without a space, and the prediction read off the
   decoded prompt + generation after its last "Answer:" (nothing where truncation cut the answer cue).
@@ -31,10 +34,26 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from .data import Example
+from .errors import NloraError
 from .prompts import prompt_token_ids, reference_decoder_prediction, reference_decoder_training_ids
 
 IGNORE = -100
 EVAL_MODES = ("generate", "score")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the answers of free-text examples are generated: at most `max_new_tokens` tokens, greedily, or sampled
+    at `temperature` (TRACE's inference) from a generator seeded with `seed` (the caller seeds each batch)."""
+    max_new_tokens: int
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+
+    def keywords(self) -> dict[str, Any]:
+        if self.sample:
+            return {"do_sample": True, "temperature": self.temperature, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": False, "num_beams": 1, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -116,7 +135,11 @@ class Objective:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, model, examples: list[Example], device) -> list[str]:
+    def predict(self, model, examples: list[Example], device, generation: Generation | None = None) -> list[str]:
+        """Predictions of a batch of one task's examples: free-text examples are generated as `generation` says
+        (default: greedily, max_target_length tokens); classification examples as the eval mode says."""
+        if examples and examples[0].free_text:
+            return self.generate_text(model, examples, device, generation or Generation(self.max_target_length))
         if self.eval_mode == "score":
             return self.predict_by_score(model, examples, device)
         return self.generate(model, examples, device)
@@ -124,6 +147,12 @@ class Objective:
     @torch.no_grad()
     def generate(self, model, examples: list[Example], device) -> list[str]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def generate_text(self, model, examples: list[Example], device, generation: Generation) -> list[str]:
+        """The free-text answers generated after the prompts, each stripped of surrounding whitespace."""
+        raise NloraError(f"a {self.kind} model cannot generate the free-text answers of task "
+                         f"'{examples[0].task}'; use a seq2seq or decoder model")
 
     @torch.no_grad()
     def option_log_likelihoods(self, model, examples: list[Example], device) -> list[list[float]]:
@@ -235,6 +264,12 @@ class Seq2SeqObjective(Objective):
         out = model.generate(**enc, max_new_tokens=self.max_target_length, do_sample=False, num_beams=1)
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    @torch.no_grad()
+    def generate_text(self, model, examples, device, generation):
+        enc = self.encode_prompts(examples).to(device)
+        out = model.generate(**enc, **generation.keywords())
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
 
 class DecoderObjective(Objective):
     kind = "decoder"
@@ -245,9 +280,19 @@ class DecoderObjective(Objective):
             ids = ids[:-1]
         return ids[: self.max_target_length] + [self.tokenizer.eos_token_id]
 
+    def _free_answer_ids(self, text: str) -> list[int]:
+        """A free-text answer tokenized on its own (its prompt holds whatever separates the two), then EOS."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return ids[: self.max_target_length] + [self.tokenizer.eos_token_id]
+
     def training_ids(self, example: Example) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids) of a training example. nlora's format: the answer " {label}" tokenized on its
-        own; the reference format: prompt and label as one text, "Answer:{label}", as its collator builds it."""
+        own; the reference format: prompt and label as one text, "Answer:{label}", as its collator builds it; a
+        free-text answer: tokenized on its own, with no space added (TRACE's BOS + prompt + answer + EOS)."""
+        if example.free_text:
+            return self.prompt_ids(example), self._free_answer_ids(example.label)
         if example.prompt_format == "reference":
             return reference_decoder_training_ids(self.tokenizer, example.prompt, example.label,
                                                   self.max_source_length, self.max_target_length)
@@ -369,6 +414,14 @@ class DecoderObjective(Objective):
                 predictions[i] = reference_decoder_prediction(text)
         return predictions
 
+    @torch.no_grad()
+    def generate_text(self, model, examples, device, generation):
+        input_ids, mask, width = self._left_padded_prompts(examples)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                             **generation.keywords())
+        return [s.strip() for s in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
 
 class EncoderScoringObjective(Objective):
     kind = "encoder"
@@ -428,7 +481,9 @@ class EncoderScoringObjective(Objective):
         return [[logp[i, index[o]].item() for o in e.options] for i, e in enumerate(examples)]
 
     @torch.no_grad()
-    def predict(self, model, examples, device):  # both eval modes: the scoring head is the only predictor
+    def predict(self, model, examples, device, generation=None):  # both eval modes: the head is the only predictor
+        if examples and examples[0].free_text:
+            return self.generate_text(model, examples, device, generation)
         batch = to_device(self.collate(examples), device)
         best = self.scores(model, batch).argmax(-1).tolist()
         return [batch["option_texts"][i] for i in best]

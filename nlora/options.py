@@ -105,7 +105,11 @@ def coerce(cls, f: dataclasses.Field, value: Any, source: str) -> Any:
     if tp is list:
         item = list_item_type(cls, f)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = split_list(value)
+        if isinstance(value, dict) and item is str:  # a YAML mapping: KEY=VALUE items (task_metrics)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                fail()
+            value = [f"{k}={v}" for k, v in value.items()]
         if not isinstance(value, (list, tuple)):
             fail()
         if item in (float, int):
@@ -154,6 +158,19 @@ def coerce(cls, f: dataclasses.Field, value: Any, source: str) -> Any:
             return str(value)
         fail()
     return value
+
+
+def split_list(text: str) -> list[str]:
+    """The items of a comma-separated string; a comma inside parentheses belongs to its item
+    (`a=rouge_l(tokenizer=char, stemmer=false),b=sari` is two items)."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if c == "," and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [v.strip() for v in items if v.strip()]
 
 
 def check_fields(obj, n_tasks: int | None = None) -> None:

@@ -7,7 +7,11 @@ predictions the run wrote.
 An --input line: {"sentence": "...", "options": ["a", "b", ...]} plus, optionally, "label" (the gold answer:
 then "correct" is reported), "task" (recorded; picks the adapter for methods that need the task id and, for a
 task the run trained, the family and instruction its prompts were trained with, as run.json records them) and
-"instruction" (the prompt's instruction; default: the task's, else a generic one)."""
+"instruction" (the prompt's instruction; default: the task's, else a generic one).
+
+A line of a free-text task: {"prompt": "..."} plus, optionally, "answer" (then its "score" with the task's
+metric, where the run scored that task, else exact match) and "task"; the prompt takes the run's prompt style
+(nlora: answer_separator after it; trace: as it is)."""
 
 from __future__ import annotations
 
@@ -19,15 +23,16 @@ import torch
 
 from .adapters import ContinualAdapters, folding
 from .config import RunConfig
-from .data import GENERIC_INSTRUCTION, Example, find_task_dir, load_instructions, task_family, task_instruction
+from .data import (GENERIC_INSTRUCTION, Example, TaskData, find_task_dir, load_instructions, task_family,
+                   task_instruction)
 from .errors import NloraError
-from .evaluation import evaluate
+from .evaluation import evaluate, generation_of, scoring_of
 from .full_model import FullModel
-from .rundir import TrainedRun, read_run
+from .rundir import RunPaths, TrainedRun, read_metrics, read_run
 from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
-from .prompts import PromptSpec, build_prompt
+from .prompts import TRACE_FORMAT, PromptSpec, build_prompt
 from .provenance import recorded_tasks
 from .runner import load_tasks
 
@@ -116,8 +121,12 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise NloraError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and "options" not in row:
+            out.append(free_text_input(row, run, f"{path}:{n}"))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("sentence"), str):
-            raise NloraError(f"{path}:{n}: expected an object with a \"sentence\" string")
+            raise NloraError(f"{path}:{n}: expected an object with a \"sentence\" string (and \"options\"), or "
+                             "with a \"prompt\" string (a free-text task)")
         options = row.get("options")
         if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
             raise NloraError(f"{path}:{n}: \"options\" must be a non-empty list of strings (the labels to choose "
@@ -138,6 +147,38 @@ def read_input(path: str | Path, run: TrainedRun) -> list[tuple[Example, bool]]:
     return out
 
 
+def free_text_input(row: dict, run: TrainedRun, where: str) -> tuple[Example, bool]:
+    """A free-text --input line, {"prompt"} plus optionally "answer" and "task", in the run's prompt style."""
+    answer, task = row.get("answer"), row.get("task")
+    if answer is not None and not isinstance(answer, str) or task is not None and not isinstance(task, str):
+        raise NloraError(f"{where}: \"answer\" and \"task\" must be strings when given")
+    config, prompt = run.config, row["prompt"]
+    if config.prompt_style == "trace":
+        example = Example(task or "", prompt, answer or "", (), prompt, TRACE_FORMAT)
+    else:
+        example = Example(task or "", prompt, answer or "", (), prompt + config.answer_separator, "nlora")
+    return example, answer is not None
+
+
+def _input_task(run: TrainedRun, name: str, free_text: bool) -> TaskData:
+    """What scoring and generation need of a task given only by --input lines: the run's metric for a task it
+    scored, else exact match."""
+    recorded = read_metrics(RunPaths(run.root)) or {}
+    metric = (recorded.get("metrics") or {}).get(name, "exact_match")
+    return TaskData(name, "trace" if free_text else name, run.root, [], "", [], [], metric=metric,
+                    kind="free_text" if free_text else "classification")
+
+
+def _task_settings(run: TrainedRun, task: TaskData):
+    """(scoring, generation) of a task as the run evaluated it after task `run.upto`: its metric, its number of
+    new tokens where the run trained it, the same sampling seed."""
+    config = run.config
+    j = config.tasks.index(task.name) if task.name in config.tasks else None
+    if j is None and config.max_new_tokens_per_task:
+        config = config.replace(max_new_tokens_per_task=None)
+    return scoring_of(config, task), generation_of(config, task, j or 0, run.phase)
+
+
 def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: str | None = None,
                 input_file: str | Path | None = None, upto: int | None = None, output: str | Path | None = None,
                 batch_size: int | None = None, max_samples: int | None = None, device: str = "auto",
@@ -152,6 +193,7 @@ def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: s
     run = read_run(run_dir, upto)
     config = run.config
     groups: dict[str, list[tuple[int, Example, bool]]] = {}  # task → (position in the output, example, labelled)
+    task_data: dict[str, TaskData] = {}
     if tasks is not None:
         data_dir = data_dir or config.data_dir
         if data_dir is None:
@@ -160,15 +202,22 @@ def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: s
         for name in tasks:
             _task_index(run, name)
         # read as the run read its tasks: prompt format, instructions, label policies, the same test subset
+        kept_metrics = [m for m in config.task_metrics if m.partition("=")[0].strip() in tasks]
         loaded = load_tasks(config.replace(tasks=list(tasks), data_dir=data_dir, max_train_samples=1,
-                                           max_eval_samples=limit))
+                                           max_eval_samples=limit, task_metrics=kept_metrics))
         position = 0
         for task in loaded:
             groups[task.name] = [(position + i, e, True) for i, e in enumerate(task.test)]
+            task_data[task.name] = task
             position += len(task.test)
     else:
         for i, (example, labelled) in enumerate(read_input(input_file, run)):
+            kind = "free text" if example.free_text else "classification"
             groups.setdefault(example.task, []).append((i, example, labelled))
+            task_data.setdefault(example.task, _input_task(run, example.task, example.free_text))
+            if (task_data[example.task].kind == "free_text") != example.free_text:
+                raise NloraError(f"option --input: task {example.task!r} has both free-text and classification "
+                                 f"lines (line {i + 1} is {kind}); give each task one kind")
         for task in groups:
             _task_index(run, task or None)
     if device == "auto":
@@ -177,12 +226,15 @@ def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: s
     records: dict[int, dict] = {}
     for task, items in groups.items():
         adapters.activate(run.method.active_for_eval(run.phase, _task_index(run, task or None), adapters.names))
+        scoring, generation = _task_settings(run, task_data[task])
         _, rows = evaluate(objective, adapters.model, [e for _, e, _ in items], batch_size or config.eval_batch_size,
-                           desc=f"predict {task or 'input'}", progress=progress)
+                           desc=f"predict {task or 'input'}", progress=progress, scoring=scoring,
+                           generation=generation)
         for (position, _, labelled), row in zip(items, rows):
             record = {"task": task or None, **row}
             if not labelled:
-                del record["target"], record["correct"]
+                for key in ("target", "references", "correct", "score"):
+                    record.pop(key, None)
             records[position] = record
     out = [records[i] for i in sorted(records)]
     if output is not None:
@@ -193,9 +245,16 @@ def predict_run(run_dir: str | Path, tasks: list[str] | None = None, data_dir: s
 
 
 def accuracy_lines(records: list[dict]) -> list[str]:
-    """Per task, the accuracy of the labelled records."""
-    by_task: dict[str, list[bool]] = {}
+    """Per task, the score of the labelled records: its metric's where there is one ("score"), else the
+    accuracy (exact match)."""
+    by_task: dict[str, list[float]] = {}
+    scored: set[str] = set()
     for r in records:
-        if "correct" in r:
-            by_task.setdefault(r["task"] or "input", []).append(r["correct"])
-    return [f"{task}: {100.0 * sum(c) / len(c):.2f}% of {len(c)}" for task, c in by_task.items()]
+        task = r["task"] or "input"
+        if "score" in r:
+            scored.add(task)
+            by_task.setdefault(task, []).append(float(r["score"]))
+        elif "correct" in r:
+            by_task.setdefault(task, []).append(100.0 * r["correct"])
+    return [f"{task}: {sum(v) / len(v):.2f}{' (score)' if task in scored else '%'} of {len(v)}"
+            for task, v in by_task.items()]

@@ -14,7 +14,10 @@
   "Answer:" of the decoded prompt + generation, as there (`reference_decoder_training_ids`,
   `reference_decoder_prediction`).
 
-Both formats share one interface: `build_prompt` gives the text, `prompt_token_ids` the ids the model reads.
+Free-text examples in prompt style `trace` (nlora.tasks) carry a third format, `trace`: TRACE's prompt as it
+is, BOS in front for decoders, and over the limit the start of the prompt cut (`trace_prompt_ids`).
+
+All formats share one interface: `build_prompt` gives the text, `prompt_token_ids` the ids the model reads.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 from .errors import NloraError
 
 PROMPT_FORMATS = ("nlora", "reference")
+# The format of free-text examples in prompt style "trace" (nlora.tasks): never a classification prompt format.
+TRACE_FORMAT = "trace"
 
 # The instruction of each task family in the reference code: cmnfriend/O-LoRA configs/instruction_config.json
 # (PKU-YuanGroup/N-LoRA ships the same file), its first zero-shot instruction per family (instruction_strategy
@@ -146,6 +151,8 @@ def prompt_token_ids(tokenizer, prompt: str, sentence: str, prompt_format: str, 
     """The token ids of a prompt, at most `max_length`, cut the way the prompt's format cuts."""
     if prompt_format == "reference":
         return _reference_ids(tokenizer, prompt, max_length, kind)
+    if prompt_format == TRACE_FORMAT:
+        return trace_prompt_ids(tokenizer, prompt, max_length, kind, task)
     ids = _ids(tokenizer, prompt, kind)
     if len(ids) <= max_length:
         return ids
@@ -165,6 +172,25 @@ def prompt_token_ids(tokenizer, prompt: str, sentence: str, prompt_format: str, 
         else:
             hi = mid
     return best
+
+
+def trace_prompt_ids(tokenizer, prompt: str, max_length: int, kind: str, task: str = "") -> list[int]:
+    """TRACE's prompt tokens (utils/data/data_collator.py): decoders get BOS + prompt (the tokenizer's BOS, where
+    it has one, even if it would not add it itself), seq2seq encoders the prompt with the tokenizer's special
+    tokens; over the limit the start of the prompt text is cut (left truncation), the special tokens stay."""
+    body = _ids(tokenizer, prompt, kind, add_special_tokens=False)
+    if kind == "decoder":
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        tail: list[int] = []
+    else:
+        full = _ids(tokenizer, prompt, kind)
+        at = next((i for i in range(len(full) - len(body) + 1) if full[i: i + len(body)] == body), 0)
+        head, tail = full[:at], full[at + len(body):] if body else full
+    room = max_length - len(head) - len(tail)
+    if room < 1:
+        raise NloraError(f"option 'max_source_length': {max_length} tokens cannot hold a prompt of task '{task}' "
+                         f"beside its {len(head) + len(tail)} special tokens; raise it")
+    return head + body[-room:] + tail
 
 
 def _reference_ids(tokenizer, prompt: str, max_length: int, kind: str) -> list[int]:

@@ -78,8 +78,9 @@ def _cpu_name() -> str:
 
 
 def data_files(tasks, instructions: str | None = None) -> list[Path]:
-    """Every file a run reads its data from: each task's labels, train and test splits, the instruction file."""
-    files = [t.path / name for t in tasks for name in ("labels.json", "train.json", "test.json")]
+    """Every file a run reads its data from: each task's files (a classification task's labels, train and test
+    splits), the instruction file."""
+    files = [f for t in tasks for f in (t.files or [t.path / n for n in ("labels.json", "train.json", "test.json")])]
     return files + ([Path(instructions)] if instructions else [])
 
 

@@ -50,6 +50,16 @@ class RunData:
     def tasks(self) -> list[str]:
         return self.metrics["tasks"]
 
+    @property
+    def columns(self) -> list[str]:
+        """The metric of each task (exact_match for a run written before metrics per column)."""
+        recorded = self.metrics.get("metrics") or {}
+        return [recorded.get(t, "exact_match") for t in self.tasks]
+
+    @property
+    def exact_match_only(self) -> bool:
+        return all(m == "exact_match" for m in self.columns)
+
 
 def _load_run(path: Path, rediagnose: bool, rel_eps: float | None, eps_scale: str | None) -> RunData:
     metrics_path = path / "metrics.json"
@@ -175,18 +185,23 @@ def report_markdown(runs: list[RunData]) -> str:
                        ", ".join(r.tasks), f"{len(r.metrics.get('phases_completed', []))}/"
                        f"{len(r.metrics.get('phases', r.tasks))}", str(r.path.resolve())] for r in runs]), ""]
 
+    exact = all(r.exact_match_only for r in runs)
+    entry = "accuracy in %" if exact else "the score of task j's own metric, on 0-100"
     parts += ["## Continual-learning metrics", "",
-              "From the accuracy matrix R (R[i][j]: accuracy in % on task j after training task i): "
-              "AP = mean of the last row; BWT = mean over j < T of R[T][j] − R[j][j]; "
-              "FWT = mean over j > 1 of R[j−1][j] − the base model's accuracy on j (needs `eval_future`); "
-              "forgetting = mean over j < T of the drop from task j's best accuracy to its final one.", "",
-              _table(["run"] + [c for c, _ in METRIC_COLUMNS],
+              f"From the accuracy matrix R (R[i][j]: {entry} on task j after training task i): "
+              "AP = mean of the last row; BWT = mean over j < T of R[T][j] − R[j][j] (over j ≤ T, i.e. divided by "
+              "T, where the BWT denominator is t); "
+              "FWT = mean over j > 1 of R[j−1][j] − the base model's score on j (needs `eval_future`); "
+              "forgetting = mean over j < T of the drop from task j's best score to its final one.", ""]
+    parts += scoring_notes(runs)
+    parts += [_table(["run"] + [c for c, _ in METRIC_COLUMNS],
                      [[r.label] + [fmt_accuracy(r.metrics.get(k)) for _, k in METRIC_COLUMNS] for r in runs]), ""]
-    parts += ["## Accuracy matrices", ""]
+    parts += ["## Accuracy matrices" if exact else "## Score matrices", ""]
     for r in runs:
         R = r.metrics["accuracy_matrix"]
+        header = r.tasks if r.exact_match_only else [f"{t} ({m})" for t, m in zip(r.tasks, r.columns)]
         parts += [f"### {r.label}", "",
-                  _table(["after \\ on"] + r.tasks,
+                  _table(["after \\ on"] + header,
                          [[t] + [fmt_accuracy(x) for x in row] for t, row in zip(r.tasks, R)]), ""]
     parts += _images("accuracy_matrix.png", "accuracy_over_sequence.png")
 
@@ -259,22 +274,54 @@ def _empty(ax, text: str) -> None:
     ax.set_axis_off()
 
 
-def _heatmap(ax, values: list[list[float | None]], labels: list[str], vmax: float, fmt: str, cmap: str):
+def scoring_notes(runs: list[RunData]) -> list[str]:
+    """The metric of each task, the scoring mode and the BWT denominator, where a run is not plain exact match."""
+    parts = []
+    for r in runs:
+        notes = []
+        if not r.exact_match_only:
+            notes.append("metrics: " + ", ".join(f"{t} `{m}`" for t, m in zip(r.tasks, r.columns)))
+        if r.metrics.get("scoring_mode", "standard") != "standard":
+            notes.append(f"scoring mode `{r.metrics['scoring_mode']}` (the TRACE scripts' arithmetic, to compare "
+                         "with numbers published from them)")
+        if r.metrics.get("bwt_denominator", "t-1") != "t-1":
+            notes.append("BWT divided by T (TRACE's and SAPT's convention)")
+        if notes:
+            parts.append(f"- {r.label}: " + "; ".join(notes))
+    return parts + ([""] if parts else [])
+
+
+def column_scales(values: list[list[float | None]], columns: list[str] | None) -> list[float]:
+    """The value at the top of each column's colour scale: 100 where every column is exact match; where the
+    tasks' metrics differ (and so do their usual ranges: SARI near 40, accuracy near 100), each column's own best
+    score, so that each column shows its forgetting on its own metric."""
+    n = len(values[0]) if values else 0
+    if not columns or all(m == "exact_match" for m in columns):
+        return [100.0] * n
+    best = [max((row[j] for row in values if row[j] is not None), default=0.0) for j in range(n)]
+    return [b if b > 0 else 100.0 for b in best]
+
+
+def _heatmap(ax, values: list[list[float | None]], labels: list[str], vmax: float, fmt: str, cmap: str,
+             scales: list[float] | None = None, xlabels: list[str] | None = None):
+    """`scales`: each column's top of the colour scale (default: `vmax` for all); the cells show the values."""
     import numpy as np
     from matplotlib import colormaps
 
     data = np.array([[np.nan if x is None else x for x in row] for row in values], dtype=float)
+    top = np.array(scales if scales is not None else [vmax] * data.shape[1], dtype=float)
     colormap = colormaps[cmap].with_extremes(bad="0.92")
-    image = ax.imshow(data, cmap=colormap, vmin=0, vmax=vmax)
+    image = ax.imshow(data / top[None, :] * vmax, cmap=colormap, vmin=0, vmax=vmax)
     n = len(labels)
     size = _tick_font(n)
-    ax.set_xticks(range(n), labels, rotation=40 if max(map(len, labels)) > 4 else 0, ha="right", fontsize=size)
+    xlabels = xlabels or labels
+    ax.set_xticks(range(n), xlabels, rotation=40 if max(map(len, labels)) > 4 else 0, ha="right", fontsize=size)
     ax.set_yticks(range(n), labels, fontsize=size)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             x = data[i, j]
             text = _NO_VALUE if math.isnan(x) else format(x, fmt)
-            red, green, blue, _ = colormap(min(max(x / vmax, 0.0), 1.0)) if not math.isnan(x) else (1, 1, 1, 1)
+            red, green, blue, _ = colormap(min(max(x / top[j], 0.0), 1.0)) if not math.isnan(x) else (1, 1, 1, 1)
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
             ax.text(j, i, text, ha="center", va="center", fontsize=max(5.0, size - 1),
                     color="white" if dark else "black")
@@ -286,13 +333,21 @@ def plot_accuracy_matrices(runs: list[RunData]) -> Figure:
     side = 1.6 + 0.55 * n_tasks
     fig = Figure(figsize=(max(6.0, side * len(runs) + 1.2), side + 1.0), layout="constrained")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    exact = all(r.exact_match_only for r in runs)
     for ax, r in zip(axes, runs):
-        image = _heatmap(ax, r.metrics["accuracy_matrix"], r.tasks, 100.0, ".1f", "viridis")
+        R = r.metrics["accuracy_matrix"]
+        xlabels = None if r.exact_match_only else [f"{t}\n{m.split('(')[0]}" for t, m in zip(r.tasks, r.columns)]
+        image = _heatmap(ax, R, r.tasks, 100.0, ".1f", "viridis", column_scales(R, r.columns), xlabels)
         ax.set_title(r.label)
-        ax.set_xlabel("evaluated on task")
+        ax.set_xlabel("evaluated on task" if r.exact_match_only else "evaluated on task (its metric)")
         ax.set_ylabel("after training task")
-    fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
-    fig.suptitle("Accuracy (%) on each task after training each task\n(grey: not evaluated)", fontsize=11)
+    if exact:
+        fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
+        fig.suptitle("Accuracy (%) on each task after training each task\n(grey: not evaluated)", fontsize=11)
+    else:
+        fig.colorbar(image, ax=list(axes), label="% of the column's best score", shrink=0.8)
+        fig.suptitle("Score of each task's metric after training each task\n(colour: each column scaled to its best "
+                     "score; grey: not evaluated)", fontsize=11)
     return fig
 
 
@@ -322,6 +377,10 @@ def _mean_curve(ax, R: list[list], **style) -> None:
         ax.plot(*zip(*mean), **style)
 
 
+def _score_label(runs: list[RunData]) -> str:
+    return "accuracy (%)" if all(r.exact_match_only for r in runs) else "score (0-100, each task's metric)"
+
+
 def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
     if len(runs) == 1:
         r = runs[0]
@@ -330,12 +389,13 @@ def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
         fig = Figure(figsize=(max(6.0, 1.0 + 0.7 * T) + 2.0, 4.2), layout="constrained")
         ax = fig.subplots()
         for j, (task, color) in enumerate(zip(r.tasks, _colors(T))):
-            _task_curve(ax, R, j, task, color, MARKERS[j % len(MARKERS)])
+            _task_curve(ax, R, j, task if r.exact_match_only else f"{task} ({r.columns[j]})", color,
+                        MARKERS[j % len(MARKERS)])
         _mean_curve(ax, R, color="black", linestyle="--", linewidth=2, label="mean of tasks trained")
         ax.set_xticks(range(T), r.tasks, rotation=30 if T > 5 else 0, ha="right" if T > 5 else "center",
                       fontsize=_tick_font(T) + 1)
         ax.set_xlabel("after training task")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(_score_label([r]))
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -375,7 +435,7 @@ def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
     for ax in axes[::cols]:
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(_score_label(runs))
     fig.supxlabel("after training task" if same_order else "after training the k-th task of the run's order")
     handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper right", ncols=len(runs))

@@ -13,7 +13,9 @@ run and the model they make as of task K (`read_run`). Used by the runner and by
                                          that trains the base, the whole model after phase k (save_pretrained:
                                          config.json, model*.safetensors), by default only the latest one kept
                                          (nlora.full_model)
-    predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k
+    predictions/<k>-<task>/<task>.jsonl  predictions on each evaluated task after phase k (the generated text of
+                                         free-text tasks: `nlora rescore` scores them again)
+    predictions/base/<task>.jsonl        the base model's predictions, with eval_future
     checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
     diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
     general.json                         general-ability scores (`nlora eval-general`)
@@ -47,6 +49,7 @@ MODEL_INDEX = "model.safetensors.index.json"  # its index where they are saved i
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+BASE_PREDICTIONS = "base"
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
                CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR)
 # Keys that may differ between a run and its resumption.
@@ -64,6 +67,10 @@ class RunPaths:
 
     def predictions(self, k: int, train_task: str, eval_task: str) -> Path:
         return self.root / "predictions" / f"{k}-{train_task}" / f"{eval_task}.jsonl"
+
+    def base_predictions(self, eval_task: str) -> Path:
+        """The base model's predictions (eval_future: the reference scores of forward transfer)."""
+        return self.root / "predictions" / BASE_PREDICTIONS / f"{eval_task}.jsonl"
 
 
 def check_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
@@ -122,6 +129,16 @@ def check_same_config(saved: dict, current: dict, path: Path) -> None:
             advice = "Resume with the saved configuration (`nlora resume RUN_DIR`)"
         raise NloraError(f"cannot resume {path.parent}: the configuration changed ({detail}). {advice}, or pass "
                          "--overwrite to start over")
+
+
+def check_scored_as_configured(metrics: dict, config: "RunConfig", path: Path) -> None:
+    """A run whose metrics.json `nlora rescore` rewrote with another scoring mode or BWT denominator continues
+    only once scored as its config.yaml says again (its next rows would be scored otherwise)."""
+    for key in ("scoring_mode", "bwt_denominator"):
+        if key in metrics and metrics[key] != getattr(config, key):
+            raise NloraError(f"cannot resume {path.parent}: {path.name} was rescored with {key} {metrics[key]!r}, "
+                             f"the run scores with {getattr(config, key)!r}; run `nlora rescore {path.parent} "
+                             f"--{key.replace('_', '-')} {getattr(config, key)}` first")
 
 
 def read_log(path: str | Path) -> list[dict]:

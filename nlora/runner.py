@@ -18,26 +18,28 @@ from transformers import set_seed
 from .adapters import ContinualAdapters, folding
 from .checkpoint import load_checkpoint, remove_checkpoint
 from .config import RunConfig, load_config
-from .data import TaskData, load_instructions, load_task
+from .data import TaskData
 from .engine import make_accelerator, shard_model
 from .errors import NloraError
-from .evaluation import evaluate
+from .evaluation import evaluate, generation_of, scoring_of
 from .evaluation_plan import planned_rows
 from .faults import fault_point
 from .full_model import FullModel, resume_point
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
-from .metrics import summarize
+from .metrics import summarize_run
 from .models import Backbone, backbone_options, default_target_modules, load_backbone
 from .objectives import make_objective
 from .preflight import preflight
-from .prompts import PromptSpec, check_prompt_budget
+from .prompts import check_prompt_budget
 from .provenance import collect as collect_provenance
 from .provenance import check_config_digest, config_digest, record_run
 from .runlock import RunLock
 from .precision import check_runtime, warn_precision
-from .rundir import RESUME_FREE_KEYS, check_output_dir, check_same_config, prepare_output_dir, read_metrics
+from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
+                     prepare_output_dir, read_metrics)
+from .tasks import check_model_kind, load_run_tasks, metric_columns
 from .tracking import RunLogger
 from .training import train_task
 
@@ -45,14 +47,9 @@ SCHEMA_VERSION = 1
 
 
 def load_tasks(config: RunConfig) -> list[TaskData]:
-    """Read and validate every task before any training starts, so bad data fails in seconds."""
-    if config.data_dir is None:
-        raise NloraError("option 'data_dir': no data folder given (a folder in the CL_Benchmark layout)")
-    instructions = load_instructions(config.instructions, config.prompt_format)
-    prompt = PromptSpec.of(config)
-    policies = {"train": config.train_unknown_labels, "test": config.test_unknown_labels}
-    return [load_task(config.data_dir, name, instructions, config.max_train_samples, config.max_eval_samples,
-                      config.seed, unknown_labels=policies, prompt=prompt) for name in config.tasks]
+    """Read and validate every task before any training starts, so bad data fails in seconds (nlora.tasks:
+    classification and free-text tasks)."""
+    return load_run_tasks(config)
 
 
 def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
@@ -69,15 +66,17 @@ def resolve_target_modules(config: RunConfig, backbone: Backbone) -> list[str]:
 
 def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matrix, phases_done: list[int],
                   baseline, train_stats: dict, eval_seconds: dict, fold_form: str | None = None) -> dict:
-    last = phases_done[-1] + 1 if phases_done else 0  # summarise over the tasks trained so far
-    summary = summarize([row[:last] for row in matrix[:last]], baseline[:last] if baseline else None,
-                        complete_only=config.eval_plan != "full") if last else {}
+    summary = summarize_run(matrix, phases_done, baseline, config.eval_plan != "full", config.bwt_denominator)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
         "model": config.model,
         "seed": config.seed,
         "tasks": [t.name for t in tasks],
+        # the metric of each column of the matrix (nlora.scoring), and how the scores and BWT were computed
+        "metrics": metric_columns(tasks),
+        "scoring_mode": config.scoring_mode,
+        "bwt_denominator": config.bwt_denominator,
         "accuracy_matrix": matrix,
         "average_accuracy": summary.get("average_accuracy"),
         "bwt": summary.get("bwt"),
@@ -124,7 +123,10 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
                               attn_implementation=backbone.attn_implementation,
                               target_modules=resolve_target_modules(config, backbone))
     check_prompt_budget(backbone.tokenizer, tasks, config.max_source_length, backbone.kind)
+    check_model_kind(resolved, tasks, backbone.kind)
     previous = read_metrics(paths) if resume else None
+    if previous:
+        check_scored_as_configured(previous, config, paths.metrics)
     if resume:
         saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
         check_same_config(saved, resolved.to_dict(), paths.config)
@@ -180,10 +182,12 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         adapters.activate(method.active_for_eval(k, j, names)) if adapters.peft_model else None
         start = time.perf_counter()
         acc, records = evaluate(objective, adapters.model, tasks[j].test, config.eval_batch_size, accelerator,
-                                desc=f"{label} eval {tasks[j].name}", progress=progress)
-        if accelerator.is_main_process and k >= 0:
-            write_jsonl_atomic(paths.predictions(k, tasks[k].name, tasks[j].name), records)
-        logger.log_eval(k, tasks[j].name, round(acc, 4), len(records), time.perf_counter() - start)
+                                desc=f"{label} eval {tasks[j].name}", progress=progress,
+                                scoring=scoring_of(config, tasks[j]), generation=generation_of(config, tasks[j], j, k))
+        if accelerator.is_main_process:
+            write_jsonl_atomic(paths.predictions(k, tasks[k].name, tasks[j].name) if k >= 0
+                               else paths.base_predictions(tasks[j].name), records)
+        logger.log_eval(k, tasks[j].name, round(acc, 4), len(records), time.perf_counter() - start, tasks[j].metric)
         return round(acc, 4)
 
     if previous is None:  # the phases and sizes on disk from the start: `nlora status` reads them, not the method

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import NloraError
-from .summary import format_matrix
+from .summary import format_matrix, metric_lines, what_is_scored
 from .rundir import CHECKPOINT_DIR, LOG_FILE, read_log
 
 LAST_STEPS = 5  # logged steps shown
@@ -99,6 +99,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     return {
         "run_dir": str(root.resolve()), "method": metrics.get("method", config.get("method")),
         "model": metrics.get("model", config.get("model")), "tasks": tasks, "accuracy_matrix": matrix,
+        "metrics": metrics.get("metrics") or {}, "scoring_mode": metrics.get("scoring_mode", "standard"),
         "complete": complete, "phases": phases, "phases_completed": done, "position": position,
         "elapsed": elapsed, "last_update": last_time,
         "remaining": None if complete else _remaining(config, metrics, phases, done, position, trains, ended,
@@ -195,7 +196,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             text = f"{_duration(train + (evaluation or 0.0))} ({_duration(train)} training, " \
                    f"{_duration(evaluation or 0.0)} evaluation)"
         lines.append(f"estimated remaining: {text}")
-    lines += ["", "accuracy (%) after each task:", format_matrix(status)]
+    lines += ["", f"{what_is_scored(status)} after each task:", format_matrix(status), *metric_lines(status)]
     summary = status["summary"]
     if status["complete"]:
         lines.append("AP " + _num(summary["average_accuracy"], ".2f") + "   BWT " + _num(summary["bwt"], ".2f")

@@ -17,10 +17,32 @@ def format_matrix(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def scored_by_exact_match(metrics: dict) -> bool:
+    """Whether every column is exact match (a classification run, or one written before metrics per column)."""
+    return all(m == "exact_match" for m in (metrics.get("metrics") or {}).values())
+
+
+def what_is_scored(metrics: dict) -> str:
+    """What the matrix holds: "accuracy (%)", or "score (0-100, each task's metric)"."""
+    return "accuracy (%)" if scored_by_exact_match(metrics) else "score (0-100, each task's metric)"
+
+
+def metric_lines(metrics: dict) -> list[str]:
+    """The metric of each column and how the scores were computed, where that is not plain exact match."""
+    lines = []
+    if not scored_by_exact_match(metrics):
+        lines.append("metrics: " + ", ".join(f"{t} {m}" for t, m in metrics["metrics"].items()))
+    if metrics.get("scoring_mode", "standard") != "standard":
+        lines.append(f"scoring mode: {metrics['scoring_mode']} (the TRACE scripts' arithmetic)")
+    return lines
+
+
 def format_run(metrics: dict) -> str:
-    head = f"{metrics['method']} on {metrics['model']} (seed {metrics['seed']}): accuracy (%) after each task"
-    tail = f"AP {_fmt(metrics.get('average_accuracy')).strip()}   BWT {_fmt(metrics.get('bwt')).strip()}"
-    return f"{head}\n{format_matrix(metrics)}\n{tail}"
+    head = f"{metrics['method']} on {metrics['model']} (seed {metrics['seed']}): {what_is_scored(metrics)} after " \
+           "each task"
+    bwt = "BWT" if metrics.get("bwt_denominator", "t-1") == "t-1" else "BWT (over T)"
+    tail = f"AP {_fmt(metrics.get('average_accuracy')).strip()}   {bwt} {_fmt(metrics.get('bwt')).strip()}"
+    return "\n".join([head, format_matrix(metrics), *metric_lines(metrics), tail])
 
 
 def format_comparison(runs: list[dict]) -> str:

@@ -11,8 +11,9 @@ crashes keeps what it logged. Each line has an `event`:
                  tokens_per_s, examples_per_s, s_per_step, peak_memory_mb (where there is an accelerator);
                  loss, regulariser and throughput are means over the steps since the previous logging step
     train_end    a phase finished training: its steps, mean loss and regulariser, seconds
-    eval         one entry of the accuracy matrix: accuracy on `task` after training phase `phase` (-1: the base
-                 model), examples, seconds
+    eval         one entry of the accuracy matrix: the score on `task` after training phase `phase` (-1: the
+                 base model) under `accuracy`, its `metric` (nlora.scoring; exact_match for classification),
+                 examples, seconds
     summary      AP, BWT, FWT and forgetting of the complete run
 Every line also has `elapsed` (seconds of the run so far, summed over its sessions) and `time` (Unix time).
 
@@ -50,6 +51,13 @@ IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------- trackers
+
+def metric_key(metric: str) -> str:
+    """A tracker key for a metric spec: its name (`rouge_l` for `rouge_l(tokenizer=char)`), `accuracy` for exact
+    match."""
+    name = metric.split("(", 1)[0]
+    return "accuracy" if name == "exact_match" else name
+
 
 def parse_report_to(value: str) -> list[str]:
     """The trackers of a --report-to value: none, all, or tracker names separated by commas."""
@@ -327,14 +335,16 @@ class RunLogger:
         """The matrix row of `phase` is (re)evaluated from its first entry."""
         self._drop(lambda line: line.get("event") == "eval" and line.get("phase") == phase)
 
-    def log_eval(self, phase: int, task: str, accuracy: float, examples: int, seconds: float) -> None:
-        """One entry of the accuracy matrix: on `task` after training phase `phase` (-1: the base model)."""
+    def log_eval(self, phase: int, task: str, accuracy: float, examples: int, seconds: float,
+                 metric: str = "exact_match") -> None:
+        """One entry of the accuracy matrix: the score on `task` with its metric after training phase `phase`
+        (-1: the base model). Trackers get it under the metric's name (`accuracy` for exact match)."""
         step = self._phase_end_step(phase)
         line = {"event": "eval", "phase": phase, "trained_task": self.tasks[phase] if phase >= 0 else None,
-                "task": task, "accuracy": accuracy, "examples": examples, "seconds": round(seconds, 3),
-                "global_step": step}
-        key = "base_accuracy" if phase < 0 else "accuracy"
-        self._write(line, step=step, tracked={f"{key}/{task}": accuracy})
+                "task": task, "accuracy": accuracy, "metric": metric, "examples": examples,
+                "seconds": round(seconds, 3), "global_step": step}
+        key = metric_key(metric)
+        self._write(line, step=step, tracked={f"{'base_' if phase < 0 else ''}{key}/{task}": accuracy})
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         values = {"average_accuracy": metrics.get("average_accuracy"), "bwt": metrics.get("bwt"),

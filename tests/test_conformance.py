@@ -133,6 +133,12 @@ def test_method_state_round_trips(tmp_path, references, method):
                 assert (tmp_path / folder.name / name).read_bytes() == (folder / name).read_bytes(), name
 
 
+def _rows(run: Path) -> list[Path]:
+    """predictions/<k>-<task>/ in phase order (predictions/base/ is the base model's)."""
+    rows = [p for p in (run / "predictions").iterdir() if p.name.split("-")[0].isdigit()]
+    return sorted(rows, key=lambda p: int(p.name.split("-")[0]))
+
+
 def _reference_folders(method, k: int, j: int, folders: list[Path]) -> tuple[list[Path], list]:
     """The adapter folders whose sum is the model that evaluated task j after phase k, and each one's weight in
     it (what the method declares from its state saved after phase k: Method.update_scales; 1 by default)."""
@@ -159,7 +165,7 @@ def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, metho
     m = get_method(_base(method))(config)
     tasks = load_tasks(config)
     checked = 0
-    rows = sorted((run / "predictions").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    rows = _rows(run)
     for row in rows[-1:]:  # the last row: every adapter of the run takes part (summed, folded, or its own)
         k = int(row.name.split("-")[0])
         folders = sorted((run / "adapters").iterdir(), key=lambda p: int(p.name.split("-")[0]))
@@ -185,7 +191,7 @@ def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, metho
 def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method):
     run = references[method]
     config = _config(run)
-    last = sorted((run / "predictions").iterdir(), key=lambda p: int(p.name.split("-")[0]))[-1]
+    last = _rows(run)[-1]
     assert main(["predict", str(run), "--tasks", ",".join(TASKS), "--output", str(tmp_path / "p.jsonl"),
                  "--quiet"]) == 0
     predicted = [json.loads(line) for line in (tmp_path / "p.jsonl").open()]

@@ -1,4 +1,7 @@
-"""The demo's summary over seeds: the table and the conclusion worded from the paired differences."""
+"""The demo's summary over seeds: the table and the conclusion worded from the paired differences; the
+free-text demo's whole path on two tasks."""
+
+import json
 
 import pytest
 
@@ -40,3 +43,16 @@ def test_a_difference_of_one_sign_on_every_seed_says_so():
 def test_one_seed_says_nothing():
     text = conclusion({"n-lora": _runs([(100.0, 0.0)]), "inc-lora": _runs([(94.9, -7.7)])})
     assert "one seed has no spread" in text and "says nothing about the methods" in text
+
+
+def test_generative_demo_runs_the_whole_path(tmp_path, capsys):
+    from nlora.cli import main
+
+    assert main(["demo", "--generative", "--tasks", "sum,harbor", "--epochs", "1", "--max-new-tokens", "4",
+                 "--output-dir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "metrics: sum accuracy_raw, harbor exact_match" in out and "trace_reference mode" in out
+    assert "does not learn" in out  # the tiny model is said to be random
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["scoring_mode"] == "standard" and metrics["complete"]  # rescored back: resumable as it is
+    assert (tmp_path / "report" / "report.md").is_file()
