@@ -109,7 +109,8 @@ class FullModel:
     def current(self) -> str:
         return self.names[-1]
 
-    def add(self, name: str) -> str:
+    def add(self, name: str, factors: str = "both") -> str:
+        """Name the phase's model (`factors` is for LoRA adapters; every base parameter trains here)."""
         if name not in self.names:
             self.names.append(name)
         self.activate(self.names, trainable=name)

@@ -205,7 +205,7 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
 
     backbone = load_backbone(config.model, config.model_kind)
     tokenizer = backbone.tokenizer
-    if get_method(method)(config).trains == "base":  # the export is the whole model, with its tokenizer
+    if get_method(_base(method))(config).trains == "base":  # the export is the whole model, with its tokenizer
         from transformers import AutoTokenizer
 
         model = load_saved_model(tmp_path / "export", backbone.kind)
