@@ -1,6 +1,7 @@
 """A model rebuilt from saved adapter folders alone, without nlora or PEFT's multi-adapter machinery: each adapted
 layer of a fresh base model adds Σ_folders c · scaling · B @ A · x (forward hooks), scaling = lora_alpha / r from
-the folder's adapter_config.json and c the folder's declared weight (1 unless a method learns one). The reference for what a run evaluated and what its adapters contain."""
+the folder's adapter_config.json and c the folder's declared weight (1 unless a method learns one). The reference
+for what a run evaluated and what its adapters contain."""
 
 from __future__ import annotations
 
