@@ -4,7 +4,6 @@ run in which the evaluated (stable) adapter differs from the plastic one."""
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from nlora import RunConfig

@@ -150,7 +150,6 @@ def test_a_run_is_rebuilt_from_its_saved_adapters_with_the_declared_weights(tmp_
     from nlora.export import read_run
     from nlora.method_state import load_state
     from nlora.models import load_backbone
-    from nlora.objectives import make_objective
     from nlora.predict import load_model
     from nlora.runner import load_tasks
 
