@@ -51,7 +51,9 @@ def detect_format(data_dir: str | Path, name: str) -> str:
     for folder in (root / name, root / "SuperNI" / name):
         train = split_file(folder, ("train",)) if folder.is_dir() else None
         if train is not None:
-            return "superni" if _holds_an_object(train) else "trace"
+            return _format_of(train)
+    if any((p / name / "train.json").is_file() for p in root.iterdir() if p.is_dir()):
+        return "cl_benchmark"  # a classification task's group folder, its labels.json missing: its reader says so
     classification = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
     free_text = sorted(p.parent.name if p.parent != root else p.name for p in root.glob("*/train.json*"))
     free_text += sorted(f"SuperNI/{p.parent.name}" for p in root.glob("SuperNI/*/train.json*"))
@@ -61,13 +63,18 @@ def detect_format(data_dir: str | Path, name: str) -> str:
                      f"{', '.join(available) or 'none'}")
 
 
-def _holds_an_object(path: Path) -> bool:
-    """Whether a JSON file starts with an object (a SuperNI task file) rather than an array or JSON lines."""
-    if path.suffix == ".jsonl":
-        return False
+def _format_of(path: Path) -> str:
+    """The format of a train split read from its start: a JSON object is a SuperNI task file; an array (or JSON
+    lines) is TRACE's, unless its first record is a classification example (a CL_Benchmark task whose labels.json
+    is missing, which that reader names)."""
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"{")
+    if path.suffix != ".jsonl" and head.startswith(b"{"):
+        return "superni"
+    first = head.split(b"}", 1)[0]
+    if b'"sentence"' in first and b'"label"' in first and b'"prompt"' not in first:
+        return "cl_benchmark"
+    return "trace"
 
 
 def default_metric(task: TaskData) -> str:
