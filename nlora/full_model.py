@@ -109,10 +109,12 @@ class FullModel:
     def current(self) -> str:
         return self.names[-1]
 
-    def add(self, name: str) -> str:
+    def add(self, name: str, factors: str = "both") -> str:
+        """Record phase name `name` and make every parameter train (`factors`: as ContinualAdapters.add's, which
+        must be "both": there are no LoRA factors)."""
         if name not in self.names:
             self.names.append(name)
-        self.activate(self.names, trainable=name)
+        self.activate(self.names, trainable=name, factors=factors)
         return name
 
     def activate(self, names: list[str], trainable: str | None = None, factors: str = "both") -> None:
