@@ -110,10 +110,11 @@ class FullModel:
         return self.names[-1]
 
     def add(self, name: str, factors: str = "both") -> str:
-        """Name the phase's model (`factors` is for LoRA adapters; every base parameter trains here)."""
+        """Record phase name `name` and make every parameter train (`factors`: as ContinualAdapters.add's, which
+        must be "both": there are no LoRA factors)."""
         if name not in self.names:
             self.names.append(name)
-        self.activate(self.names, trainable=name)
+        self.activate(self.names, trainable=name, factors=factors)
         return name
 
     def activate(self, names: list[str], trainable: str | None = None, factors: str = "both") -> None:

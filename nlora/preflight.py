@@ -26,7 +26,8 @@ def preflight(config: "RunConfig", method: "Method", backbone: "Backbone", targe
 
 def check_trained_state(config: "RunConfig", method: "Method") -> None:
     """A method that trains every base parameter (Method.trains "base") cannot train a quantized base, nor one
-    sharded by nlora's FSDP2 (which keeps the base frozen and only the adapters whole), and has no LoRA factors."""
+    sharded by nlora's FSDP2 (which keeps the base frozen and only the adapters whole), and has no LoRA factors
+    (to train one of, or to mask the gradients of)."""
     if method.trains not in ("adapters", "base"):
         raise NloraError(f"method '{method.name}': trains must be 'adapters' or 'base', got {method.trains!r}")
     if method.trains != "base":
@@ -42,6 +43,9 @@ def check_trained_state(config: "RunConfig", method: "Method") -> None:
     if config.train_factors != "both":
         raise NloraError(f"option 'train_factors': method '{method.name}' trains every base weight and has no "
                          "LoRA factors; leave it at both")
+    if config.grad_mask != "none":  # it masks rows of the trained LoRA factors: with none it would do nothing
+        raise NloraError(f"option 'grad_mask': {config.grad_mask} masks the gradients of LoRA factors, and method "
+                         f"'{method.name}' trains the base weights, which it does not cover; leave it at none")
 
 
 def check_batch_split(config: "RunConfig", num_processes: int) -> None:

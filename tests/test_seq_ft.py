@@ -6,6 +6,7 @@ refused before anything is written."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -79,6 +80,15 @@ def test_seq_ft_trains_every_base_weight_with_a_full_rank_update_where_seq_lora_
     (f,) = [f for f in lora.factors("shared") if f.layer.endswith(layer.removesuffix(".weight"))]
     delta = f.scaling * f.B.detach() @ f.A.detach()
     assert delta.abs().max() > 0 and _rank(delta) <= 2
+
+
+@pytest.mark.parametrize("name", ["add", "activate", "save", "load", "factors", "lora_layers",
+                                  "trainable_parameters"])
+def test_full_model_takes_what_the_engine_passes_to_adapters(name):
+    """The engine calls FullModel where it calls ContinualAdapters: every argument of the one the other takes."""
+    theirs = inspect.signature(getattr(ContinualAdapters, name)).parameters
+    ours = inspect.signature(getattr(FullModel, name)).parameters
+    assert list(ours) == list(theirs), name
 
 
 def test_load_weights_refuses_a_model_of_other_shape(tmp_path):
@@ -171,6 +181,7 @@ def test_mtl_ft_trains_once_on_the_union(synthetic_dir):
     ("sharding", "fsdp2", "option 'sharding'"),
     ("load_in_4bit", True, "option 'load_in_4bit'"),
     ("train_factors", "A", "option 'train_factors'"),
+    ("grad_mask", "migu", "option 'grad_mask'"),
 ])
 def test_what_cannot_train_the_base_is_refused(option, value, message):
     config = RunConfig(method="seq-ft", tasks=["harbor"], **{option: value})
