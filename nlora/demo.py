@@ -54,7 +54,9 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
                                                  tasks=tuple(t for t in TASK_NAMES if t in base.tasks))
             seeded = seeded.replace(data_dir=str(data_dir))
         for method in DEMO_METHODS:
-            config = seeded.replace(method=method, output_dir=str(root / f"seed-{seed}" / method))
+            # the options given (--lambda) are n-lora's, the demo's first method; inc-lora has none of its own
+            own = seeded.method_options if method == seeded.method else {}
+            config = seeded.replace(method=method, method_options=own, output_dir=str(root / f"seed-{seed}" / method))
             print(f"\n=== seed {seed}, {method}: {len(config.tasks)} tasks, model {config.model}")
             metrics = run(config, progress=progress)
             print(format_run(metrics))

@@ -343,10 +343,12 @@ def test_lora_l1_dispatch_and_errors():
     assert "'l1'" in str(err.value) and all(form in str(err.value) for form in PENALTY_FORMS)
 
 
-def test_penalty_forms_match_config():
-    from nlora.config import PENALTY_FORMS as CONFIG_FORMS
+def test_penalty_forms_match_the_n_lora_option():
+    from nlora.methods.n_lora import NLoRAOptions
+    from nlora.options import option_fields
 
-    assert tuple(CONFIG_FORMS) == PENALTY_FORMS
+    choices = next(f.metadata["choices"] for f in option_fields(NLoRAOptions) if f.name == "penalty_form")
+    assert tuple(choices) == PENALTY_FORMS
 
 
 # ---------------------------------------------------------------------------------------------- O-LoRA
