@@ -346,8 +346,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(yaml.safe_dump(config.validate().to_dict(), sort_keys=False), end="")
                     return 0
             else:
-                config = load_config(Path(args.run_dir) / "config.yaml", {"output_dir": args.run_dir},
-                                     saved_run=True)
+                saved = Path(args.run_dir) / "config.yaml"
+                if saved.is_file():  # an edit is named as such before it is read as a configuration
+                    from .config import load_yaml_file
+                    from .provenance import check_config_digest
+                    from .rundir import RESUME_FREE_KEYS
+
+                    check_config_digest(Path(args.run_dir) / "run.json", load_yaml_file(saved), saved,
+                                        RESUME_FREE_KEYS)
+                config = load_config(saved, {"output_dir": args.run_dir}, saved_run=True)
                 resume = True
             run_dir = config.output_dir
             metrics = run(config, progress=not args.quiet, resume=resume)
