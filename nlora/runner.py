@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from .adapters import ContinualAdapters, folding
 from .checkpoint import load_checkpoint, remove_checkpoint
-from .config import RunConfig, load_config
+from .config import RunConfig, load_config, load_yaml_file
 from .data import TaskData
 from .engine import make_accelerator, shard_model
 from .errors import NloraError
@@ -130,7 +130,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
     if resume:
         saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
         check_same_config(saved, resolved.to_dict(), paths.config)
-        check_config_digest(paths.root / "run.json", saved, paths.config, RESUME_FREE_KEYS)
+        check_config_digest(paths.root / "run.json", load_yaml_file(paths.config), paths.config, RESUME_FREE_KEYS)
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
@@ -138,14 +138,13 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         lock.acquire(paths.root)  # a second writer is refused here, having written nothing
         prepare_output_dir(config, resume)
     accelerator.wait_for_everyone()
-    # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
-    recorded = saved if resume else resolved.replace(overwrite=False).to_dict()
     if accelerator.is_main_process and not resume:
-        write_yaml_atomic(paths.config, recorded)
-    if accelerator.is_main_process:  # versions, devices, data hashes (nlora.provenance)
+        # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
+        write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+    if accelerator.is_main_process:  # versions, devices, data hashes, the digest of config.yaml as it reads back
         record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
                                                                accelerator.num_processes), resume,
-                   config_digest(recorded, RESUME_FREE_KEYS))
+                   config_digest(load_yaml_file(paths.config), RESUME_FREE_KEYS))
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)
 

@@ -2,6 +2,8 @@
 their defaults, and lacks the keys added since) still resumes, exports, predicts and reports; a run of another
 method's non-default option in such a file is refused, naming the owner."""
 
+import json
+
 import yaml
 
 from nlora.cli import main
@@ -20,6 +22,10 @@ def test_a_run_written_by_the_previous_release_still_works(tmp_path, synthetic_d
     config = yaml.safe_load((run / "config.yaml").read_text())
     old = {k: v for k, v in config.items() if k not in NEW_KEYS} | OLD_KEYS
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    record = json.loads((run / "run.json").read_text())  # the previous release recorded no digest
+    for session in record["sessions"]:
+        session.pop("config_digest", None)
+    (run / "run.json").write_text(json.dumps(record))
     assert main(["resume", str(run), "--quiet"]) == 0
     assert main(["export", str(run), str(tmp_path / "export")]) == 0
     assert main(["predict", str(run), "--tasks", "harbor", "--output", str(tmp_path / "p.jsonl"), "--quiet"]) == 0
@@ -28,5 +34,8 @@ def test_a_run_written_by_the_previous_release_still_works(tmp_path, synthetic_d
     old["orth_lambda"] = 0.7  # not what the previous release wrote for an inc-lora run: another method's choice
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     capsys.readouterr()
+    assert main(["resume", str(run), "--quiet"]) == 2  # resumed once, the run has a digest: the edit is named
+    assert "was changed after the run started" in capsys.readouterr().err
+    (run / "run.json").unlink()  # as the previous release left it: no digest, the option's owner is named
     assert main(["resume", str(run), "--quiet"]) == 2
     assert "option 'orth_lambda' belongs to method 'o-lora'" in capsys.readouterr().err

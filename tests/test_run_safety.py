@@ -74,6 +74,9 @@ def test_task_names_from_a_run_directory_must_be_plain(run_copy, synthetic_dir, 
                                                                      "--upto", "1"]):
         code, err = _cli(argv, capsys)
         assert code == 2 and f"{run_copy / 'config.yaml'}: task name '../../evil' is not a plain dataset name" in err
+    code, err = _cli(["resume", str(run_copy), "--quiet"], capsys)  # the edit is named first
+    assert code == 2 and "was changed after the run started" in err
+    (run_copy / "run.json").unlink()  # a run with no recorded digest: the name itself is refused
     code, err = _cli(["resume", str(run_copy), "--quiet"], capsys)
     assert code == 2 and "option 'tasks': task name '../../evil' is not a plain dataset name" in err
 
