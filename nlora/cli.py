@@ -48,9 +48,9 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
     _add_fields(parser, RunConfig, config_fields(), skip)
     if method_modules is None:
         return
-    from .methods import METHODS, get_method
+    from .methods import METHODS, load_methods
 
-    get_method("n-lora", method_modules)  # imports the modules and entry points
+    load_methods(method_modules)
     seen: set[str] = set()
     for name in sorted(METHODS):
         options = METHODS[name].Options
@@ -275,10 +275,10 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
 
 
 def print_methods(name: str | None, modules: list[str]) -> None:
-    from .methods import METHODS, get_method
+    from .methods import METHODS, get_method, load_methods
 
     if name is None:
-        get_method("n-lora", modules)
+        load_methods(modules)
         for method, cls in sorted(METHODS.items()):
             print(f"{method:12s} {cls.description}")
         print("\n`nlora methods NAME` lists a method's options.")

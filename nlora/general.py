@@ -33,6 +33,7 @@ import torch
 from .errors import NloraError
 from .export import check_summable, read_run, read_run_config
 from .io import write_json_atomic
+from .rundir import read_json_object
 
 GENERAL_FILE = "general.json"
 SCHEMA_VERSION = 1
@@ -174,13 +175,10 @@ def summarize(record: dict) -> dict:
 def read_general(run_dir: str | Path) -> dict | None:
     """RUN_DIR/general.json, or None where there is none."""
     path = Path(run_dir) / GENERAL_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NloraError(f"{path} is corrupt ({e})") from None
-    if not isinstance(record, dict) or record.get("schema_version") != SCHEMA_VERSION:
+    record = read_json_object(path)
+    if record is None or record.get("schema_version") != SCHEMA_VERSION:
         raise NloraError(f"{path}: not a general.json of schema version {SCHEMA_VERSION}")
     return record
 

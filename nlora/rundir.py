@@ -157,6 +157,17 @@ def read_log(path: str | Path) -> list[dict]:
     return lines
 
 
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object file of a run directory: None where it is absent (or not an object); corrupt is an error."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NloraError(f"{path} is corrupt ({e})") from None
+    return data if isinstance(data, dict) else None
+
+
 def read_metrics(paths: RunPaths) -> dict | None:
     if not paths.metrics.is_file():
         return None

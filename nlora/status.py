@@ -8,7 +8,6 @@ times the mean seconds per evaluated entry."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -18,19 +17,9 @@ import yaml
 
 from .errors import NloraError
 from .summary import format_matrix, metric_lines, what_is_scored
-from .rundir import CHECKPOINT_DIR, LOG_FILE, read_log
+from .rundir import CHECKPOINT_DIR, LOG_FILE, read_json_object, read_log
 
 LAST_STEPS = 5  # logged steps shown
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NloraError(f"{path} is corrupt ({e})") from None
-    return data if isinstance(data, dict) else None
 
 
 def _phases(config: dict, n_tasks: int) -> list[int]:
@@ -56,9 +45,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise NloraError(f"{config_path} is corrupt ({e})") from None
-    metrics = _read_json(root / "metrics.json") or {}
+    metrics = read_json_object(root / "metrics.json") or {}
     log = read_log(root / LOG_FILE)
-    checkpoint = _read_json(root / CHECKPOINT_DIR / "progress.json")
+    checkpoint = read_json_object(root / CHECKPOINT_DIR / "progress.json")
     tasks = metrics.get("tasks") or list(config.get("tasks") or [])
     n = len(tasks)
     phases = metrics.get("phases") or _phases(config, n)

@@ -1,7 +1,7 @@
 """The methods: one file each, on the contract of `base.Method`; `registry` holds them by name."""
 
 from .base import Method, MethodContext
-from .registry import (METHODS, get_method, option_owner, per_task_pairs, register, resolve,  # noqa: F401
+from .registry import (METHODS, get_method, load_methods, option_owner, per_task_pairs, register, resolve,  # noqa: F401
                        split_method_options)
 # each module registers its method(s)
 from . import (bounds, clora, ewc, ilora, inc_lora, inflora, lwf, n_lora, o_lora, replay,  # noqa: F401,E402

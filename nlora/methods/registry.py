@@ -94,9 +94,15 @@ def load_entry_points() -> None:
             register(loaded)
 
 
-def get_method(name: str, modules: list[str] | None = None) -> type[Method]:
+def load_methods(modules: list[str] | None = None) -> dict[str, type[Method]]:
+    """Every method: the package's, those of `modules` (option method_module) and the entry points'."""
     import_method_modules(modules or [])
     load_entry_points()
+    return METHODS
+
+
+def get_method(name: str, modules: list[str] | None = None) -> type[Method]:
+    load_methods(modules)
     if name not in METHODS:
         raise NloraError(f"option 'method': unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
