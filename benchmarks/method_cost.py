@@ -2,10 +2,16 @@
 (where every method's own part is active) against the base method's step, the time of its between-task passes
 (the hooks before and after a task: a Fisher, a covariance and SVD), and the bytes of its saved state.
 
+The between-task passes are set beside one forward epoch of the task: a benchmark-only method, `forward-epoch`
+(IncLoRA whose after-task hook runs the task's training examples through the model once, without gradient, at the
+run's batch size, through `nlora.passes.layer_inputs` with no layer hooked), measured in the same rounds. Passes run
+at the training batch size (eval_batch_size = batch_size).
+
 Every method runs the same 2-task sequence through `nlora.run` (the whole engine: penalties in-forward, hooks, the
 fold), with its default options. The base of a method is inc-lora for a new adapter per task and seq-lora for one
-shared adapter. Rounds alternate which of the two runs first, and the ratio is taken per round (a machine whose speed
-drifts moves both runs of a round alike); the table gives the median ratio and its range over the rounds. A step's
+shared adapter. Each round runs every base and every method once, in an order reversed from one round to the next,
+and a method's ratio is taken against its base's run of the same round (a machine whose speed drifts moves a round's
+runs alike); the table gives the median ratio and its range over the rounds. A step's
 time is the median of `s_per_step` over the second task's logged steps, the first excluded (warm-up).
 
 Models: `minilm` (the packaged all-MiniLM-L6-v2) and `t5-large-slice` (T5-large's width, d_model 1024, d_ff 4096,
@@ -28,14 +34,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nlora import RunConfig, run  # noqa: E402
-from nlora.methods import METHODS, get_method  # noqa: E402
+from nlora.methods import METHODS, get_method, register  # noqa: E402
+from nlora.methods.inc_lora import IncLoRA  # noqa: E402
+from nlora.passes import layer_inputs  # noqa: E402
 from nlora.rundir import read_log  # noqa: E402
 from nlora.synthetic import write_synthetic_benchmark  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Bounds to show beside the measured ratios (a method not listed has none).
-TARGETS = {"ewc": "<= 1.05", "clora": "<= 1.05", "lwf": "<= 1 + one forward", "inflora": "<= 1.00"}
+TARGETS = {"ewc": "step <= 1.05", "clora": "step <= 1.05", "lwf": "step <= 1 + one forward",
+           "inflora": "step <= 1.00, passes <= 1 forward epoch"}
 NOT_CONTINUAL = ("mtl", "mtl-ft")  # one phase: nothing to compare in a second task
+FORWARD_EPOCH = "forward-epoch"
+
+
+@register
+class ForwardEpoch(IncLoRA):
+    """IncLoRA + one no-grad forward pass over the task's training examples after the task: the yardstick of the
+    between-task passes (not a continual-learning method)."""
+    name = FORWARD_EPOCH
+    description = "benchmark yardstick: IncLoRA + one forward epoch of the task after it"
+
+    def after_task(self, k, ctx):
+        layer_inputs(ctx, list(ctx.tasks[k].train), {}, lambda name, x: None, batch_size=self.config.batch_size)
 
 
 def build_t5_slice(folder: Path) -> str:
@@ -61,7 +82,7 @@ def base_of(method: str) -> str:
 def one_run(model: str, method: str, data: Path, out: Path, steps: int, batch: int) -> dict:
     config = RunConfig(model=model, method=method, tasks=["harbor", "orchard"], data_dir=str(data),
                        output_dir=str(out), max_train_samples=steps * batch, max_eval_samples=2, batch_size=batch,
-                       eval_batch_size=2, epochs=1, checkpoint_steps=0, log_steps=1, device="cpu",
+                       eval_batch_size=batch, epochs=1, checkpoint_steps=0, log_steps=1, device="cpu",
                        max_source_length=128, max_target_length=4, overwrite=True)
     metrics = run(config, progress=False)
     second = [line for line in read_log(out / "log.jsonl") if line["event"] == "train" and line["phase"] == 1]
@@ -74,32 +95,39 @@ def one_run(model: str, method: str, data: Path, out: Path, steps: int, batch: i
 
 def measure(model_name: str, model: str, methods: list[str], rounds: int, steps: int, batch: int,
             work: Path) -> list[dict]:
+    """Each round runs the yardstick, every base once and every method once, in an order reversed from one round
+    to the next; a method's step is divided by its base's step of the same round."""
     data = write_synthetic_benchmark(work / "data", n_train=steps * batch, n_test=4, seed=0)
+    bases = {m: base_of(m) for m in methods}
+    lineup = [FORWARD_EPOCH] + sorted(set(bases.values()) - set(methods)) + methods
+    results: dict[str, list[dict]] = {m: [] for m in lineup}
+    for r in range(rounds):
+        for m in (lineup if r % 2 == 0 else lineup[::-1]):
+            results[m].append(one_run(model, m, data, work / m, steps, batch))
+            print(json.dumps({"model": model_name, "round": r, "method": m, **results[m][-1]}), file=sys.stderr,
+                  flush=True)
+    forward_epoch = statistics.median(run["after_task"] for run in results[FORWARD_EPOCH])
     rows = []
     for method in methods:
-        base = base_of(method)
-        ratios, runs = [], []
-        for r in range(rounds):
-            order = (method, base) if r % 2 == 0 else (base, method)
-            got = {m: one_run(model, m, data, work / f"{model_name}-{m}", steps, batch) for m in order}
-            ratios.append(got[method]["step"] / got[base]["step"])
-            runs.append(got[method])
+        runs, base = results[method], bases[method]
+        ratios = [mine["step"] / theirs["step"] for mine, theirs in zip(runs, results[base])]
         rows.append({"model": model_name, "method": method, "base": base,
                      "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-                     "step_s": statistics.median(r["step"] for r in runs),
-                     "between_s": statistics.median(r["after_task"] + r["before_task"] for r in runs),
+                     "step_s": statistics.median(run["step"] for run in runs),
+                     "between_s": statistics.median(run["after_task"] + run["before_task"] for run in runs),
+                     "forward_epoch_s": forward_epoch, "forward_batch_s": forward_epoch / steps,
                      "state_bytes": runs[-1]["state_bytes"], "target": TARGETS.get(method, "")})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | method | base | step / base (median, range) | step (s) | between-task passes (s) | "
-             "state | target |", "|---|---|---|---|---|---|---|---|"]
+             "passes / forward epoch | one batch's forward (s) | state | target |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         state = f"{r['state_bytes'] / 2**20:.2f} MiB" if r["state_bytes"] else "0"
         lines.append(f"| {r['model']} | {r['method']} | {r['base']} | {r['ratio']:.2f}x ({r['low']:.2f}-"
-                     f"{r['high']:.2f}) | {r['step_s']:.3f} | {r['between_s']:.2f} | {state} | {r['target']} |")
+                     f"{r['high']:.2f}) | {r['step_s']:.3f} | {r['between_s']:.2f} | "
+                     f"{r['between_s'] / r['forward_epoch_s']:.2f} | {r['forward_batch_s']:.3f} | {state} | {r['target']} |")
     return "\n".join(lines)
 
 
@@ -111,9 +139,14 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     args = p.parse_args(argv)
-    methods = sorted(m for m in METHODS if m not in NOT_CONTINUAL) if args.methods == "all" \
+    methods = sorted(m for m in METHODS if m not in NOT_CONTINUAL + (FORWARD_EPOCH,)) if args.methods == "all" \
         else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="method_cost_"))
     rows = []
     start = time.perf_counter()

@@ -38,15 +38,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ORDER_1 = ("dbpedia", "amazon", "yahoo", "agnews")
-METHODS = ("seq-lora", "inc-lora", "o-lora", "n-lora", "mtl", "ewc")
+METHODS = ("seq-lora", "inc-lora", "o-lora", "n-lora", "mtl", "replay", "ewc", "lwf", "clora", "inflora", "s-lora",
+           "i-lora", "seq-ft")
 # Examples per task (yahoo has only 171 train / 138 test examples here, so it is capped there).
 PROFILES = {
     "full": dict(train_samples=250, test_samples=250, dev_samples=80, epochs=2),
     "quick": dict(train_samples=64, test_samples=64, dev_samples=24, epochs=2),
 }
 # Chosen by --sweep on the dev split carved from train (see the module docstring).
-DEFAULTS = dict(lr=1e-3, lambda_=1e-5, orth_lambda=0.5, ewc_lambda=1.0, batch_size=16, max_source_length=128,
-                lora_r=8, lora_alpha=32.0)
+DEFAULTS = dict(lr=1e-3, batch_size=16, max_source_length=128, lora_r=8, lora_alpha=32.0)
+# The one tuned value of each method that has one: (method, its RunConfig field, flag, default, what it is). The
+# defaults were chosen by --sweep on the dev split carved from train (RESULTS.md); every other option of a method
+# keeps nlora's default. --sweep-<flag>s gives the values a sweep tries.
+TUNED = (
+    ("n-lora", "lambda_", "lambda", 1e-5, "N-LoRA λ (delta form: λ · Σ_layers ‖scaling·B·A‖₁)"),
+    ("o-lora", "orth_lambda", "orth-lambda", 0.5, "O-LoRA λ₁"),
+    ("ewc", "ewc_lambda", "ewc-lambda", 1.0, "EWC λ (Fisher normalised by its mean)"),
+    ("lwf", "lwf_lambda", "lwf-lambda", 1.0, "LwF λ (T = 2)"),
+    ("clora", "clora_lambda", "clora-lambda", 1.0, "CLoRA λ"),
+    ("seq-ft", "lr", "seqft-lr", 1e-4, "learning rate of full fine-tuning (seq-ft)"),
+)
+SWEEP_GRIDS = {"lambda": "1e-5,1e-4,1e-3", "orth-lambda": "0.5"}  # the others: none unless given
 SWEEP_SEED = 0
 SWEEP_DIAGNOSTICS = ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm", "mean_olora_overlap")
 # Keys that may differ between a finished run and the command that would reuse it.
@@ -72,13 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-samples", type=int, help="test examples per task (profile default)")
     p.add_argument("--epochs", type=int, help="epochs per task (profile default)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--lambda", dest="lambda_", type=float, default=DEFAULTS["lambda_"],
-                   help="N-LoRA λ (delta form: λ · Σ_layers ‖scaling·B·A‖₁)")
+    for method, field, flag, default, what in TUNED:
+        p.add_argument(f"--{flag}", dest=field if field != "lr" else flag.replace("-", "_"), type=float,
+                       default=default, help=f"{what} ({method} runs only; default {default:g})")
     p.add_argument("--penalty-form", default="delta", choices=("delta", "reference", "factors"),
                    help="N-LoRA penalty form (n-lora runs only; see the README)")
-    p.add_argument("--orth-lambda", type=float, default=DEFAULTS["orth_lambda"], help="O-LoRA λ₁")
-    p.add_argument("--ewc-lambda", type=float, default=DEFAULTS["ewc_lambda"], help="EWC λ (Fisher normalised by "
-                   "its mean)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--max-source-length", type=int, default=DEFAULTS["max_source_length"])
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
@@ -88,9 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the selection grid on a dev split carved from train instead of the benchmark")
     p.add_argument("--dev-samples", type=int,
                    help="--sweep: dev examples carved from each task's training sample (profile default)")
-    p.add_argument("--sweep-lambdas", default="1e-5,1e-4,1e-3", help="--sweep: N-LoRA λ values")
-    p.add_argument("--sweep-orth-lambdas", default="0.5", help="--sweep: O-LoRA λ₁ values")
-    p.add_argument("--sweep-ewc-lambdas", default="", help="--sweep: EWC λ values (none by default)")
+    for method, field, flag, default, what in TUNED:
+        grid = SWEEP_GRIDS.get(flag, "")
+        p.add_argument(f"--sweep-{flag}s", default=grid, help=f"--sweep: {what} values ({grid or 'none'} by default)")
     p.add_argument("--sweep-lrs", default="", help="--sweep: learning rates tried on inc-lora (default: --lr)")
     args = p.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
@@ -121,14 +131,25 @@ def base_config(args, **changes):
                   max_train_samples=args.train_samples, max_eval_samples=args.test_samples, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, max_source_length=args.max_source_length,
                   lora_r=DEFAULTS["lora_r"], lora_alpha=DEFAULTS["lora_alpha"], device="cpu", checkpoint_steps=50)
-    # each method gets only its own options (another method's is an error)
-    own = {"n-lora": dict(lambda_=args.lambda_, penalty_form=args.penalty_form),
-           "o-lora": dict(orth_lambda=args.orth_lambda), "ewc": dict(ewc_lambda=args.ewc_lambda)}
-    values.update(own.get(changes.get("method"), {}))
+    values.update(tuned_values(args, changes.get("method")))  # only its own (another method's is an error)
     values.update(changes)
     if values.get("method") not in (None, "mtl"):  # the base model's score on each task (zero-shot) and FWT
         values.setdefault("eval_future", True)
     return RunConfig(**values)
+
+
+def tuned_values(args, method: str | None) -> dict:
+    """The tuned options of `method` as this invocation sets them."""
+    values = {field: getattr(args, field if field != "lr" else flag.replace("-", "_"))
+              for m, field, flag, _, _ in TUNED if m == method}
+    if method == "n-lora":
+        values["penalty_form"] = args.penalty_form
+    return values
+
+
+def tuned_text(args, methods) -> str:
+    return ", ".join(f"{m} {field.rstrip('_')} {getattr(args, field if field != 'lr' else flag.replace('-', '_')):g}"
+                     for m, field, flag, _, _ in TUNED if m in methods)
 
 
 def run_or_reuse(config, overwrite: bool, progress: bool) -> tuple[dict, str]:
@@ -256,8 +277,8 @@ def run_benchmark(args) -> list[dict]:
     notes = [f"Standard CL benchmark, order 1 ({' → '.join(ORDER_1)}), {args.train_samples} train / "
              f"{args.test_samples} test examples per task (yahoo: all 171 / 138 at most), {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.lr:g}, LoRA r {DEFAULTS['lora_r']} α {DEFAULTS['lora_alpha']:g} "
-             f"on query/value, max {args.max_source_length} tokens; n-lora λ {args.lambda_:g} "
-             f"({args.penalty_form} form), o-lora λ₁ {args.orth_lambda:g}; model {base_config(args).model} "
+             f"on query/value, max {args.max_source_length} tokens; {tuned_text(args, args.methods)} (n-lora "
+             f"{args.penalty_form} form); every other option nlora's default; model {base_config(args).model} "
              "(scoring head).",
              f"Seeds {','.join(map(str, args.seeds))} (the seed also draws the train/test subsets); "
              "time = training + evaluation recorded in each run's metrics.json (evaluation includes the "
@@ -310,9 +331,9 @@ def run_sweep(args) -> list[dict]:
     lrs = parse_floats(args.sweep_lrs) or [args.lr]
     specs = [("inc-lora", dict(lr=lr)) for lr in lrs]
     form = {} if args.penalty_form == "delta" else {"penalty_form": args.penalty_form}
-    specs += [("n-lora", dict(lambda_=lam, **form)) for lam in parse_floats(args.sweep_lambdas)]
-    specs += [("o-lora", dict(orth_lambda=lam)) for lam in parse_floats(args.sweep_orth_lambdas)]
-    specs += [("ewc", dict(ewc_lambda=lam)) for lam in parse_floats(args.sweep_ewc_lambdas)]
+    for method, field, flag, _, _ in TUNED:
+        grid = parse_floats(getattr(args, f"sweep_{flag.replace('-', '_')}s"))
+        specs += [(method, {field: value, **(form if method == "n-lora" else {})}) for value in grid]
     rows = []
     for method, changes in specs:
         shown = {k.rstrip("_"): f"{v:g}" if isinstance(v, float) else v for k, v in changes.items()}

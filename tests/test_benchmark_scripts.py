@@ -58,7 +58,7 @@ def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
     n_lora = next(line for line in text.splitlines() if line.startswith("| n-lora |"))
     # last row 46, 60, 70, 80 (+0 and +2 for the seeds): AP 64 and 66, mean 65.00 ± 1.41
     assert "| 2 |" in n_lora and "65.00 ± 1.41" in n_lora and "0.5" in n_lora
-    assert "n-lora λ 1e-05 (delta form)" in text and "Machine:" in text
+    assert "n-lora lambda 1e-05" in text and "(n-lora delta form)" in text and "Machine:" in text
     mtl = [c for c in reproduce.calls if c.method == "mtl"]
     assert mtl and not any(c.eval_future for c in mtl)
     assert all(c.eval_future for c in reproduce.calls if c.method != "mtl")
