@@ -61,8 +61,9 @@ TUNED = (
 SWEEP_GRIDS = {"lambda": "1e-5,1e-4,1e-3", "orth-lambda": "0.5"}  # the others: none unless given
 SWEEP_SEED = 0
 SWEEP_DIAGNOSTICS = ("mean_collision_rate", "mean_sparsity", "mean_nuclear_norm", "mean_olora_overlap")
-# Keys that may differ between a finished run and the command that would reuse it.
-REUSE_FREE_KEYS = ("output_dir", "overwrite", "model_kind", "target_modules")
+# Keys that may differ between a finished run and the command that would reuse it: where to write, and what the
+# run resolved from this script's `auto` (config.yaml records the value used).
+REUSE_FREE_KEYS = ("output_dir", "overwrite", "model_kind", "target_modules", "dtype", "attn_implementation")
 
 
 def parse_floats(text: str) -> list[float]:

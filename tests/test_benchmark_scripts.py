@@ -82,7 +82,9 @@ def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path
     for method in ("inc-lora", "n-lora"):
         config = module.base_config(earlier, method=method, seed=42, output_dir=str(tmp_path / method))
         (tmp_path / method).mkdir()
-        (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        # as a run records them: what `auto` resolved to
+        saved = {**config.to_dict(), "dtype": "float32", "attn_implementation": "sdpa", "model_kind": "encoder"}
+        (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(saved))
         (tmp_path / method / "metrics.json").write_text('{"complete": true}')
     later = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-5"])
     inc = module.base_config(later, method="inc-lora", seed=42, output_dir=str(tmp_path / "inc-lora"))
