@@ -471,15 +471,30 @@ def kept_for_training(model: torch.nn.Module):
             torch.mps.set_rng_state(mps)
 
 
+@contextmanager
+def without_mixed_precision(model: torch.nn.Module):
+    """The model's own forward, without the autocast that accelerate's `prepare` wraps around it under mixed
+    precision (an attribute of the instance; put back after): the base model before the first task and
+    eval-general's rebuilt model run without it, so every score is of the weights alone."""
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is not None:
+        del model.forward  # the class's forward
+    try:
+        yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
 class RunScoring:
     """General ability scored during a run (run option general_eval): the base model before the first task, then
     the live model after every general_eval_every-th task and the last, into RUN_DIR/general.json as `nlora
     eval-general` writes it, so that the report shows it and eval-general with the same settings reuses it. A
     resumed run skips the scores held. The main process scores, the others wait; the model is put back as
     training left it (`kept_for_training`, the active adapters restored), so the run trains and evaluates the
-    same bytes as without the option. The model scored is the one the run evaluates: eval-general's rebuild (the
-    folded sum as its own LoRA path) gives the same numbers, up to float rounding where the run merges the folded
-    adapters into float32 base weights."""
+    same bytes as without the option. The model scored is the one the run evaluates, without the training's
+    mixed-precision autocast: eval-general's rebuild (the folded sum as its own LoRA path) gives the same
+    numbers, up to float rounding where the run merges the folded adapters into float32 base weights."""
 
     WAIT = timedelta(days=7)  # lm-eval may score for hours; a NCCL barrier times out after 10 minutes
 
@@ -505,7 +520,8 @@ class RunScoring:
         if after not in self.after:
             return
         if self.accelerator.is_main_process:
-            with kept_for_training(adapters.model), adapters.using(active) as model:
+            with kept_for_training(adapters.model), without_mixed_precision(adapters.model), \
+                    adapters.using(active) as model:
                 self.evaluation.score_phase(after, lambda: ScoredModel(model, self.tokenizer, self.kind,
                                                                        _dtype_name(adapters.base_model)))
         if self._group is not None:

@@ -461,3 +461,25 @@ def test_a_run_started_over_drops_the_general_scores_of_the_old_one(tmp_path):
         prepare_output_dir(RunConfig(tasks=["harbor"], output_dir=str(tmp_path)), resume=False)
     prepare_output_dir(RunConfig(tasks=["harbor"], output_dir=str(tmp_path), overwrite=True), resume=False)
     assert not (tmp_path / "general.json").exists()
+
+
+def test_scoring_runs_the_model_without_the_autocast_of_mixed_precision_training():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from nlora.general import without_mixed_precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        weights_alone = model(x)
+        AcceleratorState._reset_state()  # as a run's accelerator does: another precision than the last one's
+        try:
+            Accelerator(cpu=True, mixed_precision="bf16").prepare(model)  # wraps model.forward in a bf16 autocast
+        finally:
+            AcceleratorState._reset_state()
+        autocast = model(x)
+        with without_mixed_precision(model):
+            assert torch.equal(model(x), weights_alone)
+        assert torch.equal(model(x), autocast) and not torch.equal(autocast, weights_alone)
