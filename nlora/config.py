@@ -183,6 +183,20 @@ class RunConfig:
                           "last: AP and those rows)", default="full", choices=EVAL_PLANS)
     eval_every: int = _opt("eval_plan every: evaluate after tasks K, 2K, ... and the last", default=5)
 
+    # general ability along the run (nlora.general; pip install "nlora[general]")
+    general_eval: list[str] = _opt("lm-eval benchmarks, as `nlora eval-general --tasks` takes them (e.g. "
+                                   "mmlu,gsm8k): score the base model before the first task, then the model after "
+                                   "tasks K, 2K, ... and the last (K = general_eval_every) into RUN_DIR/general.json; "
+                                   "empty: off", default_factory=list)
+    general_eval_every: int = _opt("general_eval: score after tasks K, 2K, ... and the last", default=1, minimum=1)
+    general_eval_num_fewshot: int | None = _opt("general_eval: few-shot examples (default: each benchmark's own)",
+                                                default=None, minimum=0)
+    general_eval_limit: int | None = _opt("general_eval: only the first N examples of each benchmark (a smoke "
+                                          "test, not comparable with full benchmarks)", default=None, minimum=1)
+    general_eval_batch_size: int = _opt("general_eval: lm-eval's batch size", default=8, minimum=1)
+    general_eval_include_path: str | None = _opt("general_eval: folder of lm-eval task YAML files of your own "
+                                                 "(local data: dataset_path: json)", default=None)
+
     # reliability and scale
     checkpoint_steps: int = _opt("save the current adapter and optimizer every N steps within a task "
                                  "(0: only at task ends)", default=200)
@@ -330,7 +344,13 @@ class RunConfig:
                 "save_pretrained and pass its folder as 'model'")
         from .methods import resolve  # methods never import this module at run time: no cycle
 
-        resolve(self)
+        method = resolve(self)
+        if any(not b.strip() for b in self.general_eval):
+            bad("general_eval", f"an empty benchmark name in {self.general_eval}")
+        if self.general_eval:
+            from .general import check_run_options
+
+            check_run_options(self, method)
         check_benchmark_order(self.benchmark, self.order)
         from .tracking import check_trackers
 

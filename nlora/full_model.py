@@ -126,6 +126,11 @@ class FullModel:
             for p in self.base_model.parameters():
                 p.requires_grad_(True)
 
+    @contextlib.contextmanager
+    def using(self, names: list[str]):
+        """As ContinualAdapters.using: there is one model, which runs as it is."""
+        yield self.model
+
     def lora_layers(self) -> list:
         return []
 

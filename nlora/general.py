@@ -14,7 +14,9 @@ ability delta). It records lm-eval's version, each benchmark's task versions and
 and the settings (few-shot, limit, batch size, weight dtype); scores already held under the same settings are not
 computed again, and a file computed under other settings is never added to: the call is refused and says why.
 
-A runner scores a phase through `GeneralEval.score_phase(after, model)`, which skips what general.json holds."""
+A runner scores a phase through `GeneralEval.score_phase(after, model)`, which skips what general.json holds. The
+run option `general_eval` does so during training (`RunScoring`): the live model, scored on the main process after
+each chosen phase and put back as training left it, into the same general.json."""
 
 from __future__ import annotations
 
@@ -23,22 +25,27 @@ import hashlib
 import json
 import logging
 import math
+import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import NloraError
 from .export import check_summable, read_run, read_run_config
 from .io import write_json_atomic
-from .rundir import read_json_object
+from .rundir import GENERAL_FILE, read_json_object
 
-GENERAL_FILE = "general.json"
 SCHEMA_VERSION = 1
 INSTALL_HINT = 'pip install "nlora[general]"'
 BACKENDS = {"decoder": "causal", "seq2seq": "seq2seq"}  # nlora's model kinds that lm-eval scores, as its HFLM names them
+# how errors name the options, on the command line (eval-general) and as run options (config.yaml keys)
+CLI_OPTIONS = {"tasks": "--tasks", "include_path": "--include-path"}
+RUN_OPTIONS = {"tasks": "'general_eval'", "include_path": "'general_eval_include_path'"}
 
 
 def require_lm_eval():
@@ -219,17 +226,22 @@ class GeneralEval:
     """The general-ability scores of one run under one set of settings, kept in RUN_DIR/general.json."""
 
     def __init__(self, run_dir: str | Path, benchmarks: list[str], settings: GeneralSettings = GeneralSettings(),
-                 include_path: str | Path | None = None, device: str = "auto"):
+                 include_path: str | Path | None = None, device: str = "auto", *, config=None,
+                 afresh: bool = False, options: dict[str, str] = CLI_OPTIONS):
+        """`config`: the run's configuration where its config.yaml is not written yet (default: read from it);
+        `afresh`: ignore a general.json already there (a run that starts over replaces it); `options`: how
+        errors name the options."""
         lm_eval = require_lm_eval()
         self.root = Path(run_dir)
-        self.config = read_run_config(self.root)
+        self.config = config if config is not None else read_run_config(self.root)
+        self.options = options
         self.benchmarks = list(dict.fromkeys(b.strip() for b in benchmarks if b.strip()))
         if not self.benchmarks:
-            raise NloraError("option --tasks: name at least one lm-eval task, group or tag")
+            raise NloraError(f"option {options['tasks']}: name at least one lm-eval task, group or tag")
         self.settings = settings.validate()
         self.include_path = None if include_path is None else Path(include_path)
         if self.include_path is not None and not self.include_path.is_dir():
-            raise NloraError(f"option --include-path: {self.include_path} is not a folder")
+            raise NloraError(f"option {options['include_path']}: {self.include_path} is not a folder")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.path = self.root / GENERAL_FILE
         fresh = {"schema_version": SCHEMA_VERSION, "harness": "lm-evaluation-harness",
@@ -237,7 +249,7 @@ class GeneralEval:
                  "run": {"model": self.config.model, "method": self.config.method, "tasks": list(self.config.tasks)},
                  "settings": {**self.settings.to_dict(), "dtype": None, "quantization": self._quantization()},
                  "benchmarks": {}, "scores": {}, "delta": {}}
-        self.record = self._check_held(read_general(self.root), fresh)
+        self.record = self._check_held(None if afresh else read_general(self.root), fresh)
         self._task_manager = None
         self._local_only = self.include_path is not None  # try the --include-path folder alone first
         self._checked = False
@@ -299,7 +311,8 @@ class GeneralEval:
             return self.task_manager.load([benchmark])
         except KeyError:
             where = f", nor one defined in {self.include_path}" if self.include_path else ""
-            raise NloraError(f"option --tasks: {benchmark!r} is not an lm-eval task, group or tag{where}") from None
+            raise NloraError(f"option {self.options['tasks']}: {benchmark!r} is not an lm-eval task, group or tag"
+                             f"{where}") from None
         except Exception as e:  # lm-eval and datasets raise many kinds here
             if self._local_only:  # a local group may name built-in tasks: retry with the built-in index
                 self._local_only, self._task_manager = False, None
@@ -308,17 +321,17 @@ class GeneralEval:
             raise NloraError(f"benchmark {benchmark!r}: lm-eval cannot load it ({type(e).__name__}: {first_line}). "
                              "Offline, lm-eval's built-in benchmarks need their datasets in the Hugging Face cache "
                              "(load them once online); a benchmark of your own can be a local task file "
-                             "(dataset_path: json) in --include-path DIR") from None
+                             f"(dataset_path: json) in a folder given as {self.options['include_path']}") from None
 
     def fingerprint(self, benchmark: str) -> dict:
         """Version, configuration hash and number of documents of each lm-eval task of the benchmark."""
         loaded = self._load(benchmark)
         group, task = loaded["groups"].get(benchmark), loaded["tasks"].get(benchmark)
         if group is None and task is None:
-            raise NloraError(f"option --tasks: {benchmark!r} is an lm-eval tag, a set of tasks with no score of its "
-                             f"own; name its tasks ({', '.join(sorted(loaded['tasks']))}) or a group")
+            raise NloraError(f"option {self.options['tasks']}: {benchmark!r} is an lm-eval tag, a set of tasks with "
+                             f"no score of its own; name its tasks ({', '.join(sorted(loaded['tasks']))}) or a group")
         if group is not None and not group.aggregate_metric_list:
-            raise NloraError(f"option --tasks: lm-eval group {benchmark!r} has no aggregate score "
+            raise NloraError(f"option {self.options['tasks']}: lm-eval group {benchmark!r} has no aggregate score "
                              "(aggregate_metric_list); name its tasks instead")
         return {"version": group.version if group is not None else task.VERSION,
                 "tasks": {name: {"version": t.VERSION, "config_sha256": _config_hash(t), "documents": len(t.eval_docs)}
@@ -334,8 +347,8 @@ class GeneralEval:
             now = self.fingerprint(benchmark)
             for task in now["tasks"]:
                 if task in owners:
-                    raise NloraError(f"option --tasks: {owners[task]!r} and {benchmark!r} both hold lm-eval task "
-                                     f"{task!r}; name each task once")
+                    raise NloraError(f"option {self.options['tasks']}: {owners[task]!r} and {benchmark!r} both hold "
+                                     f"lm-eval task {task!r}; name each task once")
                 owners[task] = benchmark
             held = self.record["benchmarks"].get(benchmark)
             if held is not None and _definition(held) != now:
@@ -402,6 +415,117 @@ def score_phase(run_dir: str | Path, after: int, benchmarks: list[str], settings
                 device: str = "auto") -> dict[str, dict]:
     """One phase of `GeneralEval` (see there): what a runner calls after a task; skips what general.json holds."""
     return GeneralEval(run_dir, benchmarks, settings, include_path, device).score_phase(after, model)
+
+
+# ------------------------------------------------------------------------------------------- during a run
+
+def run_settings(config) -> GeneralSettings:
+    """The settings of a run's general_eval_* options."""
+    return GeneralSettings(num_fewshot=config.general_eval_num_fewshot, limit=config.general_eval_limit,
+                           batch_size=config.general_eval_batch_size)
+
+
+def check_run_options(config, method) -> None:
+    """What RunConfig.validate checks of the run option general_eval, before any model or benchmark is loaded: the
+    extra is installed and one process can score the run's model."""
+    require_lm_eval()
+    if config.sharding == "fsdp2":
+        raise NloraError("option 'general_eval': not with sharding fsdp2, where each process holds a shard of the "
+                         "base model and lm-eval scores a whole model in one process; score the run after "
+                         f"training instead: nlora eval-general RUN_DIR --tasks {','.join(config.general_eval)} "
+                         "--upto 1,2,...")
+    if method.needs_task_id:
+        raise NloraError(f"option 'general_eval': method '{config.method}' evaluates each task with its own adapter "
+                         "(it needs the task id), so its tasks make no single model to score")
+    if config.model_kind == "encoder":
+        raise NloraError("option 'general_eval': lm-eval scores language models (decoder or seq2seq); an encoder "
+                         "has no language-model head")
+    if config.general_eval_include_path is not None and not Path(config.general_eval_include_path).is_dir():
+        raise NloraError(f"option 'general_eval_include_path': {config.general_eval_include_path} is not a folder")
+
+
+@contextmanager
+def kept_for_training(model: torch.nn.Module):
+    """Put back what lm-eval changes and training reads: lm-eval switches the model to eval mode and reseeds
+    python's, numpy's and torch's generators (and might touch requires_grad or the grad mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    trains = [(p, p.requires_grad) for p in model.parameters()]
+    grad_enabled = torch.is_grad_enabled()
+    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in trains:
+            p.requires_grad_(flag)
+        torch.set_grad_enabled(grad_enabled)
+        random.setstate(generators[0])
+        np.random.set_state(generators[1])
+        torch.set_rng_state(generators[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if mps is not None:
+            torch.mps.set_rng_state(mps)
+
+
+@contextmanager
+def without_mixed_precision(model: torch.nn.Module):
+    """The model's own forward, without the autocast that accelerate's `prepare` wraps around it under mixed
+    precision (an attribute of the instance; put back after): the base model before the first task and
+    eval-general's rebuilt model run without it, so every score is of the weights alone."""
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is not None:
+        del model.forward  # the class's forward
+    try:
+        yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
+class RunScoring:
+    """General ability scored during a run (run option general_eval): the base model before the first task, then
+    the live model after every general_eval_every-th task and the last, into RUN_DIR/general.json as `nlora
+    eval-general` writes it, so that the report shows it and eval-general with the same settings reuses it. A
+    resumed run skips the scores held. The main process scores, the others wait; the model is put back as
+    training left it (`kept_for_training`, the active adapters restored), so the run trains and evaluates the
+    same bytes as without the option. The model scored is the one the run evaluates, without the training's
+    mixed-precision autocast: eval-general's rebuild (the folded sum as its own LoRA path) gives the same
+    numbers, up to float rounding where the run merges the folded adapters into float32 base weights."""
+
+    WAIT = timedelta(days=7)  # lm-eval may score for hours; a NCCL barrier times out after 10 minutes
+
+    def __init__(self, config, run_dir: str | Path, resume: bool, accelerator, backbone, phases: list[int]):
+        from .evaluation_plan import planned_rows
+
+        if backbone.kind not in BACKENDS:
+            raise NloraError(f"option 'general_eval': lm-eval scores language models (decoder or seq2seq); "
+                             f"model '{config.model}' is an {backbone.kind}")
+        self.evaluation = GeneralEval(run_dir, config.general_eval, run_settings(config),
+                                      config.general_eval_include_path, str(accelerator.device), config=config,
+                                      afresh=not resume, options=RUN_OPTIONS)
+        self.evaluation.check_benchmarks()  # an unknown name or data missing offline fails before training
+        self.after = {0} | {k + 1 for k in planned_rows("every", config.general_eval_every, phases)}
+        self.accelerator, self.tokenizer, self.kind = accelerator, backbone.tokenizer, backbone.kind
+        self._group = None
+        if accelerator.num_processes > 1:  # called by every process at the same point, as new_group must be
+            self._group = torch.distributed.new_group(backend="gloo", timeout=self.WAIT)
+
+    def score(self, after: int, adapters, active: list[str]) -> None:
+        """Score the model after task `after` (0: the base) with the adapters `active`, where it is one to score
+        and general.json does not hold it yet."""
+        if after not in self.after:
+            return
+        if self.accelerator.is_main_process:
+            with kept_for_training(adapters.model), without_mixed_precision(adapters.model), \
+                    adapters.using(active) as model:
+                self.evaluation.score_phase(after, lambda: ScoredModel(model, self.tokenizer, self.kind,
+                                                                       _dtype_name(adapters.base_model)))
+        if self._group is not None:
+            torch.distributed.barrier(group=self._group)
 
 
 def eval_general(run_dir: str | Path, benchmarks: list[str], upto: list[int] | None = None,

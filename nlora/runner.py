@@ -25,6 +25,7 @@ from .evaluation import evaluate, generation_of, scoring_of
 from .evaluation_plan import planned_rows
 from .faults import fault_point
 from .full_model import FullModel, resume_point
+from .general import RunScoring
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
@@ -132,6 +133,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         check_same_config(saved, resolved.to_dict(), paths.config)
         check_config_digest(paths.root / "run.json", load_yaml_file(paths.config), paths.config, RESUME_FREE_KEYS)
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
+    general = RunScoring(resolved, paths.root, resume, accelerator, backbone, method.phases(len(tasks))) \
+        if config.general_eval else None  # its benchmarks load here: a bad one fails before anything is written
     # Every process has checked the output dir above; one changes it, once everything above has passed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -196,6 +199,9 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         baseline = [evaluate_into(-1, j, [], "[base]") for j in range(n)]
         save_metrics()
 
+    if general is not None:  # the base model, the reference of ΔG
+        general.score(0, adapters, [])
+
     eval_rows = planned_rows(config.eval_plan, config.eval_every, method.phases(n))
     # a method that trains the base may keep only the latest phase's model: a resumed run starts from it
     resume_from = resume_point({k: paths.adapter(k, tasks[k].name) for k in method.phases(n)}, method.keeps_saved(),
@@ -247,6 +253,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
             fault_point("task_trained")
         if folding(method, config):  # the frozen adapters become one path, rebuilt from the saved files
             adapters.fold({method.adapter_name(j): paths.adapter(j, tasks[j].name) for j in range(k + 1)})
+        if general is not None:  # the model as the run evaluates it after this task
+            general.score(k + 1, adapters, method.active_for_eval(k, k, adapters.names))
         if k in phases_done:
             continue
         start = time.perf_counter()

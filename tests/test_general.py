@@ -1,19 +1,30 @@
 """General-ability retention through lm-evaluation-harness (`nlora eval-general`), offline: a 10-row multiple-choice
 task and a 10-row generate-until task of local JSONL files, scored on a tiny LLaMA with stacked adapters. The model
 rebuilt in memory gives exactly the log-likelihoods, generations and scores of the exported adapter loaded by
-lm-eval itself; general.json resumes without redoing anything and refuses other settings; the report shows it."""
+lm-eval itself; general.json resumes without redoing anything and refuses other settings; the report shows it.
+The run option general_eval scores the live model as it trains: the same general.json, and the same run."""
 
 import importlib.util
 import json
+import os
+import pickle
+import random
 import shutil
+import signal
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+import fresh_process
 from nlora import RunConfig
 from nlora.cli import main
 from nlora.errors import NloraError
 from nlora.runner import run
+from same_run import outcome
+
+fresh_process.start()
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-evaluation-harness (the [general] extra) is not installed")
@@ -94,11 +105,14 @@ def trained(tmp_path_factory, synthetic_dir):
     base.model.save_pretrained(root / "base")
     base.tokenizer.save_pretrained(root / "base")
     out = root / "run"
-    run(RunConfig(model=str(root / "base"), method="n-lora", tasks=["harbor", "orchard"], data_dir=str(synthetic_dir),
-                  output_dir=str(out), max_train_samples=8, max_eval_samples=4, batch_size=4, eval_batch_size=4,
-                  epochs=1, lr=0.05, max_target_length=6, device="cpu", lambda_=0.01, eval_mode="score"),
-        progress=False)
+    run(RunConfig(**_run_options(root / "base", synthetic_dir), output_dir=str(out)), progress=False)
     return out
+
+
+def _run_options(base, data_dir, **more):
+    return dict(dict(model=str(base), method="n-lora", tasks=["harbor", "orchard"], data_dir=str(data_dir),
+                     max_train_samples=8, max_eval_samples=4, batch_size=4, eval_batch_size=4, epochs=1, lr=0.05,
+                     max_target_length=6, device="cpu", lambda_=0.01, eval_mode="score"), **more)
 
 
 def _eval_general(run_dir, benchmarks_dir, *extra):
@@ -312,3 +326,160 @@ def test_report_shows_general_ability_and_refuses_to_compare_other_settings(gene
     text = (mixed / "report.md").read_text()
     assert "Not compared across runs" in text and "limit None vs 5" in text and "**Smoke test**" in text
     assert not (mixed / GENERAL_PLOT).exists()
+
+
+# ------------------------------------------------------------------------------------------- the run option
+
+
+def _training_state(adapters) -> tuple:
+    """What training and the run's evaluation read of the model and the process."""
+    model = adapters.model
+    generators = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state().tolist()))
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [(m.active_adapters, m.disable_adapters) for _, m in adapters.lora_layers()], torch.is_grad_enabled(),
+            generators)
+
+
+@needs_lm_eval
+def test_a_run_scores_the_live_model_as_eval_general_does_and_trains_the_same(trained, general_run, benchmarks_dir,
+                                                                            synthetic_dir, tmp_path, monkeypatch):
+    from nlora import general
+
+    scored, watched = [], []
+    evaluate, score = general.evaluate_model, general.RunScoring.score
+    monkeypatch.setattr(general, "evaluate_model", lambda *a, **k: scored.append(a[1]) or evaluate(*a, **k))
+
+    def score_watched(self, after, adapters, active):
+        before = _training_state(adapters)
+        score(self, after, adapters, active)
+        watched.append(after)
+        assert _training_state(adapters) == before, f"scoring after task {after} changed what training reads"
+    monkeypatch.setattr(general.RunScoring, "score", score_watched)
+    out = tmp_path / "run"
+    run(RunConfig(**_run_options(trained.parent / "base", synthetic_dir), output_dir=str(out), general_eval=BENCHMARKS,
+                  general_eval_include_path=str(benchmarks_dir), general_eval_batch_size=4), progress=False)
+    assert watched == [0, 1, 2] and len(scored) == 3  # lm-eval ran (and reseeded) each time
+    # the same run as without the option: adapters, predictions, metrics and log
+    assert outcome(out, log=True) == outcome(trained, log=True)
+    # the scores of `nlora eval-general --upto 1,2` from the saved adapters, in the same file
+    assert _general(out) == _general(general_run)
+    before = (out / "general.json").read_bytes()
+    monkeypatch.setattr(general, "evaluate_model", lambda *a, **k: pytest.fail("a held score was computed again"))
+    assert _eval_general(out, benchmarks_dir, "--upto", "1,2") == 0
+    assert (out / "general.json").read_bytes() == before
+
+
+@needs_lm_eval
+def test_a_killed_run_resumes_without_redoing_its_general_scores(trained, general_run, benchmarks_dir, synthetic_dir,
+                                                                 tmp_path, monkeypatch, capsys):
+    from nlora import general
+
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(trained.parent / "base"), "--method", "n-lora", "--lambda", "0.01",
+            "--tasks", "harbor,orchard", "--data-dir", str(synthetic_dir), "--output-dir", str(out),
+            "--max-train-samples", "8", "--max-eval-samples", "4", "--batch-size", "4", "--eval-batch-size", "4",
+            "--lr", "0.05", "--max-target-length", "6", "--device", "cpu", "--eval-mode", "score", "--quiet",
+            "--general-eval", "nlora_mc", "--general-eval-every", "3", "--general-eval-batch-size", "4",
+            "--general-eval-include-path", str(benchmarks_dir)]
+    # killed once task 1's adapter is saved: general.json holds the base model's scores only
+    killed = fresh_process.run(fresh_process.nlora_main, argv, log=tmp_path / "killed.log",
+                               env=dict(os.environ, NLORA_FAULT="task_trained:1"))
+    assert killed.returncode == -signal.SIGKILL, killed.output
+    held = _general(out)
+    assert list(held["scores"]) == ["0"]
+    assert held["scores"]["0"]["nlora_mc"] == _general(general_run)["scores"]["0"]["nlora_mc"]
+    scored = []
+    evaluate = general.evaluate_model
+    monkeypatch.setattr(general, "evaluate_model", lambda *a, **k: scored.append(a[1]) or evaluate(*a, **k))
+    assert main(["resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    record = _general(out)
+    # every 3rd task, and always the last: task 2 scored now, the base not again
+    assert list(record["scores"]) == ["0", "2"] and scored == [["nlora_mc"]]
+    assert record["scores"]["0"] == held["scores"]["0"] and set(record["delta"]) == {"2"}
+
+
+def test_scoring_puts_back_modes_trainable_parameters_grad_mode_and_generators():
+    from nlora.general import kept_for_training
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    model.train()
+    model[0].bias.requires_grad_(False)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    with kept_for_training(model):  # what lm-eval does
+        model.eval()
+        model[0].bias.requires_grad_(True)
+        torch.set_grad_enabled(False)
+        random.seed(0), np.random.seed(1234), torch.manual_seed(1234)
+        random.random(), np.random.rand(), torch.rand(1)
+    assert model.training and model[1].training and torch.is_grad_enabled()
+    assert [p.requires_grad for p in model.parameters()] == [True, False]
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@needs_lm_eval
+def test_the_run_option_is_checked_before_anything_is_written(benchmarks_dir, synthetic_dir, tmp_path, monkeypatch):
+    from lm_eval import tasks
+
+    local = tasks.TaskManager  # lm-eval's index of its built-in tasks takes seconds to build: leave it out
+    monkeypatch.setattr(tasks, "TaskManager", lambda include_path=None, **kw: local(include_path=include_path,
+                                                                                include_defaults=False))
+    out = tmp_path / "run"
+    options = _run_options("tiny-llama", synthetic_dir, output_dir=str(out), general_eval=["nlora_mc"],
+                           general_eval_include_path=str(benchmarks_dir))
+    per_task = {k: v for k, v in options.items() if k != "lambda_"}
+    for config, message in [
+        (RunConfig(**{**options, "general_eval": ["nlora_mc", "no_such_benchmark"]}),
+         "option 'general_eval': 'no_such_benchmark' is not an lm-eval task, group or tag"),
+        (RunConfig(**options, sharding="fsdp2"),
+         "not with sharding fsdp2.*nlora eval-general RUN_DIR --tasks nlora_mc"),
+        (RunConfig(**{**per_task, "method": "per-task"}), "method 'per-task' .* no single model to score"),
+        (RunConfig(**{**options, "model": "tiny-bert"}), "model 'tiny-bert' is an encoder"),
+        (RunConfig(**options, general_eval_every=0), "option 'general_eval_every': must be >= 1"),
+        (RunConfig(**{**options, "general_eval_include_path": str(tmp_path / "none")}),
+         "option 'general_eval_include_path': .* is not a folder"),
+    ]:
+        with pytest.raises(NloraError, match=message):
+            run(config, progress=False)
+        assert not out.exists()
+
+
+def test_a_run_without_the_extra_names_it(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # the package is not installed
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny-llama", "--tasks", "harbor", "--data-dir", str(synthetic_dir),
+                 "--output-dir", str(out), "--general-eval", "mmlu", "--quiet"]) == 2
+    assert 'pip install "nlora[general]"' in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_started_over_drops_the_general_scores_of_the_old_one(tmp_path):
+    from nlora.rundir import prepare_output_dir
+
+    (tmp_path / "general.json").write_text("{}")
+    with pytest.raises(NloraError, match=r"already holds a run \(general.json\)"):
+        prepare_output_dir(RunConfig(tasks=["harbor"], output_dir=str(tmp_path)), resume=False)
+    prepare_output_dir(RunConfig(tasks=["harbor"], output_dir=str(tmp_path), overwrite=True), resume=False)
+    assert not (tmp_path / "general.json").exists()
+
+
+def test_scoring_runs_the_model_without_the_autocast_of_mixed_precision_training():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from nlora.general import without_mixed_precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        weights_alone = model(x)
+        AcceleratorState._reset_state()  # as a run's accelerator does: another precision than the last one's
+        try:
+            Accelerator(cpu=True, mixed_precision="bf16").prepare(model)  # wraps model.forward in a bf16 autocast
+        finally:
+            AcceleratorState._reset_state()
+        autocast = model(x)
+        with without_mixed_precision(model):
+            assert torch.equal(model(x), weights_alone)
+        assert torch.equal(model(x), autocast) and not torch.equal(autocast, weights_alone)
