@@ -56,7 +56,7 @@ TUNED = (
     ("ewc", "ewc_lambda", "ewc-lambda", 1.0, "EWC λ (Fisher normalised by its mean)"),
     ("lwf", "lwf_lambda", "lwf-lambda", 1.0, "LwF λ (T = 2)"),
     ("clora", "clora_lambda", "clora-lambda", 1.0, "CLoRA λ"),
-    ("seq-ft", "lr", "seqft-lr", 1e-4, "learning rate of full fine-tuning (seq-ft)"),
+    ("seq-ft", "lr", "seqft-lr", 1e-5, "learning rate of full fine-tuning (seq-ft)"),
 )
 SWEEP_GRIDS = {"lambda": "1e-5,1e-4,1e-3", "orth-lambda": "0.5"}  # the others: none unless given
 SWEEP_SEED = 0
