@@ -55,7 +55,7 @@ TUNED = (
     ("o-lora", "orth_lambda", "orth-lambda", 0.5, "O-LoRA λ₁"),
     ("ewc", "ewc_lambda", "ewc-lambda", 1.0, "EWC λ (Fisher normalised by its mean)"),
     ("lwf", "lwf_lambda", "lwf-lambda", 1.0, "LwF λ (T = 2)"),
-    ("clora", "clora_lambda", "clora-lambda", 1.0, "CLoRA λ"),
+    ("clora", "clora_lambda", "clora-lambda", 0.1, "CLoRA λ"),
     ("seq-ft", "lr", "seqft-lr", 1e-5, "learning rate of full fine-tuning (seq-ft)"),
 )
 SWEEP_GRIDS = {"lambda": "1e-5,1e-4,1e-3", "orth-lambda": "0.5"}  # the others: none unless given
