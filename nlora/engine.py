@@ -20,11 +20,13 @@ adapter exists, so every adapter is added later as a plain parameter of its bloc
     reduce-scatters nothing; the adapters' gradients, replicated like under DDP, are averaged across processes
     once per optimizer step (`reduce_replicated_gradients`).
 Evaluation runs every batch on every process under sharding: each forward is a collective, and generation stops
-after a number of steps that depends on the batch, so the processes must run the same batches.
+after a number of steps that depends on the batch, so the processes must run the same batches. It holds the root
+unit gathered throughout (`gathered_root`), since generation calls parts of the model outside the root's forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -177,6 +179,23 @@ def evaluation_split(model, accelerator) -> tuple[int, int]:
     if accelerator is None or is_sharded(model):
         return 0, 1
     return accelerator.process_index, accelerator.num_processes
+
+
+@contextlib.contextmanager
+def gathered_root(model):
+    """Under sharding, keep the root unit's parameters (what no transformer block holds: embeddings, final norms,
+    LM head) gathered for the duration. The root's forward gathers them, but generation also calls parts of the
+    model outside it (a seq2seq model's encoder first, the decoder then reusing the shared embedding). A
+    collective: every process enters, as every process evaluates every batch under sharding."""
+    root = next((m for m in model.modules() if getattr(m, _SHARDED, False)), None)
+    if root is None:
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def shutdown() -> None:

@@ -3,7 +3,8 @@ the label option of highest log-likelihood; encoders always pick the best-scorin
 generated greedily or sampled, nlora.objectives.Generation) scored with the task's metric on 0-100
 (nlora.scoring). A classification task's metric is exact match after the reference code's normalisation (case,
 punctuation, whitespace: `metrics.normalize_answer`), in percent. With several processes, each predicts a shard
-and the predictions are gathered.
+and the predictions are gathered (sampled decoding: in whole batches, so that the draws do not depend on the
+process count).
 
 A prediction record keeps what scoring needs, so that `nlora rescore` recomputes any metric from the predictions
 files alone (`score_records`, the one scoring path of evaluation and rescoring):
@@ -24,7 +25,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import Example
-from .engine import evaluation_split
+from .engine import evaluation_split, gathered_root
 from .faults import fault_point
 from .metrics import normalize_answer
 from .objectives import Generation, Objective
@@ -58,12 +59,15 @@ def generation_of(config, task, j: int, phase: int) -> Generation | None:
     return Generation(config.max_new_tokens_of(j), config.decoding == "sample", config.temperature, seed)
 
 
-def eval_batches(prompt_lengths: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+def eval_batches(prompt_lengths: list[int], batch_size: int, rank: int, world: int,
+                 whole: bool = False) -> list[list[int]]:
     """The example indices this process predicts, batch by batch. `batch_size` is global (as the training batch):
-    each process predicts its share of it, ceil(batch_size / world) examples, at once. Batches of similar length
-    waste less padding (records go back to input order afterwards); processes take whole local batches in turn,
-    so a batch's padding does not depend on the process that predicts it."""
-    local_size = -(-batch_size // world)
+    each process predicts its share of it, ceil(batch_size / world) examples, at once; with `whole`, whole global
+    batches (sampled decoding: a batch's draws depend on all its examples, so its examples must not depend on the
+    process count). Batches of similar length waste less padding (records go back to input order afterwards);
+    processes take whole local batches in turn, so a batch's padding does not depend on the process that
+    predicts it."""
+    local_size = batch_size if whole else -(-batch_size // world)
     order = sorted(range(len(prompt_lengths)), key=prompt_lengths.__getitem__)
     return [order[s: s + local_size] for s in range(0, len(order), local_size)][rank::world]
 
@@ -98,14 +102,16 @@ def evaluate(objective: Objective, model, examples: list[Example], batch_size: i
     device = accelerator.device if accelerator else next(model.parameters()).device
     if generation is None and examples and examples[0].free_text:
         generation = Generation(objective.max_target_length)
-    batches = eval_batches([len(e.prompt) for e in examples], batch_size, rank, world)
+    sampled = generation is not None and generation.sample
+    batches = eval_batches([len(e.prompt) for e in examples], batch_size, rank, world, whole=sampled)
     local: list[tuple[int, str]] = []
     # Under the training's autocast (mixed_precision), so that evaluation sees the model training saw.
     precision = accelerator.autocast if accelerator else contextlib.nullcontext
-    for idx in tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
-        with precision(), _seeded(generation, idx, device):
-            local.extend(zip(idx, _predict(objective, model, [examples[i] for i in idx], device, generation)))
-        fault_point("eval_batch")
+    with gathered_root(model):
+        for idx in tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True):
+            with precision(), _seeded(generation, idx, device):
+                local.extend(zip(idx, _predict(objective, model, [examples[i] for i in idx], device, generation)))
+            fault_point("eval_batch")
     predictions = dict(gather_object(local) if world > 1 else local)
     records = [example_record(e, predictions[i]) for i, e in enumerate(examples)]
     return score_records(records, scoring or Scoring()), records

@@ -1,6 +1,7 @@
 """The method conformance kit: every registered method (parametrised from the registry, so a new method gets every
 check) runs the same tiny sequence (tiny-llama, whose base has no dropout: 2 tasks of 2 optimizer steps, a checkpoint
-every step, LoRA dropout 0) with its `smoke_options`, and must show, each time against an independent reference:
+every step, LoRA dropout 0; a classification task, then a free-text one) with its `smoke_options`, and must show,
+each time against an independent reference:
 
 - a run killed mid-way through its second task (SIGKILL, in a process of its own) and resumed ends exactly as the
   uninterrupted run: adapters, method state, metrics, predictions and log (tests/same_run.py);
@@ -15,7 +16,9 @@ every step, LoRA dropout 0) with its `smoke_options`, and must show, each time a
 - an option of another method, or a bad value of its own, is refused before anything is written;
 - 2 processes give the 1-process run (one accelerate launch runs every method in turn; marked distributed).
 
-Core options that change how any method trains (grad_mask migu) get the same checks as a variant (VARIANTS).
+Core options that change how any method trains (grad_mask migu) get the same checks as a variant (VARIANTS). The
+same launch runs the engine's other configurations on free text (LAUNCHED): FSDP2, and a seq2seq base with sampled
+decoding under DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from nlora.cli import main
 from nlora.method_state import load_state, save_state
 from nlora.methods import METHODS, get_method
 from nlora.options import base_type, option_fields, public_name
+from nlora.synthetic import write_synthetic_benchmark, write_synthetic_trace
 from same_run import assert_same_run
 
 fresh_process.start()
@@ -50,15 +54,33 @@ VARIANTS = {"seq-lora+migu": ("seq-lora", ["--grad-mask", "migu", "--migu-q", "0
 METHOD_NAMES = REGISTERED + sorted(VARIANTS)
 
 
+# runs of the 2-process launch only, each against the 1-process run of the same name without "+fsdp2" (one
+# process does not shard): n-lora with the base sharded (FSDP2), and on a seq2seq base under DDP and FSDP2 (a tiny
+# T5 saved without dropout, SEQ2SEQ_MODEL, so that 1 and 2 processes compute the same run), with sampled decoding,
+# whose draws must not depend on the process count
+SEQ2SEQ_MODEL = "tiny-t5-without-dropout"
+SEQ2SEQ = ["--decoding", "sample", "--temperature", "1.0"]
+LAUNCHED = {"n-lora+fsdp2": ("n-lora", ["--sharding", "fsdp2"]),
+            "n-lora+seq2seq": ("n-lora", SEQ2SEQ),
+            "n-lora+seq2seq+fsdp2": ("n-lora", [*SEQ2SEQ, "--sharding", "fsdp2"])}
+
+
+def _variant(name: str) -> tuple[str, list[str]]:
+    """The registered method a run of the kit uses, and the options it adds to the method's kit run."""
+    return {**VARIANTS, **LAUNCHED}.get(name, (name, []))
+
+
 def _base(name: str) -> str:
-    """The registered method a run of the kit uses."""
-    return VARIANTS[name][0] if name in VARIANTS else name
+    return _variant(name)[0]
 
 
-TASKS = ["harbor", "orchard"]
+# a classification task, then a free-text one (TRACE's layout, scored by edit similarity): every check covers both
+# kinds of answer, and the run is killed while it trains on free text
+TASKS = ["harbor", "reverse"]
 # tiny-llama: a base without dropout of its own (tiny-t5's 0.1 draws other masks when the batch is split across
 # processes, so 1 and 2 processes could not compute the same run)
-BASE = ["--model", "tiny-llama", "--tasks", ",".join(TASKS), "--max-train-samples", "8", "--max-eval-samples", "4",
+BASE = ["--model", "tiny-llama", "--tasks", ",".join(TASKS), "--task-metrics", "reverse=edit_similarity",
+        "--max-train-samples", "8", "--max-eval-samples", "4",
         "--batch-size", "4", "--eval-batch-size", "4", "--epochs", "1", "--checkpoint-steps", "1",
         "--max-target-length", "4", "--lora-dropout", "0", "--device", "cpu", "--quiet", "--log-steps", "1"]
 
@@ -72,9 +94,12 @@ def _flags(options: dict) -> list[str]:
 
 def argv(method: str, data: Path, out: Path) -> list[str]:
     module = ["--method-module", EXTERNAL[method]] if method in EXTERNAL else []
-    extra = VARIANTS[method][1] if method in VARIANTS else []
+    extra = _variant(method)[1]
+    base = list(BASE)
+    if "seq2seq" in method:
+        base[base.index("--model") + 1] = str(data / SEQ2SEQ_MODEL)
     return ["run", "--method", _base(method), *module, *_flags(METHODS[_base(method)].smoke_options), *extra,
-            *BASE, "--data-dir", str(data), "--output-dir", str(out)]
+            *base, "--data-dir", str(data), "--output-dir", str(out)]
 
 
 class _Runs(dict):
@@ -92,18 +117,34 @@ class _Runs(dict):
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
+def kit_data(tmp_path_factory) -> Path:
+    """The kit's tasks: harbor in the CL_Benchmark layout, reverse in TRACE's, in one data folder; beside them
+    SEQ2SEQ_MODEL, tiny-t5 saved with its dropout off."""
+    root = tmp_path_factory.mktemp("kit-data")
+    write_synthetic_benchmark(root, n_train=8, n_test=4, tasks=("harbor",))
+    write_synthetic_trace(root, n_train=8, n_eval=4, n_test=4, tasks=("reverse",))
+    from nlora.models import load_backbone
+
+    t5 = load_backbone("tiny-t5")
+    t5.model.config.dropout_rate = 0.0
+    t5.model.save_pretrained(root / SEQ2SEQ_MODEL)
+    t5.tokenizer.save_pretrained(root / SEQ2SEQ_MODEL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, kit_data) -> dict[str, Path]:
     """The uninterrupted run of every method, in this process."""
-    return _Runs(tmp_path_factory.mktemp("conformance"), synthetic_dir)
+    return _Runs(tmp_path_factory.mktemp("conformance"), kit_data)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_killed_and_resumed_is_the_uninterrupted_run(tmp_path, synthetic_dir, references, method):
+def test_killed_and_resumed_is_the_uninterrupted_run(tmp_path, kit_data, references, method):
     out = tmp_path / "run"
     # 4 optimizer steps in all (2 tasks of 2, or mtl's one phase of 4): the last one, after the checkpoint of the
     # step before it (a checkpoint is written after the step's fault point)
     fault = "train_step:4"
-    killed = fresh_process.run(fresh_process.nlora_main, argv(method, synthetic_dir, out), log=tmp_path / "k.log",
+    killed = fresh_process.run(fresh_process.nlora_main, argv(method, kit_data, out), log=tmp_path / "k.log",
                                env=dict(os.environ, NLORA_FAULT=fault))
     assert killed.returncode == -9, killed.output
     assert (out / "checkpoint").is_dir(), "killed after a mid-task checkpoint"
@@ -155,7 +196,7 @@ def _reference_folders(method, k: int, j: int, folders: list[Path]) -> tuple[lis
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, method):
-    from nlora.evaluation import evaluate
+    from nlora.evaluation import evaluate, generation_of, scoring_of
     from nlora.models import load_backbone
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
@@ -181,7 +222,8 @@ def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, metho
                 model = add_adapters(backbone.model, *_reference_folders(m, k, j, folders)).eval()
             objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                        config.max_target_length, config.eval_mode)
-            _, rows = evaluate(objective, model, tasks[j].test, config.eval_batch_size, progress=False)
+            _, rows = evaluate(objective, model, tasks[j].test, config.eval_batch_size, progress=False,
+                               scoring=scoring_of(config, tasks[j]), generation=generation_of(config, tasks[j], j, k))
             assert rows == [json.loads(line) for line in path.open()], path
             checked += 1
     assert checked
@@ -212,13 +254,15 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
         tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     else:
         model = add_adapters(backbone.model, [tmp_path / "export"]).eval()
-    from nlora.evaluation import evaluate
+    from nlora.evaluation import evaluate, generation_of
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
 
     objective = make_objective(backbone.kind, tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
-    rows = [r for t in load_tasks(config) for r in evaluate(objective, model, t.test, 4, progress=False)[1]]
+    k = int(last.name.split("-")[0])
+    rows = [r for j, t in enumerate(load_tasks(config))
+            for r in evaluate(objective, model, t.test, 4, progress=False, generation=generation_of(config, t, j, k))[1]]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in evaluated]
 
 
@@ -228,12 +272,12 @@ def _other_methods_option(method: str) -> str:
 
 
 @pytest.mark.parametrize("method", REGISTERED)
-def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsys, method):
+def test_bad_options_are_refused_before_any_write(tmp_path, kit_data, capsys, method):
     out = tmp_path / "run"
     foreign = _other_methods_option(method)
     module = ["--method-module", EXTERNAL[method]] if method in EXTERNAL else []
     assert main(["run", "--method", method, *module, f"--{foreign.replace('_', '-')}", "1", *BASE, "--data-dir",
-                 str(synthetic_dir), "--output-dir", str(out)]) == 2
+                 str(kit_data), "--output-dir", str(out)]) == 2
     assert f"option '{foreign}' belongs to method" in capsys.readouterr().err
     options = METHODS[method].Options
     for f in option_fields(options):  # a value of the wrong type or out of the choices, for each own option
@@ -244,7 +288,7 @@ def test_bad_options_are_refused_before_any_write(tmp_path, synthetic_dir, capsy
         if base_type(options, f) is bool:  # a flag takes no value: the bad value comes from a config file
             (tmp_path / "bad.yaml").write_text(f"{key}: not-a-value\n")
             bad = ["--config", str(tmp_path / "bad.yaml")]
-        assert main(["run", "--method", method, *module, *bad, *BASE, "--data-dir", str(synthetic_dir),
+        assert main(["run", "--method", method, *module, *bad, *BASE, "--data-dir", str(kit_data),
                      "--output-dir", str(out)]) == 2, key
         assert f"'{key}'" in capsys.readouterr().err
     assert not out.exists()
@@ -274,13 +318,13 @@ shutdown()
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(request, tmp_path_factory, synthetic_dir, references) -> dict[str, Path]:
+def two_process_runs(request, tmp_path_factory, kit_data, references) -> dict[str, Path]:
     """The run of every selected method with 2 processes (gloo), all in one launch."""
     root = tmp_path_factory.mktemp("conformance-2")
     selected = sorted({item.callspec.params["method"] for item in request.session.items
                        if "two_process_runs" in getattr(item, "fixturenames", ())})
     runs = {m: root / m for m in selected}
-    (root / "argvs.json").write_text(json.dumps([argv(m, synthetic_dir, runs[m]) for m in selected]))
+    (root / "argvs.json").write_text(json.dumps([argv(m, kit_data, runs[m]) for m in selected]))
     (root / "run_many.py").write_text(RUN_MANY)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("WORLD_SIZE", None)
@@ -296,3 +340,14 @@ def two_process_runs(request, tmp_path_factory, synthetic_dir, references) -> di
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_two_processes_give_the_one_process_run(references, two_process_runs, method):
     assert_same_run(references[method], two_process_runs[method], exact=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", sorted(LAUNCHED))
+def test_sharded_and_seq2seq_runs_give_the_one_process_run(references, two_process_runs, method):
+    """FSDP2 (sharded generation included: a seq2seq model's encoder runs outside the root's forward), and a
+    seq2seq base with sampled decoding under DDP and FSDP2."""
+    assert_same_run(references[method.removesuffix("+fsdp2")], two_process_runs[method], exact=False)
+    if "seq2seq" in method:
+        path = two_process_runs[method] / "predictions" / "1-reverse" / "reverse.jsonl"
+        assert all(json.loads(line)["prediction"] for line in path.open())  # sampled text, not an EOS at once

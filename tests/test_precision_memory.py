@@ -305,6 +305,9 @@ def test_eval_batch_size_is_global():
     parts = [eval_batches(lengths, 4, rank, 2) for rank in (0, 1)]
     assert parts == [[[1, 3], [0, 5]], [[4, 2], [6]]]
     assert sorted(i for part in parts for batch in part for i in batch) == list(range(7))
+    # sampled decoding: the single-process batches, shared out whole, so that each draws the same samples
+    whole = [eval_batches(lengths, 4, rank, 2, whole=True) for rank in (0, 1)]
+    assert whole == [[[1, 3, 4, 2]], [[0, 5, 6]]]
 
 
 @pytest.mark.parametrize("recipe", ["decoder-7b-80gb.yaml", "decoder-7b-4bit-24gb.yaml"])
