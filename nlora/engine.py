@@ -136,6 +136,9 @@ def shard_model(model: torch.nn.Module, accelerator: Accelerator, config: RunCon
         fully_shard(block)
     fully_shard(model)
     setattr(model, _SHARDED, True)
+    # transformers' mark of a model FSDP manages: its `generate` then keeps the processes in step until all have
+    # finished (synced_gpus), so one that ends early still joins the others' gathers
+    model._is_fsdp_managed_module = True
     return model
 
 
