@@ -2,7 +2,7 @@
 
 For each model, one continual-learning run is trained on the tasks (IncLoRA by default; the run's own
 per-task evaluations use `score` to keep them short and are not measured). Then the final model, every adapter
-of the run active, evaluates each task's test examples twice through `nlora.evaluation.evaluate`:
+of the run active, evaluates each task's test examples twice through `nlora.eval.evaluate.evaluate`:
 
   generate  greedy generation, up to --max-target-length new tokens, exact match with the label
   score     the label option with the highest summed log-likelihood (eos included), one batched pass per option
@@ -40,14 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 from nlora.adapters import ContinualAdapters  # noqa: E402
 from nlora.config import load_config  # noqa: E402
-from nlora.evaluation import evaluate  # noqa: E402
+from nlora.eval.continual import normalize_answer  # noqa: E402
+from nlora.eval.evaluate import evaluate  # noqa: E402
 from nlora.methods import get_method  # noqa: E402
-from nlora.metrics import normalize_answer  # noqa: E402
 from nlora.models import load_backbone  # noqa: E402
 from nlora.objectives import make_objective  # noqa: E402
 from nlora.rundir import RunPaths  # noqa: E402
 from nlora.runner import load_tasks, run  # noqa: E402
-from nlora.synthetic import TASK_NAMES, write_synthetic_benchmark  # noqa: E402
+from nlora.tasks.synthetic import TASK_NAMES, write_synthetic_benchmark  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "CL_Benchmark"
 MODES = ("generate", "score")

@@ -1,10 +1,10 @@
-"""FSDP2 sharding as nlora does it (`--sharding fsdp2`, nlora.engine): memory held per process and equality of the
+"""FSDP2 sharding as nlora does it (`--sharding fsdp2`, nlora.train.engine): memory held per process and equality of the
 training step with one process.
 
 A 2-layer slice of a 4096-wide LLaMA-7B-shaped decoder (hidden 4096, MLP 11008, 32 heads; vocabulary cut to
 ``--vocab``) with random weights, LoRA r 8 on q_proj/v_proj with a random non-zero B, and N-LoRA's L1 penalty
-(delta form, computed inside the forward pass by nlora.regularization). One process computes the step on the
-whole global batch; then ``--processes`` gloo processes shard the base with `nlora.engine.shard_model`
+(delta form, computed inside the forward pass by nlora.train.regularization). One process computes the step on the
+whole global batch; then ``--processes`` gloo processes shard the base with `nlora.train.engine.shard_model`
 (fully_shard per decoder layer + root) and compute it on their part of the batch, averaging the LoRA gradients
 with `reduce_replicated_gradients`.
 
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nlora.adapters import ContinualAdapters  # noqa: E402
 from nlora.config import RunConfig  # noqa: E402
-from nlora.engine import reduce_replicated_gradients, shard_model  # noqa: E402
 from nlora.methods import get_method  # noqa: E402
-from nlora.regularization import Regularization  # noqa: E402
+from nlora.train.engine import reduce_replicated_gradients, shard_model  # noqa: E402
+from nlora.train.regularization import Regularization  # noqa: E402
 
 LAMBDA = 1e-3
 

@@ -82,10 +82,10 @@ def measure(row: dict) -> dict:
     from transformers import ByT5Tokenizer, LlamaForCausalLM
 
     from nlora import RunConfig
-    from nlora.data import Example
     from nlora.full_model import FullModel
     from nlora.methods import resolve
     from nlora.objectives import make_objective, to_device
+    from nlora.tasks.data import Example
 
     torch.manual_seed(0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[row["dtype"]]
@@ -121,13 +121,13 @@ def measure(row: dict) -> dict:
 
 def measure_saves(state, optimizer) -> dict:
     """Seconds and bytes on disk of what a run writes: the phase's whole model (FullModel.save: save_pretrained)
-    and a mid-task checkpoint (nlora.checkpoint: every trained tensor and the optimizer state)."""
+    and a mid-task checkpoint (nlora.train.checkpoint: every trained tensor and the optimizer state)."""
     import tempfile
     import time
 
     import torch
 
-    from nlora.checkpoint import Progress, save_checkpoint
+    from nlora.train.checkpoint import Progress, save_checkpoint
 
     def size(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -5,7 +5,7 @@ For each model, a LoRA adapter is added (as a run evaluates: the model wrapped b
 the test prompts of nlora's generated TRACE-layout tasks are answered twice, greedily, with the same number of new
 tokens:
 
-  nlora  `nlora.evaluation.evaluate`, as a run evaluates a free-text task (batches of similar prompt length,
+  nlora  `nlora.eval.evaluate.evaluate`, as a run evaluates a free-text task (batches of similar prompt length,
          predictions decoded and scored with the task's metric)
   plain  the same prompt token ids, in input order, left-padded (decoder) or padded by the tokenizer (seq2seq)
          in batches of the same size, one `model.generate(..., do_sample=False)` per batch, decoded
@@ -44,11 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from nlora.adapters import ContinualAdapters  # noqa: E402
 from nlora.config import RunConfig  # noqa: E402
-from nlora.evaluation import Scoring, evaluate  # noqa: E402
+from nlora.eval.evaluate import Scoring, evaluate  # noqa: E402
 from nlora.models import default_target_modules, load_backbone  # noqa: E402
 from nlora.objectives import Generation, make_objective  # noqa: E402
-from nlora.synthetic import TRACE_TASKS, write_synthetic_trace  # noqa: E402
-from nlora.tasks import load_run_tasks  # noqa: E402
+from nlora.tasks.loading import load_run_tasks  # noqa: E402
+from nlora.tasks.synthetic import TRACE_TASKS, write_synthetic_trace  # noqa: E402
 
 TASKS = ("headline", "simplify", "reverse")  # prompts of different lengths
 

@@ -138,7 +138,7 @@ class Context:
     def data_dir(self) -> Path:
         """3 generated tasks in the CL_Benchmark layout."""
         if self._data is None:
-            from nlora.synthetic import TASK_NAMES, write_synthetic_benchmark
+            from nlora.tasks.synthetic import TASK_NAMES, write_synthetic_benchmark
 
             per_task = max(self.sizes.n_test, math.ceil(self.sizes.eval_examples / 3))
             self._data = write_synthetic_benchmark(self.work / "data", n_train=self.sizes.n_train, n_test=per_task,
@@ -146,7 +146,7 @@ class Context:
         return self._data
 
     def tasks(self, n: int = 3) -> list[str]:
-        from nlora.synthetic import TASK_NAMES
+        from nlora.tasks.synthetic import TASK_NAMES
 
         return list(TASK_NAMES[:n])
 
@@ -486,10 +486,10 @@ def section_eval(ctx: Context) -> list[Row]:
     from transformers import AutoTokenizer
 
     from nlora.config import load_config
-    from nlora.engine import make_accelerator
-    from nlora.evaluation import eval_batches, evaluate
+    from nlora.eval.evaluate import eval_batches, evaluate
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
+    from nlora.train.engine import make_accelerator
 
     task_scaling = _load("task_scaling")
     s = ctx.sizes

@@ -126,9 +126,9 @@ def measure(row: dict) -> dict:
     from transformers import ByT5Tokenizer
 
     from nlora.adapters import ContinualAdapters
-    from nlora.data import Example
     from nlora.models import default_target_modules, enable_gradient_checkpointing
     from nlora.objectives import make_objective, to_device
+    from nlora.tasks.data import Example
 
     torch.manual_seed(0)
     out = dict(row)

@@ -5,7 +5,7 @@
 Each between-task pass (the hook before the task, with the new adapter's initialisation, and the hook after it) is
 set beside one forward epoch of the task: a benchmark-only method, `forward-epoch`
 (IncLoRA whose after-task hook runs the task's training examples through the model once, without gradient, at the
-run's batch size, through `nlora.passes.layer_inputs` with no layer hooked), measured in the same rounds. Passes run
+run's batch size, through `nlora.methods.passes.layer_inputs` with no layer hooked), measured in the same rounds. Passes run
 at the training batch size (eval_batch_size = batch_size).
 
 Every method runs the same 2-task sequence through `nlora.run` (the whole engine: penalties in-forward, hooks, the
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nlora import RunConfig, run  # noqa: E402
 from nlora.methods import METHODS, get_method, register  # noqa: E402
 from nlora.methods.inc_lora import IncLoRA  # noqa: E402
-from nlora.passes import layer_inputs  # noqa: E402
+from nlora.methods.passes import layer_inputs  # noqa: E402
 from nlora.rundir import read_log  # noqa: E402
-from nlora.synthetic import write_synthetic_benchmark  # noqa: E402
+from nlora.tasks.synthetic import write_synthetic_benchmark  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Bounds to show beside the measured ratios (a method not listed has none).

@@ -4,10 +4,10 @@ For each d, a stack of ``--layers`` frozen d × d linear layers (like q/v projec
 (r = 8 by default), runs one forward + backward on a random (batch, seq, d) input, with the loss
 
   plain          mean(h²)                                      (no penalty: IncLoRA)
-  delta-naive    + λ Σ_layers ‖s·B·A‖₁, plain autograd          (nlora.penalties.delta_l1_naive)
-  delta-chunked  + λ Σ_layers ‖s·B·A‖₁, chunked Function         (nlora.penalties.delta_l1)
-  reference      + λ Σ_layers ‖A·B‖₁ (public N-LoRA code)       (nlora.penalties.reference_l1)
-  factors        + λ Σ_layers ‖A‖₁ + ‖B‖₁                       (nlora.penalties.factors_l1)
+  delta-naive    + λ Σ_layers ‖s·B·A‖₁, plain autograd          (nlora.methods.penalties.delta_l1_naive)
+  delta-chunked  + λ Σ_layers ‖s·B·A‖₁, chunked Function         (nlora.methods.penalties.delta_l1)
+  reference      + λ Σ_layers ‖A·B‖₁ (public N-LoRA code)       (nlora.methods.penalties.reference_l1)
+  factors        + λ Σ_layers ‖A‖₁ + ‖B‖₁                       (nlora.methods.penalties.factors_l1)
   o-lora         + λ₁ Σ_layers Σ_s Σ|A_s·A_tᵀ| (``--previous`` earlier adapters) + λ₂ Σ‖θ_t‖²
 
 The earlier adapters exist only as frozen A's for the O-LoRA term, so every row runs the same network and
@@ -81,7 +81,7 @@ def run_worker(spec: dict) -> dict:
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
-    from nlora.penalties import delta_l1, delta_l1_naive, factors_l1, l2_squared, olora_orthogonality, reference_l1
+    from nlora.methods.penalties import delta_l1, delta_l1_naive, factors_l1, l2_squared, olora_orthogonality, reference_l1
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])

@@ -1,4 +1,4 @@
-"""Where the delta penalty's time goes: ‖s·B·A‖₁ with its subgradient (nlora.penalties.delta_l1, value and both
+"""Where the delta penalty's time goes: ‖s·B·A‖₁ with its subgradient (nlora.methods.penalties.delta_l1, value and both
 gradients) on one d × d layer, per chunk size, against what the penalty rides on, one forward + input-gradient
 backward of that layer's frozen d × d weight at --tokens tokens. Also the achieved GFLOP/s of both: the penalty
 is 3 products of rank r per ΔW (B·A, S·Aᵀ, Bᵀ·S with S = sign(B·A)), 6·r·d² FLOPs; the layer 4·tokens·d².
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nlora.penalties import delta_l1
+from nlora.methods.penalties import delta_l1
 
 
 def _timed(fn) -> float:

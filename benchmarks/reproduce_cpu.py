@@ -1,7 +1,7 @@
 """CPU-scale reproduction of the Standard CL benchmark, order 1 (dbpedia → amazon → yahoo → agnews), on the real
 CL_Benchmark data with the pretrained all-MiniLM-L6-v2 encoder (scoring head), for seq-lora, inc-lora, o-lora,
 n-lora and mtl. Prints one table: AP, BWT, forgetting, mean pairwise collision rate and overlap of the task
-adapters (nlora.diagnostics, when available) and train+eval time per method, mean ± std over seeds.
+adapters (nlora.analysis.diagnostics, when available) and train+eval time per method, mean ± std over seeds.
 
 Each (method, seed) is a normal nlora run directory, OUTPUT_DIR/<method>/seed<seed>: a complete one is reused,
 an incomplete one resumed, so rerunning the same command finishes an interrupted benchmark or rebuilds the table.
@@ -12,7 +12,7 @@ an incomplete one resumed, so rerunning the same command finishes an interrupted
     python benchmarks/reproduce_cpu.py --sweep              # choose λ / lr on a dev split carved from train
 
 --sweep never uses test.json (nor dev.json, a copy of it): it builds a data view whose test split is a dev set
-carved from a training sample of each task (nlora.data.carve_dev) and runs the grid on it; the chosen values
+carved from a training sample of each task (nlora.tasks.data.carve_dev) and runs the grid on it; the chosen values
 are this script's defaults (DEFAULTS below).
 """
 
@@ -185,7 +185,7 @@ def run_seconds(metrics: dict) -> float:
 
 def diagnostics_of(run_dir: Path) -> dict | None:
     try:
-        from nlora import diagnostics
+        from nlora.analysis import diagnostics
     except ImportError:
         return None
     diagnose = getattr(diagnostics, "load_or_diagnose", None) or diagnostics.diagnose_run  # the first caches
@@ -288,7 +288,7 @@ def run_benchmark(args) -> list[dict]:
              f"Command: python {' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}",
              f"Wall time of this invocation: {wall / 60:.1f} min (reused runs cost nothing)."]
     if not any(r["diagnostics_available"] for r in rows):
-        notes.append("collision/overlap: n/a (nlora.diagnostics not importable); rerun this command once it "
+        notes.append("collision/overlap: n/a (nlora.analysis.diagnostics not importable); rerun this command once it "
                      "exists to fill them in (the runs are reused).")
     text = table + "\n\n" + "\n".join(notes)
     print("\n" + text)
@@ -308,7 +308,7 @@ def write_dev_view(args) -> Path:
     """A CL_Benchmark-layout folder built from a sample of train_samples of each task's train.json: dev_samples
     of it carved off as test.json, the rest as train.json. No example of the real test split is used.
     Deterministic, so rebuilding it gives the same files and the sweep runs stay reusable."""
-    from nlora.data import carve_dev, load_task
+    from nlora.tasks.data import carve_dev, load_task
 
     key = hashlib.sha1(f"{args.data_dir}|{args.train_samples}|{args.dev_samples}|{SWEEP_SEED}".encode())
     root = Path(tempfile.gettempdir()) / f"nlora-dev-view-{key.hexdigest()[:10]}"

@@ -219,7 +219,7 @@ class ContinualAdapters:
         overwritten by later ones) that only `using([name])` runs: a method's reference point for an extra pass (a
         teacher, an anchor). It is none of the run's adapters (`names`): never trained, activated, saved or
         folded by the engine; what trains and what is active stay as they were. A loss term's `earlier_A`
-        (nlora.regularization) lists it with the layer's other adapters."""
+        (nlora.train.regularization) lists it with the layer's other adapters."""
         if name in self.names or name == PAST:
             raise ValueError(f"copy_frozen: {name!r} is one of the run's adapters")
         if name not in self.peft_model.peft_config:

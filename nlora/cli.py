@@ -14,8 +14,8 @@ import yaml
 
 from .config import config_fields, load_config
 from .errors import NloraError
-from .options import base_type, default_of, option_fields, public_name
 from .io import is_disk_full
+from .options import base_type, default_of, option_fields, public_name
 
 # Commands whose flags include every method's options (building them imports the methods, hence torch).
 METHOD_COMMANDS = ("run", "demo")
@@ -133,7 +133,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_rescore.add_argument("--scoring-mode", metavar="MODE", help="standard or trace_reference (default: the run's)")
     p_rescore.add_argument("--bwt-denominator", metavar="t-1|t", help="(default: the run's)")
     p_rescore.add_argument("--metric", action="append", metavar="TASK=METRIC",
-                           help="score TASK with METRIC instead (nlora.scoring; repeatable)")
+                           help="score TASK with METRIC instead (nlora.tasks.scoring; repeatable)")
 
     p_status = sub.add_parser("status", help="where a run is (task, step, elapsed and remaining time), its matrix "
                               "so far and its last logged losses; works while it runs, once stopped, or complete")
@@ -243,7 +243,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def print_presets(benchmark: str | None, order: int | None) -> None:
-    from .benchmarks import PUBLISHED, PUBLISHED_SOURCE, list_presets, load_preset, preset_path, preset_source
+    from .tasks.benchmarks import PUBLISHED, PUBLISHED_SOURCE, list_presets, load_preset, preset_path, preset_source
 
     if benchmark is not None:
         if order is None:
@@ -295,7 +295,7 @@ def print_methods(name: str | None, modules: list[str]) -> None:
 
 
 def run_general(args: argparse.Namespace) -> None:
-    from .general import GENERAL_FILE, GeneralSettings, eval_general, format_general, lm_eval_command
+    from .eval.general import GENERAL_FILE, GeneralSettings, eval_general, format_general, lm_eval_command
 
     benchmarks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "resume"):
             from accelerate import PartialState
 
-            from .engine import shutdown
+            from .analysis.summary import format_run
             from .runner import run
-            from .summary import format_run
+            from .train.engine import shutdown
 
             if args.command == "run":
                 config, resume = load_config(args.config, _overrides(args)), args.resume
@@ -374,24 +374,24 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "presets":
             print_presets(args.benchmark, args.order)
         elif args.command == "report":
-            from .report import write_report
+            from .analysis.report import write_report
 
             folder = write_report(args.run_dirs, args.output_dir, rediagnose=args.rediagnose,
                                   rel_eps=args.rel_eps, eps_scale=args.eps_scale, overwrite=args.overwrite)
             print(f"report: {(folder / 'report.md').resolve()}")
         elif args.command == "rescore":
-            from .rescore import rescore_run
-            from .summary import format_run
+            from .analysis.summary import format_run
+            from .eval.rescore import rescore_run
 
             metrics = rescore_run(args.run_dir, args.scoring_mode, args.bwt_denominator, args.metric)
             print(format_run(metrics))
             print(f"written: {(Path(args.run_dir) / 'metrics.json').resolve()}")
         elif args.command == "status":
-            from .status import format_status, run_status
+            from .analysis.status import format_status, run_status
 
             print(format_status(run_status(args.run_dir)))
         elif args.command == "diagnose":
-            from .diagnostics import DIAGNOSTICS_FILE, diagnose_run, format_diagnostics
+            from .analysis.diagnostics import DIAGNOSTICS_FILE, diagnose_run, format_diagnostics
 
             for run_dir in args.run_dirs:
                 options = {k: v for k, v in (("rel_eps", args.rel_eps), ("eps_scale", args.eps_scale)) if v is not None}

@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from .benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
-from .data import UNKNOWN_LABEL_POLICIES
-from .evaluation_plan import EVAL_PLANS
+from .errors import NloraError
+from .eval.plan import EVAL_PLANS
 from .options import base_type as _base_type
 from .options import MAX_INT, check_fields, coerce, field_name, public_name
 from .paths import check_plain_name, folder_problem
-from .prompts import PROMPT_FORMATS
-from .errors import NloraError
+from .tasks.benchmarks import BENCHMARK_CHOICES, check_benchmark_order, load_preset
+from .tasks.data import UNKNOWN_LABEL_POLICIES
+from .tasks.prompts import PROMPT_FORMATS
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_KINDS = ("auto", "seq2seq", "decoder", "encoder")
@@ -30,10 +30,10 @@ EVAL_MODES = ("generate", "score")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TRAIN_FACTORS = ("both", "A", "B")
-GRAD_MASKS = ("none", "migu")  # nlora.migu
+GRAD_MASKS = ("none", "migu")  # nlora.train.migu
 # Keys that hold per-task lists of a core scalar (a scalar the user sets drops a preset's list).
 CORE_PER_TASK_OF = {"epochs": "epochs_per_task", "max_new_tokens": "max_new_tokens_per_task"}
-# free-text tasks (nlora.tasks, nlora.freetext)
+# free-text tasks (nlora.tasks.loading, nlora.tasks.freetext)
 TASK_FORMATS = ("auto", "cl_benchmark", "trace", "superni")
 PROMPT_STYLES = ("nlora", "trace")
 DECODINGS = ("greedy", "sample")
@@ -84,14 +84,14 @@ class RunConfig:
     task_metrics: list[str] = _opt("TASK=METRIC for each task not scored by its default (classification: "
                                    "exact_match; SuperNI: rouge_l; TRACE's tasks: their paper's; other free-text "
                                    "tasks: rouge_l), e.g. MeetingBank=rouge_l,Py150=edit_similarity(py150_literals"
-                                   "=true); metrics: nlora.scoring", default_factory=list)
+                                   "=true); metrics: nlora.tasks.scoring", default_factory=list)
     instructions: str | None = _opt("JSON file mapping task family or dataset name to an instruction (the "
                                     "reference's instruction_config.json is accepted as it is)",
                                     default=None)
     output_dir: str = _opt("run directory to write", default="runs/nlora")
     overwrite: bool = _opt("replace an existing run in output_dir", default=False)
 
-    # prompts (nlora.prompts)
+    # prompts (nlora.tasks.prompts)
     prompt_format: str = _opt("nlora (own layout; long prompts lose the end of the text only) or reference (the "
                               "O-LoRA / N-LoRA code's prompts and truncation)", default="nlora",
                               choices=PROMPT_FORMATS)
@@ -172,7 +172,7 @@ class RunConfig:
                          default="greedy", choices=DECODINGS)
     temperature: float = _opt("decoding sample: the sampling temperature (TRACE: 0.1)", default=0.1)
     scoring_mode: str = _opt("standard, or trace_reference: the TRACE scripts' arithmetic (to compare with numbers "
-                             "published from them; see nlora.scoring)", default="standard",
+                             "published from them; see nlora.tasks.scoring)", default="standard",
                              choices=("standard", "trace_reference"))
     bwt_denominator: str = _opt("t-1 (default: the mean over the tasks before the last) or t (TRACE, SAPT: the "
                                 "same sum over T tasks)", default="t-1", choices=("t-1", "t"))
@@ -183,7 +183,7 @@ class RunConfig:
                           "last: AP and those rows)", default="full", choices=EVAL_PLANS)
     eval_every: int = _opt("eval_plan every: evaluate after tasks K, 2K, ... and the last", default=5)
 
-    # general ability along the run (nlora.general; pip install "nlora[general]")
+    # general ability along the run (nlora.eval.general; pip install "nlora[general]")
     general_eval: list[str] = _opt("lm-eval benchmarks, as `nlora eval-general --tasks` takes them (e.g. "
                                    "mmlu,gsm8k): score the base model before the first task, then the model after "
                                    "tasks K, 2K, ... and the last (K = general_eval_every) into RUN_DIR/general.json; "
@@ -348,7 +348,7 @@ class RunConfig:
         if any(not b.strip() for b in self.general_eval):
             bad("general_eval", f"an empty benchmark name in {self.general_eval}")
         if self.general_eval:
-            from .general import check_run_options
+            from .eval.general import check_run_options
 
             check_run_options(self, method)
         check_benchmark_order(self.benchmark, self.order)
@@ -364,7 +364,7 @@ class RunConfig:
 
     def metric_of_task(self) -> dict[str, str]:
         """{task: canonical metric spec} of the tasks `task_metrics` names (the others take their default)."""
-        from .scoring import parse_metric
+        from .tasks.scoring import parse_metric
 
         out = {}
         for item in self.task_metrics:

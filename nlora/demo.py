@@ -13,11 +13,11 @@ import statistics
 import time
 from pathlib import Path
 
+from .analysis.report import write_report
+from .analysis.summary import format_run
 from .config import DEFAULT_MODEL, load_config
-from .report import write_report
 from .runner import run
-from .summary import format_run
-from .synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
+from .tasks.synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
 
 DEMO_METHODS = ("n-lora", "inc-lora")
 DEMO_SEEDS = 3  # seeds seed, seed + 1, ...: fixed in advance, never chosen by which method wins
@@ -148,8 +148,8 @@ GENERATIVE_DEFAULTS = {
 
 def run_generative_demo(config_path=None, overrides: dict | None = None, progress: bool = True) -> dict:
     """One run over the generated free-text stream and a classification task; returns its metrics."""
-    from .metrics import backward_transfer
-    from .rescore import rescore_run
+    from .eval.continual import backward_transfer
+    from .eval.rescore import rescore_run
 
     config = load_config(config_path, overrides, defaults=GENERATIVE_DEFAULTS)
     config = config.replace(task_metrics=[m for m in config.task_metrics  # those of the tasks run

@@ -2,7 +2,7 @@
 how a prediction is made.
 
 - seq2seq (T5): the label text is the decoder target; prediction by greedy generation.
-- free-text examples (nlora.tasks), seq2seq and decoder: the answer tokenized on its own after the prompt (which
+- free-text examples (nlora.tasks.loading), seq2seq and decoder: the answer tokenized on its own after the prompt (which
   holds any separator), loss on the answer tokens; generated as a `Generation` says (greedy or sampled, a number
   of new tokens per task); encoders cannot generate them.
 - decoder (LLaMA): prompt + label + eos, loss on the answer tokens only; prediction by greedy generation. In the
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from .data import Example
 from .errors import NloraError
-from .prompts import prompt_token_ids, reference_decoder_prediction, reference_decoder_training_ids
+from .tasks.data import Example
+from .tasks.prompts import prompt_token_ids, reference_decoder_prediction, reference_decoder_training_ids
 
 IGNORE = -100
 EVAL_MODES = ("generate", "score")
@@ -100,7 +100,7 @@ class Objective:
         raise NotImplementedError
 
     def prompt_ids(self, example: Example) -> list[int]:
-        """The example's prompt tokens, cut to max_source_length as its prompt format cuts (nlora.prompts)."""
+        """The example's prompt tokens, cut to max_source_length as its prompt format cuts (nlora.tasks.prompts)."""
         return prompt_token_ids(self.tokenizer, example.prompt, example.sentence, example.prompt_format,
                                 self.max_source_length, self.kind, example.task)
 

@@ -5,7 +5,7 @@ this machine cannot run, before anything is written.
 LLaMA-2 fp16, Llama-3/Qwen bf16, T5 fp32): float32 for seq2seq models (T5 overflows in float16 and is trained
 in float32 in the papers' scripts) and encoders, bfloat16 for decoders on a GPU that supports it, float32 on CPU.
 LoRA factors are float32 whatever the base dtype (peft's `autocast_adapter_dtype`), so the optimizer states and the
-penalties, which sum in float32 at least (nlora.penalties), keep their precision.
+penalties, which sum in float32 at least (nlora.methods.penalties), keep their precision.
 """
 
 from __future__ import annotations

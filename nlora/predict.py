@@ -1,7 +1,7 @@
 """`nlora predict RUN_DIR`: the predictions of the model a run trained (as it was after task K), on tasks of a
 data folder (`--tasks`) or on the examples of a JSONL file (`--input`), written as JSONL. The model is rebuilt
 from the run's saved adapters as the run itself rebuilds it on resume, and predicted with the evaluation code of
-training (nlora.evaluation.evaluate, the run's eval_mode), so on a run's own test examples it gives exactly the
+training (nlora.eval.evaluate.evaluate, the run's eval_mode), so on a run's own test examples it gives exactly the
 predictions the run wrote.
 
 An --input line: {"sentence": "...", "options": ["a", "b", ...]} plus, optionally, "label" (the gold answer:
@@ -23,18 +23,18 @@ import torch
 
 from .adapters import ContinualAdapters, folding
 from .config import RunConfig
-from .data import (GENERIC_INSTRUCTION, Example, TaskData, find_task_dir, load_instructions, task_family,
-                   task_instruction)
 from .errors import NloraError
-from .evaluation import evaluate, generation_of, scoring_of
+from .eval.evaluate import evaluate, generation_of, scoring_of
 from .full_model import FullModel
-from .rundir import RunPaths, TrainedRun, read_metrics, read_run
 from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
-from .prompts import TRACE_FORMAT, PromptSpec, build_prompt
 from .provenance import recorded_tasks
+from .rundir import RunPaths, TrainedRun, read_metrics, read_run
 from .runner import load_tasks
+from .tasks.data import (GENERIC_INSTRUCTION, Example, TaskData, find_task_dir, load_instructions, task_family,
+                   task_instruction)
+from .tasks.prompts import TRACE_FORMAT, PromptSpec, build_prompt
 
 
 def load_base(config: RunConfig, device: str = "cpu") -> Backbone:

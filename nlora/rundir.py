@@ -17,7 +17,7 @@ run and the model they make as of task K (`read_run`). Used by the runner and by
                                          free-text tasks: `nlora rescore` scores them again)
     predictions/base/<task>.jsonl        the base model's predictions, with eval_future
     checkpoint/                          mid-task checkpoint of the phase in progress (removed when it ends)
-    diagnostics.json                     parameter diagnostics of the saved adapters (nlora.diagnostics), at the end
+    diagnostics.json                     parameter diagnostics of the saved adapters (nlora.analysis.diagnostics), at the end
     general.json                         general-ability scores (`nlora eval-general`, run option general_eval)
     report/                              plots and report.md, written by `nlora report RUN_DIR`
 
@@ -50,7 +50,7 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 BASE_PREDICTIONS = "base"
-GENERAL_FILE = "general.json"  # general-ability scores (nlora.general)
+GENERAL_FILE = "general.json"  # general-ability scores (nlora.eval.general)
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
                CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR, GENERAL_FILE)
 # Keys that may differ between a run and its resumption.

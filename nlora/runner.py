@@ -16,39 +16,39 @@ import torch
 from transformers import set_seed
 
 from .adapters import ContinualAdapters, folding
-from .checkpoint import load_checkpoint, remove_checkpoint
 from .config import RunConfig, load_config, load_yaml_file
-from .data import TaskData
-from .engine import make_accelerator, shard_model
 from .errors import NloraError
-from .evaluation import evaluate, generation_of, scoring_of
-from .evaluation_plan import planned_rows
+from .eval.continual import summarize_run
+from .eval.evaluate import evaluate, generation_of, scoring_of
+from .eval.general import RunScoring
+from .eval.plan import planned_rows
 from .faults import fault_point
 from .full_model import FullModel, resume_point
-from .general import RunScoring
 from .io import write_json_atomic, write_jsonl_atomic, write_yaml_atomic
 from .method_state import load_state, save_state
 from .methods import Method, MethodContext, resolve
-from .metrics import summarize_run
 from .models import Backbone, backbone_options, default_target_modules, load_backbone
 from .objectives import make_objective
+from .precision import check_runtime, warn_precision
 from .preflight import preflight
-from .prompts import check_prompt_budget
 from .provenance import collect as collect_provenance
 from .provenance import check_config_digest, config_digest, record_run
-from .runlock import RunLock
-from .precision import check_runtime, warn_precision
 from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
                      prepare_output_dir, read_metrics)
-from .tasks import check_model_kind, load_run_tasks, metric_columns
+from .runlock import RunLock
+from .tasks.data import TaskData
+from .tasks.loading import check_model_kind, load_run_tasks, metric_columns
+from .tasks.prompts import check_prompt_budget
 from .tracking import RunLogger
-from .training import train_task
+from .train.checkpoint import load_checkpoint, remove_checkpoint
+from .train.engine import make_accelerator, shard_model
+from .train.loop import train_task
 
 SCHEMA_VERSION = 1
 
 
 def load_tasks(config: RunConfig) -> list[TaskData]:
-    """Read and validate every task before any training starts, so bad data fails in seconds (nlora.tasks:
+    """Read and validate every task before any training starts, so bad data fails in seconds (nlora.tasks.loading:
     classification and free-text tasks)."""
     return load_run_tasks(config)
 
@@ -74,7 +74,7 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
         "model": config.model,
         "seed": config.seed,
         "tasks": [t.name for t in tasks],
-        # the metric of each column of the matrix (nlora.scoring), and how the scores and BWT were computed
+        # the metric of each column of the matrix (nlora.tasks.scoring), and how the scores and BWT were computed
         "metrics": metric_columns(tasks),
         "scoring_mode": config.scoring_mode,
         "bwt_denominator": config.bwt_denominator,
@@ -158,7 +158,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
                                      config.lora_dropout, resolved.target_modules)
     objective = make_objective(backbone.kind, backbone.tokenizer, config.max_source_length,
                                config.max_target_length, config.eval_mode)
-    shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.engine)
+    shard_model(backbone.model, accelerator, config)  # before any adapter: adapters stay whole (nlora.train.engine)
     ctx = MethodContext(resolved, adapters, objective, accelerator, tasks, paths.root)
     method.setup(ctx)
     n = len(tasks)
@@ -279,7 +279,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
 
 def write_diagnostics(root: Path) -> None:
     """diagnostics.json of a complete run. The run itself is already on disk, so a failure here only warns."""
-    from .diagnostics import diagnose_run
+    from .analysis.diagnostics import diagnose_run
 
     try:
         diagnose_run(root)

@@ -12,7 +12,7 @@ crashes keeps what it logged. Each line has an `event`:
                  loss, regulariser and throughput are means over the steps since the previous logging step
     train_end    a phase finished training: its steps, mean loss and regulariser, seconds
     eval         one entry of the accuracy matrix: the score on `task` after training phase `phase` (-1: the
-                 base model) under `accuracy`, its `metric` (nlora.scoring; exact_match for classification),
+                 base model) under `accuracy`, its `metric` (nlora.tasks.scoring; exact_match for classification),
                  examples, seconds
     summary      AP, BWT, FWT and forgetting of the complete run
 Every line also has `elapsed` (seconds of the run so far, summed over its sessions) and `time` (Unix time).

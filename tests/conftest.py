@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nlora.synthetic import write_synthetic_benchmark
+from nlora.tasks.synthetic import write_synthetic_benchmark
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # the modules the CLI imports lazily too, so the children import nothing heavy themselves
-_CONTEXT.set_forkserver_preload(["nlora.cli", "nlora.runner", "nlora.summary", "nlora.engine"])
+_CONTEXT.set_forkserver_preload(["nlora.cli", "nlora.runner", "nlora.analysis.summary", "nlora.train.engine"])
 
 
 def start() -> None:

@@ -65,7 +65,7 @@ def assert_run_reproduces(run_dir: str | Path) -> None:
     """Rebuild the model of each phase of a stacked-layout run from its adapter folders alone (phase k: the
     adapters of phases 0..k summed) and check that it predicts exactly the run's predictions/<k>-<task>/*.jsonl."""
     from nlora.config import load_config
-    from nlora.evaluation import evaluate
+    from nlora.eval.evaluate import evaluate
     from nlora.models import load_backbone
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks

@@ -15,7 +15,7 @@ from nlora.cli import main
 from nlora.methods import get_method
 from nlora.methods.clora import orthonormal_basis
 from nlora.models import default_target_modules, load_backbone
-from nlora.regularization import LayerFactors, Regularization
+from nlora.train.regularization import LayerFactors, Regularization
 
 
 def _clora(**options):
@@ -52,7 +52,7 @@ def test_penalty_and_gradient_match_dense_projections():
 
 
 def test_the_engine_penalises_each_layer_against_its_own_bases(tmp_path):
-    """On a real model through nlora.regularization: the summed term equals the dense sum over the layers of the
+    """On a real model through nlora.train.regularization: the summed term equals the dense sum over the layers of the
     saved adapter, named as the saved file names them."""
     bb = load_backbone("tiny-t5")
     ad = ContinualAdapters(bb.model, bb.kind, r=2, alpha=4, dropout=0.0,

@@ -37,7 +37,7 @@ from nlora.cli import main
 from nlora.method_state import load_state, save_state
 from nlora.methods import METHODS, get_method
 from nlora.options import base_type, option_fields, public_name
-from nlora.synthetic import write_synthetic_benchmark, write_synthetic_trace
+from nlora.tasks.synthetic import write_synthetic_benchmark, write_synthetic_trace
 from same_run import assert_same_run
 
 fresh_process.start()
@@ -196,7 +196,7 @@ def _reference_folders(method, k: int, j: int, folders: list[Path]) -> tuple[lis
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_what_was_evaluated_is_what_the_saved_adapters_compute(references, method):
-    from nlora.evaluation import evaluate, generation_of, scoring_of
+    from nlora.eval.evaluate import evaluate, generation_of, scoring_of
     from nlora.models import load_backbone
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
@@ -254,7 +254,7 @@ def test_predict_and_export_reproduce_the_last_row(tmp_path, references, method)
         tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     else:
         model = add_adapters(backbone.model, [tmp_path / "export"]).eval()
-    from nlora.evaluation import evaluate, generation_of
+    from nlora.eval.evaluate import evaluate, generation_of
     from nlora.objectives import make_objective
     from nlora.runner import load_tasks
 
@@ -306,9 +306,9 @@ def test_every_method_names_its_options_uniquely():
 # every method's run in the same processes: the process group stays up between them (main() would end it)
 RUN_MANY = '''
 import json, sys
-import nlora.engine
+import nlora.train.engine
 from nlora.cli import main
-shutdown, nlora.engine.shutdown = nlora.engine.shutdown, lambda: None  # one process group for all the runs
+shutdown, nlora.train.engine.shutdown = nlora.train.engine.shutdown, lambda: None  # one process group for all the runs
 for argv in json.load(open(sys.argv[1])):
     code = main(argv)
     if code:

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from nlora.data import (DEFAULT_INSTRUCTIONS, carve_dev, find_task_dir, format_prompt, load_instructions,
-                        load_task)
 from nlora.errors import NloraError
+from nlora.tasks.data import (DEFAULT_INSTRUCTIONS, carve_dev, find_task_dir, format_prompt, load_instructions,
+                        load_task)
 from conftest import SHARED_DATA
 
-from nlora.benchmarks import BENCHMARK_ORDERS, FREE_TEXT_BENCHMARKS
+from nlora.tasks.benchmarks import BENCHMARK_ORDERS, FREE_TEXT_BENCHMARKS
 
 ROWS = [{"label": "pos", "sentence": "great film"}, {"label": "neg", "sentence": "dull plot"},
         {"label": "pos", "sentence": "loved it"}]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nlora.cli import main
-from nlora.diagnostics import (LowRankUpdate, compute_diagnostics, diagnose_run, load_or_diagnose, subspace_overlap,
+from nlora.analysis.diagnostics import (LowRankUpdate, compute_diagnostics, diagnose_run, load_or_diagnose, subspace_overlap,
                                support_statistics)
+from nlora.cli import main
 
 LAYERS = ("encoder.layer.0.attention.q", "encoder.layer.1.attention.q")
 

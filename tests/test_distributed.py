@@ -21,8 +21,8 @@ from nlora import cli
 from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.errors import NloraError
-from nlora.engine import _check_engine, make_accelerator
-from nlora.training import shard
+from nlora.train.engine import _check_engine, make_accelerator
+from nlora.train.loop import shard
 from launch_support import EXAMPLES, ROOT, RUN, fake_accelerator
 from same_run import ADAPTER_ATOL, assert_same_run
 

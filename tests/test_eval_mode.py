@@ -5,11 +5,11 @@ import torch
 
 from nlora.adapters import ContinualAdapters
 from nlora.config import RunConfig, load_config
-from nlora.data import Example
 from nlora.errors import NloraError
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
 from nlora.runner import run
+from nlora.tasks.data import Example
 
 TARGETS = {"tiny-t5": ["q", "v"], "tiny-llama": ["q_proj", "v_proj"]}
 KINDS = {"tiny-t5": "seq2seq", "tiny-llama": "decoder"}

@@ -6,8 +6,8 @@ import pytest
 
 from nlora.config import load_config
 from nlora.errors import NloraError
-from nlora.evaluation_plan import planned_rows
-from nlora.metrics import summarize
+from nlora.eval.continual import summarize
+from nlora.eval.plan import planned_rows
 from nlora.runner import run
 
 

@@ -10,13 +10,13 @@ import torch
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
-from nlora.data import load_task
 from nlora.method_state import load_state
 from nlora.methods import get_method
+from nlora.methods.passes import per_example_squared_gradients
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
-from nlora.passes import per_example_squared_gradients
-from nlora.regularization import LayerFactors
+from nlora.tasks.data import load_task
+from nlora.train.regularization import LayerFactors
 
 
 def _context(model_name, synthetic_dir):

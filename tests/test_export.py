@@ -15,7 +15,7 @@ from nlora import RunConfig
 from nlora.cli import main
 from nlora.config import load_config
 from nlora.errors import NloraError
-from nlora.evaluation import evaluate
+from nlora.eval.evaluate import evaluate
 from nlora.export import export_run, read_run
 from nlora.models import load_backbone
 from nlora.objectives import make_objective

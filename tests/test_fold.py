@@ -7,17 +7,17 @@ import pytest
 import torch
 
 import nlora.runner as runner
-import nlora.training as training
+import nlora.train.loop as training
 from nlora import RunConfig
 from nlora.adapters import PAST, ContinualAdapters, folding
-from nlora.data import load_task
 from nlora.errors import NloraError
 from nlora.methods import get_method
+from nlora.methods.penalties import olora_orthogonality
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
-from nlora.penalties import olora_orthogonality
-from nlora.regularization import Regularization
-from nlora.synthetic import TASK_NAMES
+from nlora.tasks.data import load_task
+from nlora.tasks.synthetic import TASK_NAMES
+from nlora.train.regularization import Regularization
 from same_run import outcome
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from nlora.data import Example
 from nlora.errors import NloraError
-from nlora.freetext import load_superni_task, load_trace_task, read_trace_split, superni_prompt
-from nlora.scoring import example_scores
-from nlora.synthetic import TRACE_TASK_NAMES, TRACE_TASKS, write_synthetic_trace
+from nlora.tasks.data import Example
+from nlora.tasks.freetext import load_superni_task, load_trace_task, read_trace_split, superni_prompt
+from nlora.tasks.scoring import example_scores
+from nlora.tasks.synthetic import TRACE_TASK_NAMES, TRACE_TASKS, write_synthetic_trace
 
 
 def _write(path, obj):

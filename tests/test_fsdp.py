@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nlora.config import RunConfig
-from nlora.engine import _check_engine, transformer_blocks
 from nlora.errors import NloraError
 from nlora.models import load_backbone
+from nlora.train.engine import _check_engine, transformer_blocks
 from launch_support import EXAMPLES, ROOT, RUN, fake_accelerator
 from same_run import assert_same_run
 

@@ -149,8 +149,8 @@ def test_in_memory_model_and_exported_adapter_give_identical_loglikelihoods_and_
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from nlora.eval.general import GeneralSettings, evaluate_model, lm_eval_command, rebuild_model
     from nlora.export import export_run
-    from nlora.general import GeneralSettings, evaluate_model, lm_eval_command, rebuild_model
 
     record = _general(general_run)
     settings = GeneralSettings(batch_size=4)
@@ -199,7 +199,7 @@ def test_general_json_holds_scores_delta_versions_and_settings(general_run):
 
 
 def test_mean_delta_needs_every_benchmark_in_one_direction():
-    from nlora.general import mean_delta, summarize
+    from nlora.eval.general import mean_delta, summarize
 
     up = {"higher_is_better": True}
     record = {"benchmarks": {"a": up, "b": up},
@@ -213,7 +213,7 @@ def test_mean_delta_needs_every_benchmark_in_one_direction():
 @needs_lm_eval
 def test_resumes_without_redoing_and_scores_only_what_is_missing(general_run, benchmarks_dir, tmp_path, monkeypatch,
                                                                 capsys):
-    from nlora import general
+    from nlora.eval import general
 
     run_dir = _copy(general_run, tmp_path)
     calls = []
@@ -245,7 +245,7 @@ def test_resumes_without_redoing_and_scores_only_what_is_missing(general_run, be
 
 @needs_lm_eval
 def test_other_settings_or_benchmark_definitions_are_refused(general_run, benchmarks_dir, tmp_path, capsys):
-    from nlora.general import GeneralSettings, ScoredModel, score_phase
+    from nlora.eval.general import GeneralSettings, ScoredModel, score_phase
 
     run_dir = _copy(general_run, tmp_path)
     before = (run_dir / "general.json").read_bytes()
@@ -272,7 +272,7 @@ def test_other_settings_or_benchmark_definitions_are_refused(general_run, benchm
 def test_bad_requests_fail_before_any_model_is_loaded(trained, benchmarks_dir, tmp_path, capsys, monkeypatch):
     from lm_eval import tasks
 
-    from nlora import general
+    from nlora.eval import general
 
     monkeypatch.setattr(general, "rebuild_model", lambda *a: pytest.fail("a model was loaded"))
     # lm-eval's index of its built-in tasks takes seconds to build: leave it out (no benchmark here needs it)
@@ -306,7 +306,7 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch, capsys):
 
 @needs_lm_eval
 def test_report_shows_general_ability_and_refuses_to_compare_other_settings(general_run, tmp_path):
-    from nlora.report import GENERAL_PLOT, write_report
+    from nlora.analysis.report import GENERAL_PLOT, write_report
 
     a = shutil.copytree(general_run, tmp_path / "a")
     folder = write_report(a)
@@ -343,7 +343,7 @@ def _training_state(adapters) -> tuple:
 @needs_lm_eval
 def test_a_run_scores_the_live_model_as_eval_general_does_and_trains_the_same(trained, general_run, benchmarks_dir,
                                                                             synthetic_dir, tmp_path, monkeypatch):
-    from nlora import general
+    from nlora.eval import general
 
     scored, watched = [], []
     evaluate, score = general.evaluate_model, general.RunScoring.score
@@ -372,7 +372,7 @@ def test_a_run_scores_the_live_model_as_eval_general_does_and_trains_the_same(tr
 @needs_lm_eval
 def test_a_killed_run_resumes_without_redoing_its_general_scores(trained, general_run, benchmarks_dir, synthetic_dir,
                                                                  tmp_path, monkeypatch, capsys):
-    from nlora import general
+    from nlora.eval import general
 
     out = tmp_path / "run"
     argv = ["run", "--model", str(trained.parent / "base"), "--method", "n-lora", "--lambda", "0.01",
@@ -399,7 +399,7 @@ def test_a_killed_run_resumes_without_redoing_its_general_scores(trained, genera
 
 
 def test_scoring_puts_back_modes_trainable_parameters_grad_mode_and_generators():
-    from nlora.general import kept_for_training
+    from nlora.eval.general import kept_for_training
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
     model.train()
@@ -467,7 +467,7 @@ def test_scoring_runs_the_model_without_the_autocast_of_mixed_precision_training
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from nlora.general import without_mixed_precision
+    from nlora.eval.general import without_mixed_precision
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)

@@ -13,11 +13,11 @@ import torch
 from conftest import write_task
 from lora_reference import add_adapters
 from nlora import RunConfig, run
-from nlora.data import Example, format_prompt
-from nlora.evaluation import evaluate
+from nlora.eval.evaluate import evaluate
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
 from nlora.runner import load_tasks
+from nlora.tasks.data import Example, format_prompt
 from test_eval_mode import assert_batched_generation_is_per_example
 
 KEYS = ("sun", "moon", "tree", "rock", "fish", "bird")

@@ -1,6 +1,6 @@
 """Free-text tasks through the whole engine, on the built-in tiny models and nlora's generated TRACE-layout
 stream: a mixed classification + free-text sequence end to end (each column scored with its own metric and
-recorded in metrics.json; the scores recomputed here from the predictions with nlora.scoring directly), `nlora
+recorded in metrics.json; the scores recomputed here from the predictions with nlora.tasks.scoring directly), `nlora
 rescore` reproducing metrics.json and switching mode and BWT denominator, the tools (status, report, predict,
 export, tracking) on such a run, seeded sampled decoding, the prompt styles, kind detection, presets, and what is
 refused before anything is written."""
@@ -20,11 +20,11 @@ from same_run import outcome
 from nlora import RunConfig, run
 from nlora.cli import main
 from nlora.errors import NloraError
-from nlora.evaluation import Scoring, score_records, scoring_of, trace_prompt
-from nlora.metrics import backward_transfer, normalize_answer
-from nlora.scoring import example_scores, score
-from nlora.synthetic import TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
-from nlora.tasks import detect_format, load_run_tasks
+from nlora.eval.continual import backward_transfer, normalize_answer
+from nlora.eval.evaluate import Scoring, score_records, scoring_of, trace_prompt
+from nlora.tasks.loading import detect_format, load_run_tasks
+from nlora.tasks.scoring import example_scores, score
+from nlora.tasks.synthetic import TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
 from nlora.tracking import metric_key, read_log
 
 fresh_process.start()
@@ -260,7 +260,7 @@ def test_score_records_is_the_scoring_of_nlora_scoring():
 def test_prompt_styles_and_the_decoder_training_sequence(data):
     from nlora.models import load_backbone
     from nlora.objectives import IGNORE, make_objective
-    from nlora.prompts import trace_prompt_ids
+    from nlora.tasks.prompts import trace_prompt_ids
 
     tasks = {s: load_run_tasks(RunConfig(tasks=["sum"], data_dir=str(data), prompt_style=s,
                                          answer_separator=" => "))[0] for s in ("nlora", "trace")}

@@ -8,11 +8,11 @@ import torch
 
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
-from nlora.data import load_task
 from nlora.methods import get_method
 from nlora.methods.ilora import STABLE, ema_step, one_sided_consistency
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
+from nlora.tasks.data import load_task
 
 
 def _method(tasks=("a", "b", "c"), **options):

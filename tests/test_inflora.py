@@ -12,13 +12,13 @@ from lora_reference import add_adapters, read_adapter
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
-from nlora.data import load_task
 from nlora.method_state import load_state
 from nlora.methods import get_method
 from nlora.methods.inflora import (A_SCALE, design_A, grow_basis, input_covariances, shared_input_groups,
                                    threshold_after)
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
+from nlora.tasks.data import load_task
 
 
 def _psd(d: int, seed: int, decay: float = 0.7) -> torch.Tensor:

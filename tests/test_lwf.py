@@ -13,11 +13,11 @@ from same_run import assert_same_run
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
-from nlora.data import load_task
 from nlora.methods import get_method
 from nlora.methods.lwf import TEACHER, distillation_kl
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import IGNORE, make_objective
+from nlora.tasks.data import load_task
 
 INF = float("inf")
 
@@ -199,7 +199,7 @@ class Stop(Exception):
 def test_stacked_lwf_stopped_mid_task_and_resumed_ends_the_same(tmp_path, synthetic_dir, monkeypatch):
     """The conformance kit kills and resumes the smoke options' shared layout; the stacked teacher (the frozen,
     folded adapters) likewise: stopped after a checkpoint of the second task, resumed in this process."""
-    import nlora.training as training
+    import nlora.train.loop as training
 
     argv = ["run", "--method", "lwf", "--lwf-lambda", "10", "--model", "tiny-t5", "--tasks", "harbor,orchard",
             "--data-dir", str(synthetic_dir), "--max-train-samples", "8", "--max-eval-samples", "2",

@@ -15,7 +15,7 @@ from lora_reference import add_adapters
 from nlora import RunConfig
 from nlora.methods import METHODS, get_method
 from nlora.models import load_backbone
-from nlora.regularization import LayerFactors
+from nlora.train.regularization import LayerFactors
 
 TASKS = ["harbor", "orchard", "library"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nlora.metrics import (
+from nlora.eval.continual import (
     accuracy,
     average_accuracy,
     average_forgetting,

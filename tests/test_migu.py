@@ -1,4 +1,4 @@
-"""MIGU (nlora.migu, option grad_mask migu): the row mask against a brute-force quantile, the masked gradients of a
+"""MIGU (nlora.train.migu, option grad_mask migu): the row mask against a brute-force quantile, the masked gradients of a
 small model against magnitudes computed by hand over two micro-batches, and a run in which, from the second task
 on, exactly the top rows of each factor move."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nlora.adapters import ContinualAdapters
-from nlora.migu import MiguMask, row_mask
+from nlora.train.migu import MiguMask, row_mask
 
 
 def _brute_mask(a: torch.Tensor, q: float) -> torch.Tensor:

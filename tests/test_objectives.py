@@ -1,8 +1,8 @@
 import torch
 
-from nlora.data import Example
 from nlora.models import load_backbone
 from nlora.objectives import IGNORE, make_objective
+from nlora.tasks.data import Example
 
 
 def _ex(label, sentence="some text", options=("yes", "no")):

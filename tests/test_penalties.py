@@ -1,11 +1,11 @@
-"""nlora.penalties against brute-force float64 references (explicit loops, or plain autograd in float64)."""
+"""nlora.methods.penalties against brute-force float64 references (explicit loops, or plain autograd in float64)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nlora.penalties import (
+from nlora.methods.penalties import (
     PENALTY_FORMS,
     delta_l1,
     default_chunk_rows,

@@ -10,9 +10,8 @@ import yaml
 
 from nlora.adapters import ContinualAdapters
 from nlora.config import RunConfig
-from nlora.data import Example
 from nlora.errors import NloraError
-from nlora.evaluation import eval_batches, evaluate
+from nlora.eval.evaluate import eval_batches, evaluate
 from nlora.export import read_run
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import (IGNORE, Objective, align_right, cache_keyword, collect_scores, make_objective,
@@ -20,7 +19,8 @@ from nlora.objectives import (IGNORE, Objective, align_right, cache_keyword, col
 from nlora.precision import check_runtime, resolve_dtype, warn_precision
 from nlora.predict import load_model, predict_run
 from nlora.runner import run
-from nlora.engine import make_accelerator
+from nlora.tasks.data import Example
+from nlora.train.engine import make_accelerator
 
 
 def _ex(label, sentence="some text", options=("yes", "no", "maybe")):
@@ -70,7 +70,7 @@ def test_auto_dtype_by_kind_and_device(monkeypatch):
 
 
 def test_bf16_base_trains_float32_factors_with_float32_penalty():
-    from nlora.penalties import lora_l1
+    from nlora.methods.penalties import lora_l1
 
     bb, ad = _adapted("tiny-llama", "bfloat16")
     obj = make_objective("decoder", bb.tokenizer, 64, 8)

@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nlora.benchmarks import (BENCHMARK_ORDERS, FREE_TEXT_BENCHMARKS, PUBLISHED, list_presets, load_preset, preset_path, preset_source,
-                              published_ap)
 from nlora.cli import main
 from nlora.config import RunConfig, load_config
 from nlora.errors import NloraError
 from nlora.runner import run
+from nlora.tasks.benchmarks import (BENCHMARK_ORDERS, FREE_TEXT_BENCHMARKS, PUBLISHED, list_presets, load_preset, preset_path, preset_source,
+                              published_ap)
 
 from conftest import SHARED_DATA
 
@@ -145,7 +145,7 @@ def test_published_numbers():
 
 def test_presets_ship_with_the_package():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert "presets/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["nlora"]
+    assert "tasks/presets/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["nlora"]
     assert all(load_preset(b, o) for b, o, _ in list_presets())
 
 

@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from nlora.data import Example, load_instructions, load_task
 from nlora.errors import NloraError
 from nlora.models import load_backbone
 from nlora.objectives import IGNORE, make_objective
-from nlora.prompts import REFERENCE_INSTRUCTIONS, PromptSpec, prompt_token_ids
+from nlora.tasks.data import Example, load_instructions, load_task
+from nlora.tasks.prompts import REFERENCE_INSTRUCTIONS, PromptSpec, prompt_token_ids
 
 REF = PromptSpec("reference", add_task_name=True, add_dataset_name=True)
 

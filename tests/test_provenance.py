@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 from nlora.config import load_config
-from nlora.data import DEFAULT_INSTRUCTIONS
 from nlora.provenance import git_state
 from nlora.runner import run
+from nlora.tasks.data import DEFAULT_INSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 

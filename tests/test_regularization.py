@@ -1,4 +1,4 @@
-"""The in-forward regularisers (nlora.regularization) by value and by gradient.
+"""The in-forward regularisers (nlora.train.regularization) by value and by gradient.
 
 Values: for each phase, the collected regulariser equals λ_k · Σ over the layers of the chosen form of the
 *current* adapter's factors, computed here independently in float64 from the saved factors and the LoRA config
@@ -13,11 +13,11 @@ import torch
 
 from nlora.adapters import ContinualAdapters
 from nlora.config import RunConfig
-from nlora.data import Example
 from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
-from nlora.regularization import LossTerm, Regularization
+from nlora.tasks.data import Example
+from nlora.train.regularization import LossTerm, Regularization
 
 R, ALPHA = 4, 8.0
 S = ALPHA / R
@@ -153,8 +153,8 @@ def test_olora_regulariser_by_value_against_every_earlier_A():
 
 def test_olora_term_reads_a_concatenated_past_adapter_the_same():
     """A folded layout (one "past" adapter of rank r·k holding the earlier A's) gives the same orthogonality."""
-    from nlora.penalties import olora_orthogonality
-    from nlora.regularization import LayerFactors
+    from nlora.methods.penalties import olora_orthogonality
+    from nlora.train.regularization import LayerFactors
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(4, 9, generator=g, dtype=torch.float64)

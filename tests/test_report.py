@@ -9,9 +9,9 @@ import pytest
 from matplotlib.image import imread
 
 import nlora.demo
+from nlora.analysis.report import PLOTS, write_report
 from nlora.cli import main
 from nlora.demo import run_demo
-from nlora.report import PLOTS, write_report
 
 from test_diagnostics import LAYERS, rows_factor, write_run
 
@@ -189,7 +189,7 @@ def test_report_of_a_run_without_adapters_yet(tmp_path):
 
 
 def test_report_has_the_training_curves_of_runs_with_a_log(demo, tmp_path):
-    from nlora.report import CURVES
+    from nlora.analysis.report import CURVES
     from nlora.tracking import read_log
 
     out = write_report([demo / "seed-42" / "n-lora", demo / "seed-42" / "inc-lora"], tmp_path / "cmp")
@@ -205,7 +205,7 @@ def test_report_has_the_training_curves_of_runs_with_a_log(demo, tmp_path):
 
 
 def test_report_of_a_run_without_log_has_no_curves(tmp_path):
-    from nlora.report import CURVES
+    from nlora.analysis.report import CURVES
 
     run = write_run(tmp_path / "old", [], tasks=["a", "b"])
     out = write_report(run)

@@ -18,7 +18,7 @@ import yaml
 from safetensors import SafetensorError
 
 import nlora.adapters
-import nlora.report
+import nlora.analysis.report
 from nlora import runner
 from nlora.cli import main
 from nlora.io import staged_dir, staging_dir, write_text_atomic
@@ -273,7 +273,7 @@ def test_export_and_report_clear_what_a_killed_call_left(finished, tmp_path, cap
 
     def fail(runs):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(nlora.report, "report_markdown", fail)  # dies after the plots are written
+    monkeypatch.setattr(nlora.analysis.report, "report_markdown", fail)  # dies after the plots are written
     code, err = _cli(["report", str(finished), "--output-dir", str(out), "--overwrite"], capsys)
     assert code == 2 and "cannot write the report" in err
     assert _snapshot(out) == old, "a report that failed half way changed the old one"

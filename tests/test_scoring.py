@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from nlora.errors import NloraError
-from nlora.scoring import (
+from nlora.tasks.scoring import (
     METRICS,
     example_scores,
     fuzzywuzzy_ratio,

@@ -18,15 +18,15 @@ from lora_reference import load_saved_model
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
-from nlora.data import load_task
-from nlora.engine import make_accelerator
 from nlora.errors import NloraError
 from nlora.full_model import FullModel, load_weights
 from nlora.methods import get_method, resolve
 from nlora.models import default_target_modules, load_backbone
 from nlora.objectives import make_objective
 from nlora.preflight import check_trained_state
-from nlora.training import train_task
+from nlora.tasks.data import load_task
+from nlora.train.engine import make_accelerator
+from nlora.train.loop import train_task
 from same_run import assert_same_run
 
 fresh_process.start()
@@ -144,7 +144,7 @@ def test_bf16_with_checkpointing_keeps_every_task_s_model_in_bf16(tmp_path, synt
             "--gradient-checkpointing", "--lr", "1e-2", "--data-dir", str(synthetic_dir), "--output-dir", str(out)]
     argv[argv.index("tiny-t5")] = "tiny-llama"
     assert main(argv) == 0
-    from nlora.evaluation import evaluate
+    from nlora.eval.evaluate import evaluate
     from nlora.rundir import read_run_config
     from nlora.runner import load_tasks
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
+from nlora.analysis.status import format_status, run_status
 from nlora.cli import main
-from nlora.status import format_status, run_status
 
 
 def _line(event, **kw):

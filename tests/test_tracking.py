@@ -13,15 +13,15 @@ from nlora import tracking
 from nlora.adapters import ContinualAdapters
 from nlora.cli import main
 from nlora.config import RunConfig
-from nlora.data import Example
-from nlora.engine import make_accelerator
 from nlora.errors import NloraError
 from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
-from nlora.regularization import LayerFactors
+from nlora.tasks.data import Example
 from nlora.tracking import RunLogger, StepWindow, batch_tokens, read_log
-from nlora.training import epoch_order, train_task
+from nlora.train.engine import make_accelerator
+from nlora.train.loop import epoch_order, train_task
+from nlora.train.regularization import LayerFactors
 
 # 12 examples in batches of 4 for 2 epochs: 6 steps per task; warm-up over 3 steps; a line every 2 steps
 TINY = ["--model", "tiny-t5", "--method", "o-lora", "--orth-lambda", "0.5", "--l2-lambda", "0.01",

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 import nlora
 from nlora import rundir, runner
-from nlora.checkpoint import load_checkpoint
 from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.errors import NloraError
+from nlora.train.checkpoint import load_checkpoint
 
 TINY = ["--max-train-samples", "8", "--max-eval-samples", "4", "--batch-size", "4", "--eval-batch-size", "4",
         "--epochs", "1", "--max-target-length", "4", "--device", "cpu", "--quiet"]
@@ -451,7 +451,7 @@ def test_run_directory_holds_weights_only_as_safetensors(finished_run):
 
 
 def test_checkpoint_holds_safetensors_and_refuses_pickled_code(tmp_path, synthetic_dir, monkeypatch):
-    from nlora import training
+    from nlora.train import loop as training
 
     real = training.save_checkpoint
     saved = []

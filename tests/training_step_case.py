@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
-from nlora.data import Example
 from nlora.methods import get_method
 from nlora.models import load_backbone
 from nlora.objectives import make_objective
-from nlora.engine import make_accelerator
-from nlora.training import train_task
+from nlora.tasks.data import Example
+from nlora.train.engine import make_accelerator
+from nlora.train.loop import train_task
 
 MODELS = {"tiny-t5": ["q", "v"], "tiny-llama": ["q_proj", "v_proj"], "tiny-bert": ["query", "value"]}
 R, ALPHA, LAM = 4, 8.0, 0.01

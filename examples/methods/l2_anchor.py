@@ -7,7 +7,7 @@ towards where it stood after the previous task (L2-SP, Li et al., ICML 2018, on 
 from dataclasses import dataclass
 
 import nlora
-from nlora.regularization import LossTerm
+from nlora.train.regularization import LossTerm
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """The method contract: what a continual-learning method is, and everything it may do, in one class.
 
-A method is one file: a subclass of `Method` registered with `@register`. The engine (nlora.runner, nlora.training)
+A method is one file: a subclass of `Method` registered with `@register`. The engine (nlora.runner, nlora.train.loop)
 calls it at fixed points and never needs editing for a new method.
 
 Declarations (read by the engine; the defaults give IncLoRA):
   trains ("adapters": LoRA adapters on a frozen base; "base": every base parameter, no adapter, the phase's model
   saved whole: nlora.full_model), phases, adapter_name, training_examples, active_for_training, active_for_eval,
   loss_terms (penalties on the trained adapter's factors, computed inside each LoRA layer's forward:
-  nlora.regularization), train_factors, keeps_saved, optimizer,
+  nlora.train.regularization), train_factors, keeps_saved, optimizer,
   parameters (learnable tensors of its own), update_scales (a saved adapter's weight in the evaluated model).
 
 Hooks (each gets the `MethodContext` of the run; each default does nothing):
@@ -47,15 +47,15 @@ if TYPE_CHECKING:
 
     from ..adapters import ContinualAdapters
     from ..config import RunConfig
-    from ..data import Example, TaskData
     from ..objectives import Objective, StepOutputs
-    from ..regularization import LossTerm
+    from ..tasks.data import Example, TaskData
+    from ..train.regularization import LossTerm
 
 
 @dataclass
 class MethodContext:
     """What a hook sees of the run. `model` is the trained model as the loop runs it (DDP-wrapped where so
-    launched); `adapters.model` is the same model unwrapped, for extra passes (nlora.passes)."""
+    launched); `adapters.model` is the same model unwrapped, for extra passes (nlora.methods.passes)."""
     config: "RunConfig"
     adapters: "ContinualAdapters"
     objective: "Objective"
@@ -120,7 +120,7 @@ class Method:
 
     def loss_terms(self, k: int) -> list["LossTerm"]:
         """The regularisers on the trained adapter's own factors, added at every step of phase k, each declared as
-        a weight and a function of one layer's factors (nlora.regularization computes them inside the forward)."""
+        a weight and a function of one layer's factors (nlora.train.regularization computes them inside the forward)."""
         return []
 
     def train_factors(self, k: int) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import MethodOptions, option
-from ..regularization import LossTerm
+from ..train.regularization import LossTerm
 from .base import Method
 from .registry import register
 

@@ -4,7 +4,7 @@
 
 The Fisher of task k is taken after it trains, on up to `ewc_samples` of its training examples (a fixed draw from the
 seed), in eval mode, as the mean over examples of the squared gradient of log p(y|x), one example per backward
-(nlora.passes): squaring batch-mean gradients would mix examples and shrink it by about the batch size. y is the
+(nlora.methods.passes): squaring batch-mean gradients would mix examples and shrink it by about the batch size. y is the
 gold answer (`ewc_fisher empirical`) or drawn from the model (`sampled`, per answer position). Under DDP the
 examples are split across processes and the sums added, so the Fisher equals the one-process Fisher.
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from ..options import MethodOptions, option
-from ..passes import per_example_squared_gradients
-from ..regularization import LossTerm
+from ..train.regularization import LossTerm
 from .base import Method
+from .passes import per_example_squared_gradients
 from .registry import register
 
 

@@ -36,12 +36,12 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from ..engine import transformer_blocks
 from ..errors import NloraError
 from ..objectives import IGNORE
 from ..options import MethodOptions, option
-from ..passes import auxiliary_outputs
+from ..train.engine import transformer_blocks
 from .base import Method
+from .passes import auxiliary_outputs
 from .registry import register
 
 STABLE = "stable"  # the PEFT adapter that holds θ_s while a task trains

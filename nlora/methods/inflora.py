@@ -29,8 +29,8 @@ import torch
 from ..errors import NloraError
 from ..objectives import to_device
 from ..options import MethodOptions, option
-from ..passes import eval_mode, layer_inputs, sum_over_processes
 from .base import Method
+from .passes import eval_mode, layer_inputs, sum_over_processes
 from .registry import register
 
 A_SCALE = 3 ** -0.5  # the reference's row norm of a designed A (1/√3)
@@ -174,7 +174,7 @@ def shared_input_groups(ctx, layers: dict[str, torch.nn.Module], example) -> dic
 
 def input_covariances(ctx, examples: list, layers: dict[str, torch.nn.Module], groups: dict[str, str]
                       ) -> dict[str, torch.Tensor]:
-    """Σ_x x xᵀ (float32) of each group's input over `examples` (padding excluded, nlora.passes.layer_inputs),
+    """Σ_x x xᵀ (float32) of each group's input over `examples` (padding excluded, nlora.methods.passes.layer_inputs),
     summed over the processes that split them; keyed by the group's first layer."""
     owners = {owner: layers[owner] for owner in dict.fromkeys(groups.values())}
     covs = {n: torch.zeros(m.in_features, m.in_features, device=ctx.device) for n, m in owners.items()}

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..options import MethodOptions, option
-from ..passes import auxiliary_outputs
 from .base import Method
+from .passes import auxiliary_outputs
 from .registry import register
 
 TEACHER = "lwf_teacher"  # the frozen copy of the shared adapter (lwf_base seq-lora)

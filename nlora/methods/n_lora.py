@@ -4,10 +4,10 @@ from dataclasses import dataclass
 
 from ..errors import NloraError
 from ..options import MethodOptions, option
-from ..penalties import PENALTY_FORMS, lora_l1
 from ..preflight import targeted_layers
-from ..regularization import LossTerm
+from ..train.regularization import LossTerm
 from .base import Method
+from .penalties import PENALTY_FORMS, lora_l1
 from .registry import register
 
 
@@ -25,7 +25,7 @@ class NLoRAOptions(MethodOptions):
 @register
 class NLoRA(Method):
     """N-LoRA (arXiv 2410.10179): IncLoRA plus λ · Σ_layers ‖ΔW_t‖₁ on the current task's adapter, so that tasks
-    occupy different parameters. `penalty_form` picks how ‖ΔW_t‖₁ is taken (see nlora.penalties);
+    occupy different parameters. `penalty_form` picks how ‖ΔW_t‖₁ is taken (see nlora.methods.penalties);
     `lambda_per_task` gives each task its own λ (the public scripts of some task orders do this)."""
 
     name = "n-lora"

@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..options import MethodOptions, option
-from ..penalties import l2_norms, l2_squared, olora_orthogonality
-from ..regularization import LossTerm
+from ..train.regularization import LossTerm
 from .base import Method
+from .penalties import l2_norms, l2_squared, olora_orthogonality
 from .registry import register
 
 L2_FORMS = ("squared", "reference")

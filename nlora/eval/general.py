@@ -35,10 +35,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import NloraError
-from .export import check_summable, read_run, read_run_config
-from .io import write_json_atomic
-from .rundir import GENERAL_FILE, read_json_object
+from ..errors import NloraError
+from ..export import check_summable, read_run, read_run_config
+from ..io import write_json_atomic
+from ..rundir import GENERAL_FILE, read_json_object
 
 SCHEMA_VERSION = 1
 INSTALL_HINT = 'pip install "nlora[general]"'
@@ -93,8 +93,8 @@ def _dtype_name(model: torch.nn.Module) -> str:
 def rebuild_model(run_dir: str | Path, after: int, device: str = "cpu") -> ScoredModel:
     """The run's model after task `after` (0: its base model), as `nlora predict` rebuilds it, with no task id
     (every adapter the run sums is active). The folded sum stays a LoRA path of its own, as in the exported adapter."""
-    from .models import detect_kind
-    from .predict import load_base, load_model
+    from ..models import detect_kind
+    from ..predict import load_base, load_model
 
     if after == 0:
         backbone = load_base(read_run_config(run_dir), device)
@@ -255,7 +255,7 @@ class GeneralEval:
         self._checked = False
 
     def _quantization(self) -> str | None:
-        from .models import backbone_options
+        from ..models import backbone_options
 
         return backbone_options(self.config)["quantization"]  # a 4-bit/8-bit base is scored as the run loaded it
 
@@ -499,7 +499,7 @@ class RunScoring:
     WAIT = timedelta(days=7)  # lm-eval may score for hours; a NCCL barrier times out after 10 minutes
 
     def __init__(self, config, run_dir: str | Path, resume: bool, accelerator, backbone, phases: list[int]):
-        from .evaluation_plan import planned_rows
+        from .plan import planned_rows
 
         if backbone.kind not in BACKENDS:
             raise NloraError(f"option 'general_eval': lm-eval scores language models (decoder or seq2seq); "

@@ -51,8 +51,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import NloraError
-from .metrics import normalize_answer
+from ..errors import NloraError
+from ..eval.continual import normalize_answer
 
 SCORING_MODES = ("standard", "trace_reference")
 EXTRA = "generative"

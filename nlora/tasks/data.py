@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NloraError
-from .metrics import normalize_answer
-from .paths import check_plain_name, folder_problem
+from ..errors import NloraError
+from ..eval.continual import normalize_answer
+from ..paths import check_plain_name, folder_problem
 from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
 
 # Our own instruction texts, one per task family of the benchmark; a user file can replace any of them.
@@ -42,7 +42,7 @@ UNKNOWN_LABEL_POLICIES = ("error", "drop", "keep")
 
 @dataclass(frozen=True)
 class Example:
-    """One example. A classification example has its label options; a free-text example (nlora.freetext) has none:
+    """One example. A classification example has its label options; a free-text example (nlora.tasks.freetext) has none:
     its `label` is the answer it is trained on, `sentence` its raw input without the instruction, and
     `references` every acceptable answer when there are several (empty: the label alone)."""
     task: str
@@ -50,7 +50,7 @@ class Example:
     label: str
     options: tuple[str, ...]
     prompt: str
-    prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.prompts)
+    prompt_format: str = "nlora"  # how the prompt is cut to max_source_length (nlora.tasks.prompts)
     references: tuple[str, ...] = ()
 
     @property
@@ -74,8 +74,8 @@ class TaskData:
     test: list[Example]
     # split -> {label not in labels.json: number of such examples kept in that split}
     unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)
-    # free-text tasks (nlora.freetext): their held-out dev split where the data has one, and their metric
-    # (a nlora.scoring spec); classification tasks are scored by exact match
+    # free-text tasks (nlora.tasks.freetext): their held-out dev split where the data has one, and their metric
+    # (a nlora.tasks.scoring spec); classification tasks are scored by exact match
     dev: list[Example] = field(default_factory=list)
     metric: str = "exact_match"
     kind: str = "classification"  # or "free_text"
@@ -83,7 +83,7 @@ class TaskData:
 
 
 def format_prompt(instruction: str, options: list[str] | tuple[str, ...], sentence: str) -> str:
-    """nlora's own prompt layout (nlora.prompts has the reference's too)."""
+    """nlora's own prompt layout (nlora.tasks.prompts has the reference's too)."""
     return build_prompt(PromptSpec(), instruction, "", "", tuple(options), sentence)
 
 

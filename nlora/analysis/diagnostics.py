@@ -33,7 +33,7 @@ collision_rate counts such positions with the explicit threshold above instead o
 positions of the layer, pooled over layers and averaged over pairs; delta_cosine is that Frobenius inner product,
 normalised to [0, 1]. The paper's headline figures are ratios between methods (e.g. N-LoRA vs O-LoRA), which is
 how these numbers compare too. O-LoRA (arXiv 2310.14152) keeps A_t orthogonal to the earlier A_s through
-O_{s,t} = A_s A_tᵀ (its public code penalises Σ|O_{s,t}|, see nlora.penalties): olora_l1 and olora_overlap
+O_{s,t} = A_s A_tᵀ (its public code penalises Σ|O_{s,t}|, see nlora.methods.penalties): olora_l1 and olora_overlap
 report it, and subspace_overlap is its scale-free form on the spans of the updates.
 
 Memory: layers are handled one at a time, and ΔW is only formed in blocks of rows that hold, across all tasks
@@ -54,9 +54,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import NloraError
-from .io import write_json_atomic
-from .paths import check_plain_name
+from ..errors import NloraError
+from ..io import write_json_atomic
+from ..paths import check_plain_name
 
 __all__ = ["DEFAULT_REL_EPS", "EPS_SCALES", "DIAGNOSTICS_FILE", "LowRankUpdate", "diagnose_run", "compute_diagnostics",
            "load_or_diagnose", "format_diagnostics", "support_statistics", "subspace_overlap", "olora_overlap"]

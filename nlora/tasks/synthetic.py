@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from .io import write_json_atomic
+from ..io import write_json_atomic
 
 FAMILY = "synthetic"
 KEYWORDS = ("sailor", "captain", "fisher", "pilot", "merchant", "diver")
@@ -66,8 +66,8 @@ def write_synthetic_benchmark(root: str | Path, n_train: int = 300, n_test: int 
 
 # ----------------------------------------------------------------------------------------------------------------
 # A free-text stream in TRACE's layout: `<root>/<Task>/{train,eval,test}.json`, arrays of {"prompt", "answer"},
-# each prompt its task's instruction line followed by the raw input (nlora.freetext). One task per kind of answer
-# and metric (nlora.scoring).
+# each prompt its task's instruction line followed by the raw input (nlora.tasks.freetext). One task per kind of answer
+# and metric (nlora.tasks.scoring).
 
 TRACE_TASKS = {
     # name: (instruction prefix of its prompts, metric)

@@ -35,11 +35,11 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
-from .config import RunConfig
-from .errors import NloraError
-from .precision import select_device
-from .preflight import check_batch_split
-from .tracking import accelerator_tracking
+from ..config import RunConfig
+from ..errors import NloraError
+from ..precision import select_device
+from ..preflight import check_batch_split
+from ..tracking import accelerator_tracking
 
 _SHARDED = "_nlora_fsdp2"  # attribute set on a model whose base is sharded
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from .errors import NloraError
+from ..errors import NloraError
+from ..rundir import CHECKPOINT_DIR, LOG_FILE, read_json_object, read_log
 from .summary import format_matrix, metric_lines, what_is_scored
-from .rundir import CHECKPOINT_DIR, LOG_FILE, read_json_object, read_log
 
 LAST_STEPS = 5  # logged steps shown
 

@@ -1,11 +1,11 @@
 """The tasks of a run, of any kind, read before anything trains: classification tasks of the CL_Benchmark layout
-(nlora.data) and free-text tasks in TRACE's layout or SuperNI task files (nlora.freetext), mixed in one sequence.
+(nlora.tasks.data) and free-text tasks in TRACE's layout or SuperNI task files (nlora.tasks.freetext), mixed in one sequence.
 
 A task's format is declared (`task_format`) or detected per task (`auto`): a folder with labels.json is a
 classification task; otherwise `<data>/<task>/train.json` (or `.jsonl`, also under `<data>/SuperNI/`) holding a
 JSON object is a SuperNI task file, and one holding an array (or JSON lines) TRACE's {"prompt", "answer"} records.
 
-Each task is scored with its own metric (nlora.scoring): `task_metrics` where it names the task, else the
+Each task is scored with its own metric (nlora.tasks.scoring): `task_metrics` where it names the task, else the
 default of its kind: exact_match for classification, TRACE's paper metric for TRACE's task names, rouge_l for
 SuperNI and any other free-text task.
 
@@ -14,7 +14,7 @@ Free-text prompts take the run's `prompt_style`:
   own cue ("Output: "), so it gets none. Over max_source_length the end of the raw input is cut; the instruction
   and the separator stay.
 - `trace`: the prompt as the data gives it, read as TRACE trains: BOS + prompt + answer + EOS, no separator, and
-  over the limit the start of the prompt cut (nlora.prompts).
+  over the limit the start of the prompt cut (nlora.tasks.prompts).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..errors import NloraError
+from ..paths import check_plain_name, folder_problem
 from .data import TaskData, load_instructions, load_task
-from .errors import NloraError
 from .freetext import load_superni_task, load_trace_task, split_file
-from .paths import check_plain_name, folder_problem
 from .prompts import PromptSpec
 from .scoring import require_libraries
 

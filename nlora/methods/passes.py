@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .engine import evaluation_split
-from .objectives import IGNORE, StepOutputs, to_device
+from ..objectives import IGNORE, StepOutputs, to_device
+from ..train.engine import evaluation_split
 
 
 def my_share(examples: list, ctx) -> list:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import NloraError
-from .faults import fault_point
-from .io import replace_dir_atomic, staging_dir
-from .method_state import load_state, save_state
-from .rundir import CHECKPOINT_DIR
+from ..errors import NloraError
+from ..faults import fault_point
+from ..io import replace_dir_atomic, staging_dir
+from ..method_state import load_state, save_state
+from ..rundir import CHECKPOINT_DIR
 
 
 

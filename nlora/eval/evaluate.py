@@ -1,7 +1,7 @@
 """Evaluation of one task's test examples: batched predictions (the objective's eval_mode: greedy generation, or
 the label option of highest log-likelihood; encoders always pick the best-scoring option; free-text answers are
 generated greedily or sampled, nlora.objectives.Generation) scored with the task's metric on 0-100
-(nlora.scoring). A classification task's metric is exact match after the reference code's normalisation (case,
+(nlora.tasks.scoring). A classification task's metric is exact match after the reference code's normalisation (case,
 punctuation, whitespace: `metrics.normalize_answer`), in percent. With several processes, each predicts a shard
 and the predictions are gathered (sampled decoding: in whole batches, so that the draws do not depend on the
 process count).
@@ -24,19 +24,19 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .data import Example
-from .engine import evaluation_split, gathered_root
-from .faults import fault_point
-from .metrics import normalize_answer
-from .objectives import Generation, Objective
-from .scoring import example_scores
+from ..faults import fault_point
+from ..objectives import Generation, Objective
+from ..tasks.data import Example
+from ..tasks.scoring import example_scores
+from ..train.engine import evaluation_split, gathered_root
+from .continual import normalize_answer
 
 CLASSIFICATION_METRIC = "exact_match"
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a task's predictions are scored: its metric (a nlora.scoring spec), the scoring mode, and the
+    """How a task's predictions are scored: its metric (a nlora.tasks.scoring spec), the scoring mode, and the
     separator that prompt style nlora put after a TRACE prompt (removed again where trace_reference mode scores
     against TRACE's own prompt)."""
     metric: str = CLASSIFICATION_METRIC

@@ -2,7 +2,7 @@
 metrics or others, in another scoring mode or with another BWT denominator; metrics.json is rewritten at once.
 
 Each matrix entry R[k][j] is scored from predictions/<k>-<task k>/<task j>.jsonl and each base-model score from
-predictions/base/<task j>.jsonl with the same code evaluation runs (nlora.evaluation.score_records), so rescoring
+predictions/base/<task j>.jsonl with the same code evaluation runs (nlora.eval.evaluate.score_records), so rescoring
 a run as it was scored reproduces its metrics.json. metrics.json then records the metrics, scoring mode and BWT
 denominator it holds; a run rescored otherwise than its config.yaml says resumes only once rescored back.
 """
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import NloraError
-from .evaluation import Scoring, score_records
-from .io import write_json_atomic
-from .metrics import BWT_DENOMINATORS, summarize_run
-from .rundir import RunPaths, read_metrics
-from .runlock import RunLock
-from .scoring import SCORING_MODES, parse_metric, require_libraries
+from ..errors import NloraError
+from ..io import write_json_atomic
+from ..rundir import RunPaths, read_metrics
+from ..runlock import RunLock
+from ..tasks.scoring import SCORING_MODES, parse_metric, require_libraries
+from .continual import BWT_DENOMINATORS, summarize_run
+from .evaluate import Scoring, score_records
 
 DEFAULT_SEPARATOR = "\nAnswer: "  # RunConfig's answer_separator, for a config.yaml written before it existed
 

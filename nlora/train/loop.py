@@ -23,19 +23,19 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from .adapters import ContinualAdapters
+from ..adapters import ContinualAdapters
+from ..config import RunConfig
+from ..errors import NloraError
+from ..faults import fault_point
+from ..methods import Method, MethodContext
+from ..objectives import Objective, to_device
+from ..preflight import check_batch_split
+from ..tasks.data import Example
+from ..tracking import RunLogger, StepWindow, batch_tokens, peak_memory_mb, reset_peak_memory
 from .checkpoint import Progress, save_checkpoint
-from .config import RunConfig
-from .data import Example
 from .engine import average_gradients, is_sharded, prepare, reduce_replicated_gradients
-from .errors import NloraError
-from .faults import fault_point
-from .methods import Method, MethodContext
 from .migu import MiguMask
-from .objectives import Objective, to_device
-from .preflight import check_batch_split
 from .regularization import Regularization
-from .tracking import RunLogger, StepWindow, batch_tokens, peak_memory_mb, reset_peak_memory
 
 
 @dataclass
@@ -138,7 +138,7 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
-    # MIGU (nlora.migu): every task but the first
+    # MIGU (nlora.train.migu): every task but the first
     migu = MiguMask(adapters, config.migu_q) if (config.grad_mask == "migu" and phase != method.phases(
         len(config.tasks))[0]) else None
     try:

@@ -14,7 +14,7 @@
   "Answer:" of the decoded prompt + generation, as there (`reference_decoder_training_ids`,
   `reference_decoder_prediction`).
 
-Free-text examples in prompt style `trace` (nlora.tasks) carry a third format, `trace`: TRACE's prompt as it
+Free-text examples in prompt style `trace` (nlora.tasks.loading) carry a third format, `trace`: TRACE's prompt as it
 is, BOS in front for decoders, and over the limit the start of the prompt cut (`trace_prompt_ids`).
 
 All formats share one interface: `build_prompt` gives the text, `prompt_token_ids` the ids the model reads.
@@ -26,10 +26,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NloraError
+from ..errors import NloraError
 
 PROMPT_FORMATS = ("nlora", "reference")
-# The format of free-text examples in prompt style "trace" (nlora.tasks): never a classification prompt format.
+# The format of free-text examples in prompt style "trace" (nlora.tasks.loading): never a classification prompt format.
 TRACE_FORMAT = "trace"
 
 # The instruction of each task family in the reference code: cmnfriend/O-LoRA configs/instruction_config.json

@@ -1,7 +1,7 @@
 """The papers' benchmarks as presets, and the numbers the papers published.
 
 `--benchmark standard --order {1,2,3}` and `--benchmark long --order {4,5,6}` read the YAML file
-`nlora/presets/<benchmark>-order<k>.yaml`: the task sequence and the training protocol of the N-LoRA paper's
+`nlora/tasks/presets/<benchmark>-order<k>.yaml`: the task sequence and the training protocol of the N-LoRA paper's
 T5-large experiments, with the public scripts each value comes from cited in the file. `--benchmark
 o-lora-standard --order {1,2,3}` and `--benchmark o-lora-long --order 6` are O-LoRA's own protocol, from its
 public scripts (1 epoch, global batch 64, lr 1e-3, λ₁ / λ₂ per task on the long order). `--benchmark trace --order
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import NloraError
+from ..errors import NloraError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # standard / long: N-LoRA's protocol; o-lora-standard / o-lora-long: O-LoRA's own (its public scripts cover the

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..errors import NloraError
+from ..eval.general import mixing_reasons, read_general
+from ..io import staged_dir, write_bytes_atomic, write_text_atomic
+from ..paths import check_holds_no_run
+from ..rundir import LOG_FILE, read_log
 from .diagnostics import diagnose_run, load_or_diagnose, natural_key
-from .errors import NloraError
-from .general import mixing_reasons, read_general
-from .io import staged_dir, write_bytes_atomic, write_text_atomic
-from .paths import check_holds_no_run
-from .rundir import LOG_FILE, read_log
 
 __all__ = ["write_report", "PLOTS"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .adapters import ContinualAdapters
+from ..adapters import ContinualAdapters
 
 
 def row_mask(magnitudes: torch.Tensor, q: float) -> torch.Tensor:

@@ -15,8 +15,8 @@ Input: {input}\\nOutput: ". An output that is a list of answers is trained on on
 SAPT does but reproducibly from the seed; all of them are the example's references. Over the length limit such a
 prompt loses the end of its input, as nlora's own format does (prompt format "nlora").
 
-Both give the `TaskData` / `Example` objects of nlora.data, with no label options, `kind` "free_text" and the
-task's metric (a nlora.scoring spec).
+Both give the `TaskData` / `Example` objects of nlora.tasks.data, with no label options, `kind` "free_text" and the
+task's metric (a nlora.tasks.scoring spec).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import os
 import random
 from pathlib import Path
 
+from ..errors import NloraError
 from .data import Example, TaskData, _read_json, _subsample
-from .errors import NloraError
 from .scoring import parse_metric
 
 # TRACE's instruction prefix of each task (inference/ICL.py TASK_PROMT): its prompts start with it
@@ -154,7 +154,7 @@ def shared_instruction(prompts: list[str]) -> str:
 def load_trace_task(data_dir: str | Path, name: str, metric: str = "exact_match", prefix: str | None = None,
                     max_train: int | None = None, max_dev: int | None = None, max_test: int | None = None,
                     seed: int = 0, require_dev: bool = False) -> TaskData:
-    """Read one task of TRACE's layout. `metric` is a nlora.scoring spec; `prefix` the instruction that starts its
+    """Read one task of TRACE's layout. `metric` is a nlora.tasks.scoring spec; `prefix` the instruction that starts its
     prompts (default: TRACE's own for its task names, else the lines all its training prompts start with,
     `shared_instruction`). `require_dev`: refuse a task without eval.json, as some releases lack it. Subsamples
     are deterministic from (seed, task, split), as for classification tasks."""

@@ -1,0 +1,59 @@
+"""The package's layout keeps its promises: what reads a run directory (nlora.analysis) imports no training code,
+and a method's toolbox (nlora.methods) does not reach into the training loop."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nlora"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The nlora modules `path` imports at run time (absolute, relative resolved; `from X import name` counts X and
+    X.name)."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: never imported at run time
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+    return {name for name in found if name == "nlora" or name.startswith("nlora.")}
+
+
+def modules_under(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).glob("*.py"))
+
+
+def test_imported_modules_resolves_relative_imports(tmp_path):
+    assert "nlora.train.loop" in imported_modules(PACKAGE / "runner.py")
+    assert "nlora.errors" in imported_modules(PACKAGE / "analysis" / "status.py")
+
+
+@pytest.mark.parametrize("path", modules_under("analysis"), ids=lambda p: p.name)
+def test_analysis_imports_no_training_code(path):
+    forbidden = ("nlora.train", "nlora.runner", "nlora.methods", "nlora.adapters", "nlora.engine")
+    bad = sorted(m for m in imported_modules(path) if m.startswith(forbidden))
+    assert not bad, f"{path.name} imports training code: {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p in modules_under("methods") if p.name != "registry.py"],
+                         ids=lambda p: p.name)
+def test_methods_never_import_the_training_loop_or_runner(path):
+    # the registry reads the core option names (lazily) to refuse a method option that shadows one
+    bad = sorted(m for m in imported_modules(path)
+                 if m.startswith(("nlora.train.loop", "nlora.runner", "nlora.config", "nlora.cli")))
+    assert not bad, f"{path.name} imports {bad}"
