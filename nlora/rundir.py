@@ -9,7 +9,9 @@ run and the model they make as of task K (`read_run`). Used by the runner and by
     log.jsonl                            training and evaluation log (nlora.tracking), appended line by line
     tensorboard/                         TensorBoard event files, with --report-to tensorboard
     adapters/<k>-<task>/                 the adapter trained in phase k (PEFT format) and the method's state after
-                                         it (method_state.{safetensors,json}, nlora.method_state); for a method
+                                         it (method_state.{safetensors,json}, nlora.method_state), and, for a
+                                         method with learned adapter scales, the weight of each adapter in the
+                                         model after phase k (update_scales.json); for a method
                                          that trains the base, the whole model after phase k (save_pretrained:
                                          config.json, model*.safetensors), by default only the latest one kept
                                          (nlora.full_model)
@@ -51,6 +53,7 @@ LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 BASE_PREDICTIONS = "base"
 GENERAL_FILE = "general.json"  # general-ability scores (nlora.eval.general)
+UPDATE_SCALES_FILE = "update_scales.json"  # a saved adapter's weights in the model (Method.update_scales)
 RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "predictions", "report",
                CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR, GENERAL_FILE)
 # Keys that may differ between a run and its resumption.
@@ -212,6 +215,24 @@ class TrainedRun:
             self.method.load_state_dict(state)
         declared = self.method.update_scales(self.phase)
         return [declared.get(name) for name in self.adapter_names]
+
+
+def write_update_scales(folder: Path, scales: list) -> None:
+    """Record, beside the adapter of phase k, the multiplier of each phase's adapter (0..k) in the model after
+    phase k: a number, {layer: number}, or None (counts once). Read back without the method's code (diagnostics)."""
+    (Path(folder) / UPDATE_SCALES_FILE).write_text(json.dumps({"phases": scales}, indent=1) + "\n")
+
+
+def read_update_scales(folder: Path) -> list | None:
+    """The multipliers written by `write_update_scales`, one per phase 0..k; None where the folder has none (a
+    method without learned scales, or a run of an older release)."""
+    path = Path(folder) / UPDATE_SCALES_FILE
+    data = read_json_object(path)
+    if data is None:
+        return None
+    if not isinstance(data.get("phases"), list):
+        raise NloraError(f"{path}: field 'phases' must be a list, one entry per phase")
+    return data["phases"]
 
 
 def read_run_config(run_dir: str | Path) -> "RunConfig":

@@ -34,7 +34,7 @@ from .preflight import preflight
 from .provenance import collect as collect_provenance
 from .provenance import check_config_digest, config_digest, record_run
 from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
-                     prepare_output_dir, read_metrics)
+                     prepare_output_dir, read_metrics, write_update_scales)
 from .runlock import RunLock
 from .tasks.data import TaskData
 from .tasks.loading import check_model_kind, load_run_tasks, metric_columns
@@ -247,7 +247,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
                 state = method.state_dict()
                 # the training stats first: a run killed after the adapter is saved does not train the phase again
                 save_metrics()
-                adapters.save(name, adapter_dir, extra=lambda folder: save_state(state, folder))
+                adapters.save(name, adapter_dir, extra=lambda folder: save_method_files(method, k, state, folder))
                 remove_checkpoint(paths.root)
             accelerator.wait_for_everyone()
             fault_point("task_trained")
@@ -275,6 +275,15 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
     if accelerator.is_main_process and metrics["complete"]:
         write_diagnostics(paths.root)
     return metrics
+
+
+def save_method_files(method, k: int, state: dict, folder: Path) -> None:
+    """What a method saves beside its adapter of phase k: its state, and the learned weight of each adapter in the
+    model after phase k where it declares one (read by readers that do not load the method, e.g. diagnostics)."""
+    save_state(state, folder)
+    if method.has_hook("update_scales") and method.adapter_layout == "stacked":
+        declared = method.update_scales(k)
+        write_update_scales(folder, [declared.get(method.adapter_name(j)) for j in range(k + 1)])
 
 
 def write_diagnostics(root: Path) -> None:

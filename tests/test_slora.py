@@ -2,11 +2,13 @@
 a unit direction and a magnitude, the gradient of the magnitudes, against dense computations on a small model; and a
 run whose model, rebuilt from its saved adapters with the declared weights, is the one it evaluated."""
 
+import json
 from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nlora import RunConfig
 from nlora.adapters import ContinualAdapters
@@ -176,3 +178,18 @@ def test_a_run_is_rebuilt_from_its_saved_adapters_with_the_declared_weights(tmp_
 
     torch.testing.assert_close(logits, reference(run.scales()), rtol=1e-4, atol=1e-5)
     assert (logits - reference(None)).abs().max() > 1e-3  # the weights matter: the plain sum is another model
+
+
+    # the diagnostics measure the updates the model uses: task 1's is α · a unit direction in each of its layers
+    # (‖ΔW‖_F = α·√layers), task 2's its plain s·B·A
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    first, last = diagnostics["per_task"]
+    layers = len(diagnostics["layers"])
+    assert first["frobenius_norm"] == pytest.approx(abs(float(entry["alpha"])) * layers ** 0.5, rel=1e-5)
+    assert float(entry["alpha"]) * layers ** 0.5 != pytest.approx(float(entry["norm"].square().sum().sqrt()),
+                                                                 rel=1e-3)  # not the saved adapter's own norm
+    config_2 = json.loads((out / "adapters" / "1-orchard" / "adapter_config.json").read_text())
+    saved = load_file(str(out / "adapters" / "1-orchard" / "adapter_model.safetensors"))
+    plain = sum(float(((config_2["lora_alpha"] / config_2["r"]) * saved[key.replace("lora_A", "lora_B")]
+                       @ saved[key]).square().sum()) for key in saved if "lora_A" in key)
+    assert last["frobenius_norm"] == pytest.approx(plain ** 0.5, rel=1e-5)

@@ -2,7 +2,8 @@
 computed from the run directory's saved adapters alone (no base model) and written to RUN_DIR/diagnostics.json.
 
 The update of task t in one adapted layer is ΔW_t = s · B_t A_t (PEFT's LoRA, s = lora_alpha / r, or
-lora_alpha / √r with rsLoRA). With the "stacked" layout (a separate adapter per task) that is the task's adapter;
+lora_alpha / √r with rsLoRA), times the weight c_t a method that learns one gives the adapter in the final model
+(s-lora's α_t / ‖s·B_t A_t‖_F, read from update_scales.json beside the last adapter). With the "stacked" layout (a separate adapter per task) that is the task's adapter;
 with the "snapshot" layout (one adapter trained through every phase; adapters/<k>-<task>/ holds its state after
 phase k) it is the change over the phase: ΔW_k = ΔW(after phase k) − ΔW(after the previous saved phase), the
 first phase measured from the freshly initialised adapter (B = 0, so ΔW = 0).
@@ -57,6 +58,7 @@ from safetensors import safe_open
 from ..errors import NloraError
 from ..io import write_json_atomic
 from ..paths import check_plain_name
+from ..rundir import read_update_scales
 
 __all__ = ["DEFAULT_REL_EPS", "EPS_SCALES", "DIAGNOSTICS_FILE", "LowRankUpdate", "diagnose_run", "compute_diagnostics",
            "load_or_diagnose", "format_diagnostics", "support_statistics", "subspace_overlap", "olora_overlap"]
@@ -224,6 +226,22 @@ def saved_adapters(run_dir: Path, metrics: dict) -> list[SavedAdapter]:
     return found
 
 
+def learned_scales(adapters: list[SavedAdapter]) -> list:
+    """The weight the method gives each saved adapter in the model after the last of them (update_scales.json
+    beside it, written by a method that learns one, e.g. s-lora); None where there is none (weight 1)."""
+    recorded = read_update_scales(adapters[-1].folder) if adapters else None
+    if recorded is None:
+        return [None] * len(adapters)
+    return [recorded[a.phase] if a.phase < len(recorded) else None for a in adapters]
+
+
+def _learned_scale(scale, layer: str) -> float:
+    """`scale` for one layer: recorded under the PEFT model's module name, here named without its prefix."""
+    if isinstance(scale, dict):
+        scale = scale.get(layer, scale.get(f"base_model.model.{layer}"))
+    return 1.0 if scale is None else float(scale)
+
+
 def _scaling(config: dict, layer: str, r: int) -> float:
     if config.get("use_dora"):
         raise NloraError("DoRA adapters rescale ΔW with the base weights, which diagnostics do not load")
@@ -277,6 +295,7 @@ def compute_diagnostics(run_dir: str | Path, rel_eps: float = DEFAULT_REL_EPS, e
     adapters = saved_adapters(run_dir, metrics)
     names = [a.task for a in adapters]
     n = len(adapters)
+    scales = learned_scales(adapters)
     pairs = list(combinations(range(n), 2))
 
     task_acc = [dict(below=0, positions=0, l1=0.0, nuclear=0.0, fro2=0.0) for _ in range(n)]
@@ -295,8 +314,8 @@ def compute_diagnostics(run_dir: str | Path, rel_eps: float = DEFAULT_REL_EPS, e
         for layer in layers:
             A = [h.get_tensor(k[layer]["A"]) for h, k in zip(handles, keys)]
             saved = [LowRankUpdate.from_lora(a, h.get_tensor(k[layer]["B"]),
-                                             _scaling(ad.config, layer, a.shape[0]))
-                     for a, h, k, ad in zip(A, handles, keys, adapters)]
+                                             _scaling(ad.config, layer, a.shape[0]) * _learned_scale(scale, layer))
+                     for a, h, k, ad, scale in zip(A, handles, keys, adapters, scales)]
             if layout == "snapshot":
                 updates = [saved[0]] + [saved[i].minus(saved[i - 1]) for i in range(1, n)]
             else:
@@ -331,7 +350,8 @@ def compute_diagnostics(run_dir: str | Path, rel_eps: float = DEFAULT_REL_EPS, e
         "adapter_layout": layout,
         "tasks": names,
         "phases": [a.phase for a in adapters],
-        "update": ("ΔW_t = s·B_t·A_t of task t's own adapter" if layout == "stacked" else
+        "update": ("ΔW_t = c_t·s·B_t·A_t of task t's own adapter, c_t its learned weight in the final model "
+                   "(1 unless the method learns one)" if layout == "stacked" else
                    "ΔW_t = ΔW(after phase t) − ΔW(after the previous phase) of the one adapter trained through "
                    "every phase (the first phase from the initial ΔW = 0)"),
         "epsilon": {"mode": "relative", "scale": eps_scale, "value": rel_eps,
