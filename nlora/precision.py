@@ -10,6 +10,7 @@ penalties, which sum in float32 at least (nlora.methods.penalties), keep their p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -101,3 +102,10 @@ def placed(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def autocast_off(device: torch.device):
+    """A context without autocast on `device` (a no-op for device types autocast does not know, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -22,11 +22,12 @@ Sources of the public-code forms (read for reference, not copied):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ..precision import autocast_off
 
 __all__ = [
     "PENALTY_FORMS",
@@ -53,13 +54,6 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     if dt in _HALF or not dt.is_floating_point:
         return torch.float32
     return dt
-
-
-def autocast_off(device: torch.device):
-    """A context without autocast on `device` (a no-op for device types autocast does not know, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _check_factors(A: torch.Tensor, B: torch.Tensor) -> None:

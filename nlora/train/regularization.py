@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ..methods.penalties import autocast_off
+from ..precision import autocast_off
 
 __all__ = ["LayerFactors", "LossTerm", "Regularization"]
 
