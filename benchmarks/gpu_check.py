@@ -383,7 +383,7 @@ def section_tasks(ctx: Context) -> list[Row]:
                     "tasks", f"{mode}, {dtype} base ({s.task_model}): train step at "
                              f"{' / '.join(map(str, later))} tasks over {counts[0]}",
                     " / ".join(f"x{mine[n]['train_ratio']:.2f}" for n in later),
-                    f"eval " + " / ".join(f"x{mine[n]['eval_ratio']:.2f}" for n in later)
+                    "eval " + " / ".join(f"x{mine[n]['eval_ratio']:.2f}" for n in later)
                     + f"; train {first['train_s'] * 1e3:.1f} → {last['train_s'] * 1e3:.1f} ms, eval "
                     f"{first['eval_s'] * 1e3:.1f} → {last['eval_s'] * 1e3:.1f} ms; saved for backward "
                     f"x{last['saved'] / first['saved']:.2f}; LoRA paths {first['paths']} → {last['paths']}; "

@@ -5,7 +5,6 @@ next to PEFT's B = 0, A alone would get no gradient at all."""
 
 import json
 
-import pytest
 import torch
 from transformers import set_seed
 
