@@ -9,6 +9,7 @@ YAML keys and flags alike (`--lambda`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -56,8 +57,15 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict[str, Any]:
+    """The resolved annotations of a dataclass, once per class (resolving them costs about 1 ms a field, and the
+    CLI's parser asks for every option's)."""
+    return typing.get_type_hints(cls)
+
+
 def _hint(cls, f: dataclasses.Field):
-    return typing.get_type_hints(cls)[f.name]
+    return _type_hints(cls)[f.name]
 
 
 def _strip_optional(tp):

@@ -2,9 +2,14 @@ import json
 import os
 from pathlib import Path
 
+import peft  # noqa: F401
 import pytest
+import torch  # noqa: F401
+import transformers  # noqa: F401
 
 from nlora.tasks.synthetic import write_synthetic_benchmark
+
+import frozen_heap  # noqa: E402,F401  (last: after the libraries' imports)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -71,3 +71,18 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_config(path)
     with pytest.raises(NloraError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_cached_type_hints_are_the_resolved_annotations_of_every_options_class():
+    """nlora.options caches each class's resolved annotations (the CLI's parser asks for every option's): the same
+    as resolving them afresh, for the core options and every method's."""
+    import typing
+
+    from nlora.methods import METHODS
+    from nlora.options import _type_hints, option_fields
+
+    classes = [RunConfig] + sorted({m.Options for m in METHODS.values()}, key=lambda c: c.__name__)
+    for cls in classes:
+        assert _type_hints(cls) == typing.get_type_hints(cls)
+        assert _type_hints(cls) is _type_hints(cls)
+        assert {f.name for f in option_fields(cls)} <= set(_type_hints(cls))
