@@ -69,3 +69,31 @@ def test_sharding_options_are_checked():
     with pytest.raises(NloraError, match="option 'sharding'"):
         RunConfig(tasks=["x"], sharding="fsdp1").validate()
     assert torch.distributed.is_available()
+
+
+@pytest.mark.distributed
+def test_a_sharded_free_text_run_killed_mid_task_resumes_to_the_one_process_run(tmp_path):
+    """The conformance kit's sequence (a classification task, then a free-text one scored by edit similarity),
+    sharded over 2 processes, killed at the second (last) step of the free-text task, after the checkpoint of its
+    first, and resumed sharded: generation and
+    scoring of the free-text task after the resume give the one-process run."""
+    from nlora.cli import main
+    from nlora.tasks.synthetic import write_synthetic_benchmark, write_synthetic_trace
+    from test_conformance import argv
+
+    data = tmp_path / "data"
+    write_synthetic_benchmark(data, n_train=8, n_test=4, tasks=("harbor",))
+    write_synthetic_trace(data, n_train=8, n_eval=4, n_test=4, tasks=("reverse",))
+    single, resumed = tmp_path / "single", tmp_path / "resumed"
+    assert main(argv("n-lora", data, single)) == 0
+    killed = _launch([*argv("n-lora", data, resumed), "--sharding", "fsdp2"], {"NLORA_FAULT": "train_step:4"})
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode != 0 and (resumed / "checkpoint").is_dir(), err[-3000:]
+    assert (resumed / "adapters" / "0-harbor").is_dir() and not (resumed / "adapters" / "1-reverse").exists()
+    again = _launch(["resume", str(resumed), "--quiet"])
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert_same_run(single, resumed, exact=False)
+    predictions = [json.loads(line) for line in
+                   (resumed / "predictions" / "1-reverse" / "reverse.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all("score" in p for p in predictions)
