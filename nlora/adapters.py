@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from .errors import NloraError
 from .faults import fault_point
 from .io import replace_dir_atomic, staging_dir
-from .rundir import ADAPTER_FILE
+from .rundir import ADAPTER_FILE, layer_scale
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PAST = "past"  # the PEFT adapter that holds the folded frozen adapters
@@ -137,13 +137,6 @@ def _concatenate(folders: list[str | Path], read: list[tuple[float, SavedLayers]
             parts.setdefault(layer, []).append((A.to(dtype), factor * B.to(dtype)))
     return {layer: (torch.cat([A for A, _ in ab]), torch.cat([B for _, B in ab], dim=1))
             for layer, ab in parts.items()}
-
-
-def layer_scale(scale: "float | dict[str, float] | None", layer: str) -> float:
-    """A declared multiplier of one saved adapter (`Method.update_scales`) in `layer`: 1 where none is declared."""
-    if isinstance(scale, dict):
-        scale = scale.get(layer)
-    return 1.0 if scale is None else float(scale)
 
 
 def concatenate_saved(folders: list[str | Path], scales: "list[float | dict[str, float] | None] | None" = None

@@ -200,8 +200,7 @@ class TrainedRun:
     @property
     def adapter_names(self) -> list[str]:
         """The method's names of the adapters in `folders`, in the same order."""
-        phases = [self.phase] if self.method.adapter_layout == "snapshot" else range(self.upto)
-        return [self.method.adapter_name(k) for k in phases]
+        return model_adapter_names(self.method, self.phase)
 
     def scales(self) -> list:
         """The multiplier of each of `folders` in the model (`Method.update_scales`, from the method's state saved
@@ -213,8 +212,28 @@ class TrainedRun:
         state = load_state(self.folders[-1])
         if state is not None:
             self.method.load_state_dict(state)
-        declared = self.method.update_scales(self.phase)
-        return [declared.get(name) for name in self.adapter_names]
+        return declared_scales(self.method, self.phase)
+
+
+def model_adapter_names(method: "Method", phase: int) -> list[str]:
+    """The method's names of the saved adapters that make up its model after `phase`, in task order."""
+    phases = [phase] if method.adapter_layout == "snapshot" else range(phase + 1)
+    return [method.adapter_name(k) for k in phases]
+
+
+def declared_scales(method: "Method", phase: int) -> list:
+    """The weight `Method.update_scales` gives each adapter of the model after `phase` (`model_adapter_names`
+    order): a number, {layer: number}, or None where the adapter counts once."""
+    declared = method.update_scales(phase)
+    return [declared.get(name) for name in model_adapter_names(method, phase)]
+
+
+def layer_scale(scale: "float | dict[str, float] | None", layer: str) -> float:
+    """A declared multiplier of one saved adapter (`Method.update_scales`) in `layer`, the PEFT model's module name
+    (a saved adapter's key prefix): 1 where none is declared."""
+    if isinstance(scale, dict):
+        scale = scale.get(layer)
+    return 1.0 if scale is None else float(scale)
 
 
 def write_update_scales(folder: Path, scales: list) -> None:

@@ -34,7 +34,7 @@ from .preflight import preflight
 from .provenance import collect as collect_provenance
 from .provenance import check_config_digest, config_digest, record_run
 from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
-                     prepare_output_dir, read_metrics, write_update_scales)
+                     declared_scales, prepare_output_dir, read_metrics, write_update_scales)
 from .runlock import RunLock
 from .tasks.data import TaskData
 from .tasks.loading import check_model_kind, load_run_tasks, metric_columns
@@ -282,8 +282,7 @@ def save_method_files(method, k: int, state: dict, folder: Path) -> None:
     model after phase k where it declares one (read by readers that do not load the method, e.g. diagnostics)."""
     save_state(state, folder)
     if method.has_hook("update_scales") and method.adapter_layout == "stacked":
-        declared = method.update_scales(k)
-        write_update_scales(folder, [declared.get(method.adapter_name(j)) for j in range(k + 1)])
+        write_update_scales(folder, declared_scales(method, k))
 
 
 def write_diagnostics(root: Path) -> None:

@@ -58,7 +58,7 @@ from safetensors import safe_open
 from ..errors import NloraError
 from ..io import write_json_atomic
 from ..paths import check_plain_name
-from ..rundir import read_update_scales
+from ..rundir import layer_scale, read_update_scales
 
 __all__ = ["DEFAULT_REL_EPS", "EPS_SCALES", "DIAGNOSTICS_FILE", "LowRankUpdate", "diagnose_run", "compute_diagnostics",
            "load_or_diagnose", "format_diagnostics", "support_statistics", "subspace_overlap", "olora_overlap"]
@@ -235,13 +235,6 @@ def learned_scales(adapters: list[SavedAdapter]) -> list:
     return [recorded[a.phase] if a.phase < len(recorded) else None for a in adapters]
 
 
-def _learned_scale(scale, layer: str) -> float:
-    """`scale` for one layer: recorded under the PEFT model's module name, here named without its prefix."""
-    if isinstance(scale, dict):
-        scale = scale.get(layer, scale.get(f"base_model.model.{layer}"))
-    return 1.0 if scale is None else float(scale)
-
-
 def _scaling(config: dict, layer: str, r: int) -> float:
     if config.get("use_dora"):
         raise NloraError("DoRA adapters rescale ΔW with the base weights, which diagnostics do not load")
@@ -314,7 +307,8 @@ def compute_diagnostics(run_dir: str | Path, rel_eps: float = DEFAULT_REL_EPS, e
         for layer in layers:
             A = [h.get_tensor(k[layer]["A"]) for h, k in zip(handles, keys)]
             saved = [LowRankUpdate.from_lora(a, h.get_tensor(k[layer]["B"]),
-                                             _scaling(ad.config, layer, a.shape[0]) * _learned_scale(scale, layer))
+                                             _scaling(ad.config, layer, a.shape[0])
+                                             * layer_scale(scale, k[layer]["A"].removesuffix(".lora_A.weight")))
                      for a, h, k, ad, scale in zip(A, handles, keys, adapters, scales)]
             if layout == "snapshot":
                 updates = [saved[0]] + [saved[i].minus(saved[i - 1]) for i in range(1, n)]
