@@ -16,6 +16,8 @@ from .config import config_fields, load_config
 from .errors import NloraError
 from .io import is_disk_full
 from .options import base_type, default_of, option_fields, public_name
+from .studies.cli import add_parser as add_study_parser
+from .studies.cli import main as study_main
 
 # Commands whose flags include every method's options (building them imports the methods, hence torch).
 METHOD_COMMANDS = ("run", "demo")
@@ -185,6 +187,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_general.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAML files of your own "
                            "(local data: dataset_path: json)")
     p_general.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    add_study_parser(sub)
     return parser
 
 
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
         elif args.command == "eval-general":
             run_general(args)
+        elif args.command == "study":
+            return study_main(args)
         elif args.command == "methods":
             print_methods(args.name, [m for m in (args.method_module or "").split(",") if m])
         return 0
