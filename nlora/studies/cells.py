@@ -104,7 +104,7 @@ def dev_cells(study: Study) -> list[Cell]:
     return cells
 
 
-def test_cells(study: Study, chosen: dict[tuple[str, int | None], dict[str, Any]] | None = None) -> list[Cell]:
+def table_cells(study: Study, chosen: dict[tuple[str, int | None], dict[str, Any]] | None = None) -> list[Cell]:
     """Every method, untuned grid value, axis value, order and seed. `chosen[(method, order)]` holds the tuned
     values (order None when chosen once for every order); without them the cell is pending."""
     chosen = chosen or {}
@@ -163,7 +163,11 @@ def validate_cell(study: Study, cell: Cell, study_dir: Path) -> list[RunConfig]:
     return configs
 
 
-def config_digest(config: RunConfig) -> str:
-    """What makes two runs the same run: the resolved options, less where they are written."""
-    values = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_KEYS}
+def cell_digest(study: Study, cell: Cell, study_dir: Path) -> str:
+    """What makes two runs of the cell the same run: its resolved options, less where they are written, with a
+    path inside the study directory (a dev view) taken relative to it, so that a moved study keeps its digests."""
+    values = {k: v for k, v in cell_config(study, cell, study_dir).to_dict().items() if k not in RESUME_FREE_KEYS}
+    inside = str(Path(study_dir)) + "/"
+    if isinstance(values.get("data_dir"), str) and values["data_dir"].startswith(inside):
+        values["data_dir"] = "STUDY_DIR/" + values["data_dir"][len(inside):]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     plan.add_argument("study", metavar="FILE", help="a study file, or the name of one nlora ships (see --list)")
     plan.add_argument("--output-dir", metavar="DIR", help="the study directory (default: the file's output_dir, "
                       "else runs/studies/NAME); its finished cells give the measured cost per step")
+    _add_set_option(plan)
     plan.add_argument("--seconds-per-step", type=float, metavar="S",
                       help="cost of one training step (evaluation included) to estimate with, where no cell of the "
                            "study has finished yet")
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
     run.add_argument("study", metavar="FILE", help="a study file, or the name of one nlora ships")
     run.add_argument("--output-dir", metavar="DIR", help="the study directory (default: the file's output_dir, "
                      "else runs/studies/NAME)")
+    _add_set_option(run)
     run.add_argument("--executor", choices=("local", "slurm"), default="local",
                      help="local: this machine (default); slurm: one job per cell through submitit")
     run.add_argument("--workers", type=int, default=1, metavar="N",
@@ -59,6 +61,18 @@ def add_parser(sub) -> None:
     verbs.add_parser("list", help="the studies nlora ships")
 
 
+def _add_set_option(parser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a base run option of the study file (YAML value), e.g. --set "
+                             "data_dir=CL_Benchmark --set model=t5-large; repeatable")
+
+
+def _read(args: argparse.Namespace):
+    from .spec import read_study
+
+    return read_study(args.study, args.set)
+
+
 def main(args: argparse.Namespace) -> int:
     verb = args.study_command
     if verb == "list":
@@ -66,13 +80,13 @@ def main(args: argparse.Namespace) -> int:
 
         for name, path in shipped_studies().items():
             study = read_study(path)
-            print(f"{name}: {len(study.methods)} methods, orders {study.orders}, seeds {study.seeds}")
+            orders = ", ".join(map(str, study.orders)) if study.orders != [None] else "its own task list"
+            print(f"{name}: {len(study.methods)} methods, orders: {orders}, seeds {study.seeds}")
         return 0
     if verb == "plan":
         from .plan import format_plan, plan_study
-        from .spec import read_study
 
-        study = read_study(args.study)
+        study = _read(args)
         print(format_plan(plan_study(study, args.output_dir, args.seconds_per_step), list_cells=args.cells))
         return 0
     if verb == "run":
@@ -97,9 +111,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .execute import default_study_dir, run_study
-    from .spec import read_study
 
-    study = read_study(args.study)
+    study = _read(args)
     study_dir = Path(args.output_dir) if args.output_dir else default_study_dir(study)
     if args.executor == "slurm":
         from .slurm import SlurmOptions, slurm_executor

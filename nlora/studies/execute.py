@@ -20,12 +20,12 @@ from ..config import load_config
 from ..errors import NloraError
 from ..io import write_yaml_atomic
 from ..rundir import RunPaths, read_metrics
-from .cells import Cell, cell_config, cell_dir, config_digest, dev_cells, dev_data_dir, dev_orders, test_cells, \
+from .cells import Cell, cell_config, cell_digest, cell_dir, dev_cells, dev_data_dir, dev_orders, table_cells, \
     validate_cell
 from .devsplit import pool_and_dev, write_dev_view
 from .ledger import Ledger, live_state
 from .select import SELECTION_FILE, choose, write_selection
-from .spec import Study
+from .spec import Study, with_absolute_paths
 
 STUDY_FILE = "study.yaml"
 DRIVER_LOCK = ".study.lock"
@@ -53,7 +53,7 @@ def chosen_values(study_dir: Path) -> dict:
 
 
 def all_cells(study: Study, study_dir: Path) -> list[Cell]:
-    return dev_cells(study) + test_cells(study, chosen_values(study_dir))
+    return dev_cells(study) + table_cells(study, chosen_values(study_dir))
 
 
 def find_cell(study: Study, study_dir: Path, cell_id: str) -> Cell:
@@ -72,7 +72,7 @@ def run_cell(study_dir: str, cell_id: str, progress: bool = False, job: str | No
     cell = find_cell(study, study_dir, cell_id)
     config = cell_config(study, cell, study_dir)
     ledger = Ledger(study_dir)
-    ledger.start(cell_id, config_digest(config), job=job)
+    ledger.start(cell_id, cell_digest(study, cell, study_dir), job=job)
     try:
         metrics = run_or_resume(config, progress)
     except BaseException as e:  # a kill (KeyboardInterrupt, SIGTERM) leaves it running: the next run resumes it
@@ -154,7 +154,7 @@ def check_cells(study: Study, study_dir: Path, cells: list[Cell], ledger: dict) 
     for cell in cells:
         validate_cell(study, cell, study_dir)
         entry = ledger.get(cell.id)
-        if entry and not cell.pending and entry.get("digest") != config_digest(cell_config(study, cell, study_dir)):
+        if entry and not cell.pending and entry.get("digest") != cell_digest(study, cell, study_dir):
             raise NloraError(f"{study.source}: cell {cell.id} already ran with another configuration"
                              f"{_changed_keys(study, cell, study_dir)}; keep the study file as it was, or remove "
                              f"{cell_dir(study_dir, cell)} and its ledger entry to run it anew")
@@ -182,9 +182,9 @@ def write_study(study: Study, study_dir: Path) -> None:
     write_yaml_atomic(saved, study.to_dict())
 
 
-# Runs a batch of ready cells, calling `ended(cell_id)` as each ends; returns {cell id: error} of the failed ones,
-# or None where the cells were handed to a cluster and not waited for.
-Execute = Callable[[Study, Path, list[Cell], Callable[[str], None]], "dict[str, str] | None"]
+# Runs a batch of ready cells, telling the tracker as each ends and starting none once it is stopped; returns
+# {cell id: error} of the failed ones, or None where the cells were handed to a cluster and not waited for.
+Execute = Callable[[Study, Path, list[Cell], "Tracker"], "dict[str, str] | None"]
 
 
 def run_study(study: Study, study_dir: str | Path | None = None, execute: Execute | None = None,
@@ -192,6 +192,7 @@ def run_study(study: Study, study_dir: str | Path | None = None, execute: Execut
     """Run every cell of `study` that is not done; returns what happened. `execute` runs a batch of ready cells
     (default: one after another in this process); `progress` shows a bar over the study's cells."""
     study_dir = Path(study_dir or default_study_dir(study))
+    study = with_absolute_paths(study)
     execute = execute or run_in_process
     views = prepare(study, study_dir)  # before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -201,19 +202,25 @@ def run_study(study: Study, study_dir: str | Path | None = None, execute: Execut
     except Timeout:
         raise NloraError(f"study directory {study_dir} is in use by another `nlora study run`") from None
     try:
-        with Progress(progress, study.name) as bar:
-            return _drive(study, study_dir, views, execute, rerun_failed, fail_fast, bar)
+        with Tracker(progress, study.name, fail_fast) as tracker:
+            return _drive(study, study_dir, views, execute, rerun_failed, tracker)
     finally:
         lock.release()
 
 
-class Progress:
-    """A bar over the study's cells (done of all, pending ones included), or nothing."""
+class Tracker:
+    """Cells as they end: a bar over the study's cells (done of all, pending ones included) where shown, and,
+    with `fail_fast`, the stop after the first failure."""
 
-    def __init__(self, show: bool, name: str):
-        self.show, self.name, self.bar = show, name, None
+    def __init__(self, show: bool = False, name: str = "", fail_fast: bool = False):
+        self.show, self.name, self.fail_fast, self.bar = show, name, fail_fast, None
+        self.failure: tuple[str, str] | None = None
 
-    def __enter__(self) -> "Progress":
+    @property
+    def stopped(self) -> bool:
+        return self.fail_fast and self.failure is not None
+
+    def __enter__(self) -> "Tracker":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -231,12 +238,14 @@ class Progress:
         self.bar.n = done
         self.bar.refresh()
 
-    def ended(self, cell_id: str) -> None:
-        if self.bar is not None:
+    def ended(self, cell_id: str, error: str | None = None) -> None:
+        if error is not None and self.failure is None:
+            self.failure = (cell_id, error)
+        if self.bar is not None and error is None:
             self.bar.update(1)
 
 
-def _drive(study, study_dir, views, execute, rerun_failed, fail_fast, bar: Progress) -> Outcome:
+def _drive(study, study_dir, views, execute, rerun_failed, tracker: Tracker) -> Outcome:
     write_study(study, study_dir)
     for folder, base, pool, dev in views:
         write_dev_view(folder, base, pool, dev)
@@ -245,8 +254,8 @@ def _drive(study, study_dir, views, execute, rerun_failed, fail_fast, bar: Progr
         ledger = Ledger(study_dir).read()
         chosen, records = choose(study, study_dir, ledger)
         write_selection(study_dir, records)
-        cells = dev_cells(study) + test_cells(study, chosen)
-        bar.set(sum(live_state(ledger.get(c.id)) == "done" for c in cells), len(cells))
+        cells = dev_cells(study) + table_cells(study, chosen)
+        tracker.set(sum(live_state(ledger.get(c.id)) == "done" for c in cells), len(cells))
         ready = [c for c in cells if not c.pending and c.id not in attempted and _wants_run(ledger.get(c.id),
                                                                                              rerun_failed)]
         outcome.skipped = [c.id for c in cells if live_state(ledger.get(c.id)) == "done" and c.id not in attempted]
@@ -255,15 +264,16 @@ def _drive(study, study_dir, views, execute, rerun_failed, fail_fast, bar: Progr
             return outcome
         check_cells(study, study_dir, [c for c in ready if c.tuned], ledger)  # those a choice made ready
         attempted.update(c.id for c in ready)
-        failures = execute(study, study_dir, ready, bar.ended)
+        failures = execute(study, study_dir, ready, tracker)
         if failures is None:  # submitted, not waited for
             outcome.submitted += [c.id for c in ready]
             return outcome
         outcome.failed.update(failures)
-        outcome.ran += [c.id for c in ready if c.id not in failures]
-        if fail_fast and failures:
-            first = next(iter(failures))
-            raise NloraError(f"cell {first} failed: {failures[first]} (--fail-fast: the study stops here)")
+        ended = Ledger(study_dir).read()
+        outcome.ran += [c.id for c in ready if c.id not in failures and live_state(ended.get(c.id)) == "done"]
+        if tracker.stopped:
+            cell_id, error = tracker.failure
+            raise NloraError(f"cell {cell_id} failed: {error} (--fail-fast: the study stops here)")
 
 
 def _wants_run(entry: dict | None, rerun_failed: bool) -> bool:
@@ -277,14 +287,17 @@ def _dev_ended(study: Study, cell: Cell, ledger: dict) -> bool:
                if c.method == cell.method and c.order == key_order)
 
 
-def run_in_process(study: Study, study_dir: Path, cells: list[Cell],
-                   ended: Callable[[str], None] = lambda cell_id: None) -> dict[str, str]:
+def run_in_process(study: Study, study_dir: Path, cells: list[Cell], tracker: Tracker | None = None
+                   ) -> dict[str, str]:
     """One cell after another in this process."""
+    tracker = tracker or Tracker()
     failures = {}
     for cell in cells:
+        if tracker.stopped:
+            break
         try:
             run_cell(str(study_dir), cell.id)
         except Exception as e:
             failures[cell.id] = _one_line(e)
-        ended(cell.id)
+        tracker.ended(cell.id, failures.get(cell.id))
     return failures

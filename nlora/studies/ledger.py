@@ -20,6 +20,7 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import NloraError
+from ..faults import fault_point
 from ..io import write_json_atomic
 
 LEDGER_FILE = "ledger.json"
@@ -47,6 +48,7 @@ class Ledger:
             cells = self.read()
             entry = {**cells.get(cell_id, {}), **values}
             cells[cell_id] = entry
+            fault_point("ledger_update")
             write_json_atomic(self.path, {"cells": dict(sorted(cells.items()))})
         return entry
 

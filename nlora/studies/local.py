@@ -11,11 +11,10 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from ..errors import NloraError
 from .cells import Cell
-from .execute import run_in_process
+from .execute import Tracker, run_in_process
 from .ledger import Ledger
 from .spec import Study
 
@@ -71,10 +70,11 @@ class LocalExecutor:
         self.workers = workers
         self.log_dir = log_dir
 
-    def __call__(self, study: Study, study_dir: Path, cells: list[Cell],
-                 ended: Callable[[str], None] = lambda cell_id: None) -> dict[str, str]:
+    def __call__(self, study: Study, study_dir: Path, cells: list[Cell], tracker: Tracker | None = None
+                 ) -> dict[str, str]:
+        tracker = tracker or Tracker()
         if self.workers == 1 and study.launch.num_processes == 1 and not study.launch.gpus_per_cell:
-            return run_in_process(study, study_dir, cells, ended)
+            return run_in_process(study, study_dir, cells, tracker)
         groups: queue.Queue[list[str]] = queue.Queue()
         for group in gpu_groups(study, self.workers):
             groups.put(group)
@@ -84,17 +84,19 @@ class LocalExecutor:
         def one(cell: Cell) -> str | None:
             gpus = groups.get()
             try:
+                if tracker.stopped:
+                    return None
                 log = log_dir / (cell.id.replace("/", "__") + ".log")
                 with open(log, "ab") as out:
                     code = subprocess.call(cell_command(study, study_dir, cell), stdout=out,
                                            stderr=subprocess.STDOUT, env=cell_env(study, gpus, self.workers))
             finally:
                 groups.put(gpus)
-                ended(cell.id)
-            if code == 0:
-                return None
-            entry = Ledger(study_dir).read().get(cell.id, {})
-            return entry.get("error") or f"exit code {code}; log: {log}"
+            error = None
+            if code != 0:
+                error = Ledger(study_dir).read().get(cell.id, {}).get("error") or f"exit code {code}; log: {log}"
+            tracker.ended(cell.id, error)
+            return error
 
         with ThreadPoolExecutor(self.workers) as pool:
             errors = dict(zip((c.id for c in cells), pool.map(one, cells)))

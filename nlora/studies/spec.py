@@ -20,10 +20,13 @@ configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..config import config_fields, load_yaml_file
 from ..errors import NloraError
@@ -137,11 +140,35 @@ class Study:
                 "baseline": self.baseline, "launch": vars(self.launch).copy()}
 
 
-def read_study(path: str | Path) -> Study:
-    """A study file, or the name of one shipped with nlora (`nlora study plan cpu-standard`)."""
+def read_study(path: str | Path, changes: list[str] = ()) -> Study:
+    """A study file, or the name of one shipped with nlora (`nlora study plan cpu-standard`), with `changes`
+    ("KEY=VALUE", the value read as YAML) to its base run options."""
     path = resolve_study_path(path)
-    study = Study.from_dict(load_yaml_file(path), source=f"study file {path}")
-    return study
+    data = load_yaml_file(path)
+    if changes:
+        data = {**data, "base": {**_mapping(data.get("base"), f"study file {path}: key 'base'"),
+                                 **dict(_change(c) for c in changes)}}
+    return Study.from_dict(data, source=f"study file {path}")
+
+
+def _change(text: str) -> tuple[str, Any]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise NloraError(f"option --set: {text!r} is not KEY=VALUE")
+    try:
+        return key.strip().replace("-", "_"), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise NloraError(f"option --set {text}: the value is not valid YAML ({e})") from None
+
+
+def with_absolute_paths(study: Study) -> Study:
+    """The study with its base paths (data_dir, instructions) made absolute: its cells run in other processes,
+    on other nodes, or from another folder."""
+    base = dict(study.base)
+    for key in ("data_dir", "instructions"):
+        if isinstance(base.get(key), str):
+            base[key] = str(Path(base[key]).expanduser().resolve())
+    return dataclasses.replace(study, base=base)
 
 
 def shipped_studies() -> dict[str, Path]:
