@@ -7,6 +7,8 @@ otherwise the plan says the cost is not known yet rather than guess it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import statistics
 from dataclasses import dataclass
@@ -68,11 +70,13 @@ def plan_study(study: Study, study_dir: str | Path | None = None, seconds_per_st
 
 
 def train_sizes(config) -> list[int] | None:
-    """Training examples of each task as the run draws them (None where the data cannot be read)."""
+    """Training examples of each task as the run draws them (None where the data cannot be read). Read quietly:
+    the run itself warns about its data."""
     from ..tasks.loading import load_run_tasks
 
     try:
-        return [len(t.train) for t in load_run_tasks(config)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            return [len(t.train) for t in load_run_tasks(config.replace(max_eval_samples=1))]
     except NloraError:
         return None
 
