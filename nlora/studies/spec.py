@@ -11,7 +11,7 @@ structure either way:
     orders: [1, 2, 3]                        # orders of base's benchmark
     seeds: [42, 43, 44]
     axes: {lora_r: [8, 16]}                  # any core option; each value its own rows
-    select: {metric: average_accuracy, seeds: [0], dev_samples: 200, search: grid}
+    select: {metric: average_accuracy, seeds: [0], dev_samples: 200}
     baseline: inc-lora
 
 This module reads and checks the file's shape; nlora.studies.cells expands it into runs and checks each run's
@@ -32,9 +32,9 @@ from ..config import config_fields, load_yaml_file
 from ..errors import NloraError
 
 TOP_KEYS = ("name", "output_dir", "base", "methods", "orders", "seeds", "axes", "select", "baseline", "launch")
-SELECT_KEYS = ("tune", "metric", "mode", "seeds", "dev_samples", "train_samples", "per_order", "search", "trials",
-               "storage", "split", "sampler_seed")
+SELECT_KEYS = ("tune", "metric", "mode", "seeds", "dev_samples", "train_samples", "per_order", "search", "split")
 SELECT_METRICS = ("average_accuracy", "bwt", "forgetting")
+SEARCHES = ("grid",)
 LAUNCH_KEYS = ("num_processes", "gpus_per_cell", "threads_per_cell")
 # Core options a study sets itself, per cell.
 CELL_KEYS = ("output_dir", "overwrite", "seed", "order", "method")
@@ -45,7 +45,7 @@ class Selection:
     """How tuned options are chosen: each grid point is trained on a view of the data whose test split is carved
     from train (dev_samples per task out of train_samples), with the `seeds` given; the best `metric` (mean over
     those seeds, ties to the higher BWT, then to the first grid point) is chosen, per order unless `per_order` is
-    false. `search: optuna` samples `trials` points of the grid through Optuna instead of trying every one."""
+    false."""
 
     tune: list[str] | None = None  # None: every method option given a list of more than one value
     metric: str = "average_accuracy"
@@ -55,9 +55,6 @@ class Selection:
     train_samples: int | None = None  # pool drawn from train.json per task; default: base's max_train_samples
     per_order: bool = True
     search: str = "grid"
-    trials: int | None = None
-    storage: str | None = None  # Optuna's storage URL; default: sqlite in the study directory
-    sampler_seed: int = 0
 
 
 @dataclass
@@ -260,10 +257,8 @@ def _selection(value: Any, source: str) -> Selection:
                          f"{select.metric!r}")
     if select.mode not in ("max", "min"):
         raise NloraError(f"{source}: select.mode must be max or min, got {select.mode!r}")
-    if select.search not in ("grid", "optuna"):
-        raise NloraError(f"{source}: select.search must be grid or optuna, got {select.search!r}")
-    if select.search == "optuna" and not (isinstance(select.trials, int) and select.trials >= 1):
-        raise NloraError(f"{source}: select.search optuna needs select.trials, a whole number >= 1")
+    if select.search not in SEARCHES:
+        raise NloraError(f"{source}: select.search must be one of {', '.join(SEARCHES)}, got {select.search!r}")
     select.seeds = _int_list(select.seeds, f"{source}: select.seeds")
     for key in ("dev_samples", "train_samples"):
         n = getattr(select, key)
