@@ -9,7 +9,6 @@ reference mode and with TRACE's BWT denominator, and a report."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .analysis.report import write_report
 from .analysis.summary import format_run
 from .config import DEFAULT_MODEL, load_config
 from .runner import run
+from .studies.compare import mean_sd, paired
 from .tasks.synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
 
 DEMO_METHODS = ("n-lora", "inc-lora")
@@ -72,11 +72,6 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
     return results
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def _cell(values: list[float]) -> str:
     mean, sd = mean_sd(values)
     return f"{mean:.1f} ± {sd:.1f}" if sd is not None else f"{mean:.1f}"
@@ -96,8 +91,9 @@ def format_seeds(seeds: list[int], results: dict[str, list[dict]]) -> str:
 
 
 def conclusion(results: dict[str, list[dict]]) -> str:
-    """The comparison worded from the paired per-seed differences (first method minus second): a difference
-    whose sign changes across seeds is within the seeds' spread and reported as such."""
+    """The comparison worded from the paired per-seed differences (first method minus second), as a study's report
+    judges them (nlora.studies.compare): a difference whose sign changes across seeds, or whose 95% t interval
+    contains 0, is within the seeds' spread and reported as such."""
     first, second = list(results)[:2]
     lines = []
     for name, key in METRICS:
@@ -105,24 +101,25 @@ def conclusion(results: dict[str, list[dict]]) -> str:
                  if a[key] is not None and b[key] is not None]
         if not pairs:
             continue
-        diffs = [a - b for a, b in pairs]
-        mean, sd = mean_sd(diffs)
-        spread = f"{mean:+.1f} ± {sd:.1f}" if sd is not None else f"{mean:+.1f}"
-        higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-        if len(diffs) == 1:
+        p = paired([a for a, _ in pairs], [b for _, b in pairs])
+        spread = f"{p.mean:+.1f} ± {p.sd:.1f}" if p.sd is not None else f"{p.mean:+.1f}"
+        if p.n == 1:
             lines.append(f"{name}: {first} − {second} = {spread} points on one seed; one seed has no spread to "
                          "compare it with, so it says nothing about the methods (run several seeds).")
-        elif higher and lower:
+        elif p.higher and p.lower:
             lines.append(f"{name}: {first} − {second} = {spread} points (mean ± sd over seeds); higher on "
-                         f"{higher} seed(s), lower on {lower}: the difference is within the seeds' spread, so "
+                         f"{p.higher} seed(s), lower on {p.lower}: the difference is within the seeds' spread, so "
                          "these runs show no difference between the methods.")
-        elif higher or lower:
-            better, count = (first, higher) if higher else (second, lower)
-            ties = f", equal on {len(diffs) - count}" if count < len(diffs) else ""
-            lines.append(f"{name}: {better} is higher on {count} of {len(diffs)} seeds{ties} ({first} − {second} "
-                         f"= {spread} points, mean ± sd over seeds).")
+        elif p.higher or p.lower:
+            better, count = (first, p.higher) if p.higher else (second, p.lower)
+            ties = f", equal on {p.n - count}" if count < p.n else ""
+            low, high = p.interval
+            verdict = "separated" if p.separated else "it contains 0, so the difference is not separated from the " \
+                                                      "seeds' spread"
+            lines.append(f"{name}: {better} is higher on {count} of {p.n} seeds{ties} ({first} − {second} = {spread} "
+                         f"points, mean ± sd over seeds; 95% t interval [{low:+.1f}, {high:+.1f}]: {verdict}).")
         else:
-            lines.append(f"{name}: the same for both methods on all {len(diffs)} seeds.")
+            lines.append(f"{name}: the same for both methods on all {p.n} seeds.")
     return "\n".join(lines)
 
 

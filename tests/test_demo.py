@@ -36,8 +36,17 @@ def test_a_difference_of_one_sign_on_every_seed_says_so():
     results = {"n-lora": _runs([(90.0, -1.0), (80.0, -2.0), (85.0, -3.0)]),
                "inc-lora": _runs([(80.0, -5.0), (79.0, -2.0), (70.0, -9.0)])}
     text = conclusion(results).splitlines()
-    assert text[0] == "AP: n-lora is higher on 3 of 3 seeds (n-lora − inc-lora = +8.7 ± 7.1 points, mean ± sd over seeds)."  # diffs 10, 1, 15
+    # diffs 10, 1, 15: mean 8.67, sd 7.09, t(0.975, 2) = 4.303: half-width 17.6 around 8.67
+    assert text[0] == ("AP: n-lora is higher on 3 of 3 seeds (n-lora − inc-lora = +8.7 ± 7.1 points, mean ± sd "
+                       "over seeds; 95% t interval [-9.0, +26.3]: it contains 0, so the difference is not separated "
+                       "from the seeds' spread).")
     assert text[1].startswith("BWT: n-lora is higher on 2 of 3 seeds, equal on 1")
+
+
+def test_a_difference_whose_interval_excludes_zero_is_separated():
+    results = {"n-lora": _runs([(90.0, 0.0), (91.0, 0.0), (92.0, 0.0)]),
+               "inc-lora": _runs([(80.0, 0.0), (80.5, 0.0), (81.0, 0.0)])}  # diffs 10, 10.5, 11
+    assert conclusion(results).splitlines()[0].endswith("95% t interval [+9.3, +11.7]: separated).")
 
 
 def test_one_seed_says_nothing():
