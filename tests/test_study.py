@@ -301,3 +301,34 @@ def test_the_readme_table_of_the_papers_rows_is_the_published_file():
         line = next(x for x in readme.splitlines() if x.startswith(f"| {row} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1:3] == [standard, long] and cells[3].startswith(how), line
+
+
+def test_the_python_api_runs_a_study_from_a_mapping(reference, synthetic_dir, tmp_path):
+    import nlora
+
+    copy = tmp_path / "study"
+    shutil.copytree(reference, copy)
+    shutil.rmtree(copy / "report")
+    outcome = nlora.study(study_dict(synthetic_dir), copy, progress=False)
+    assert outcome.ran == [] and len(outcome.skipped) == 6
+    assert (copy / "report" / "report.md").is_file()
+
+
+def test_a_cell_of_several_processes_is_an_accelerate_launch_on_its_own_gpus(synthetic_dir, monkeypatch):
+    from nlora.studies.local import cell_command, cell_env, gpu_groups
+
+    study = Study.from_dict(study_dict(synthetic_dir, launch={"num_processes": 2, "gpus_per_cell": 2}))
+    cell = dev_cells(study)[0]
+    command = cell_command(study, Path("/s"), cell)
+    assert command[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert command[-5:] == ["nlora", "study", "run-cell", "/s", cell.id]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7,9")
+    assert gpu_groups(study, 2) == [["3", "5"], ["6", "7"]]
+    assert cell_env(study, ["6", "7"], 2)["CUDA_VISIBLE_DEVICES"] == "6,7"
+    with pytest.raises(NloraError, match="3 worker\\(s\\) of 2 GPU\\(s\\) each need 6 GPUs; 5 visible"):
+        gpu_groups(study, 3)
+    cpu = Study.from_dict(study_dict(synthetic_dir, launch={"threads_per_cell": 3}))
+    assert cell_command(cpu, Path("/s"), cell)[1:] == ["-m", "nlora", "study", "run-cell", "/s", cell.id]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    env = cell_env(cpu, [], 2)
+    assert env["OMP_NUM_THREADS"] == "3" and "CUDA_VISIBLE_DEVICES" not in env

@@ -120,6 +120,7 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)  # done before
     blocked: list[str] = field(default_factory=list)  # pending test cells whose dev cells all failed
     submitted: list[str] = field(default_factory=list)  # handed to a cluster and not waited for
+    study_dir: Path | None = None
 
     def summary(self, study_dir: Path) -> str:
         lines = [f"study directory: {Path(study_dir).resolve()}",
@@ -249,7 +250,7 @@ def _drive(study, study_dir, views, execute, rerun_failed, tracker: Tracker) -> 
     write_study(study, study_dir)
     for folder, base, pool, dev in views:
         write_dev_view(folder, base, pool, dev)
-    outcome, attempted = Outcome(), set()
+    outcome, attempted = Outcome(study_dir=study_dir), set()
     while True:
         ledger = Ledger(study_dir).read()
         chosen, records = choose(study, study_dir, ledger)
