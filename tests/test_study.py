@@ -332,3 +332,35 @@ def test_a_cell_of_several_processes_is_an_accelerate_launch_on_its_own_gpus(syn
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     env = cell_env(cpu, [], 2)
     assert env["OMP_NUM_THREADS"] == "3" and "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_an_optuna_search_tries_its_trials_and_resumes_the_same(tmp_path, synthetic_dir):
+    pytest.importorskip("optuna")
+    import optuna
+
+    from nlora.studies.search import storage_url
+
+    data = study_dict(synthetic_dir, methods={"n-lora": {"lambda": [1e-4, 1e-3, 1e-2, 1e-1], "lora_r": [2, 4]}},
+                      seeds=[1], baseline=None,
+                      select={"dev_samples": 6, "seeds": [0], "search": "optuna", "trials": 3,
+                              "tune": ["lambda", "lora_r"]})
+    study = Study.from_dict(data)
+    outcome = run_study(study, tmp_path / "a")
+    assert not outcome.failed
+    search = optuna.load_study(study_name="tiny/n-lora/all", storage=storage_url(study, tmp_path / "a"))
+    assert len(search.trials) == 3 and all(t.state.name in ("COMPLETE", "FAIL") for t in search.trials)
+    dev = [c for c in outcome.ran if c.startswith("dev/")]
+    assert 1 <= len(dev) <= 3  # one cell per distinct point asked (a point asked again reuses its cell)
+    record = json.loads((tmp_path / "a" / "selection.json").read_text())["choices"][0]
+    assert record["chosen"] in [s["values"] for s in record["scores"]] and len(record["scores"]) == len(dev)
+    test = [c for c in outcome.ran if c.startswith("test/")]
+    assert test == [f"test/n-lora_lambda{record['chosen']['lambda']:g}_lora_r{record['chosen']['lora_r']}/seed1"]
+    # the same searches again: nothing new is asked or run
+    again = run_study(Study.from_dict(data), tmp_path / "a")
+    assert again.ran == [] and len(optuna.load_study(study_name="tiny/n-lora/all",
+                                                     storage=storage_url(study, tmp_path / "a")).trials) == 3
+
+
+def test_optuna_options_go_together(synthetic_dir):
+    with pytest.raises(NloraError, match="select.trials goes with select.search optuna"):
+        Study.from_dict(study_dict(synthetic_dir, select={"trials": 4}))

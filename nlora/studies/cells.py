@@ -86,8 +86,19 @@ def dev_orders(study: Study) -> list[int | None]:
     return study.orders if study.select.per_order else study.orders[:1]
 
 
-def dev_cells(study: Study) -> list[Cell]:
-    """Every grid point of each method with tuned options, on each dev order, with each selection seed."""
+def choice_key(study: Study, method: str, order: int | None) -> tuple[str, int | None]:
+    """What one choice of tuned values covers: a method on one order, or on every order (order None)."""
+    return method, order if study.select.per_order else None
+
+
+def choice_groups(study: Study) -> list[tuple[str, int | None]]:
+    return [choice_key(study, m, o) for m in study.methods if study.tuned_options(m) for o in dev_orders(study)]
+
+
+def dev_cells(study: Study, searched: dict[tuple[str, int | None], list[dict[str, Any]]] | None = None
+              ) -> list[Cell]:
+    """Each grid point of each method with tuned options (with select.search optuna, the points `searched` so
+    far), on each dev order, with each selection seed."""
     cells = []
     for method, grid in study.methods.items():
         tuned = tuple(study.tuned_options(method))
@@ -96,9 +107,11 @@ def dev_cells(study: Study) -> list[Cell]:
         fixed = {k: v[0] for k, v in grid.items() if k not in tuned and len(v) == 1}
         # untuned options with several values are axes of the report: dev runs use their first value
         fixed.update({k: v[0] for k, v in grid.items() if k not in tuned and len(v) > 1})
-        for point in _grid({k: grid[k] for k in tuned}):
-            options = tuple(sorted({**fixed, **dict(point)}.items()))
-            for order in dev_orders(study):
+        for order in dev_orders(study):
+            points = [tuple(sorted(p.items())) for p in (searched or {}).get(choice_key(study, method, order), [])] \
+                if study.select.search == "optuna" else _grid({k: grid[k] for k in tuned})
+            for point in dict.fromkeys(points):  # a point the search asks again is the same cells
+                options = tuple(sorted({**fixed, **dict(point)}.items()))
                 for seed in study.select.seeds:
                     cells.append(Cell("dev", method, options, order, seed, named=tuned, tuned=tuned))
     return cells

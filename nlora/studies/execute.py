@@ -7,6 +7,7 @@ A finished cell is skipped, a killed one resumed from its run directory, a faile
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from ..config import load_config
 from ..errors import NloraError
 from ..io import write_yaml_atomic
 from ..rundir import RunPaths, read_metrics
-from .cells import Cell, cell_config, cell_digest, cell_dir, dev_cells, dev_data_dir, dev_orders, table_cells, \
-    validate_cell
+from .cells import (Cell, cell_config, cell_digest, cell_dir, choice_groups, dev_cells, dev_data_dir, dev_orders,
+                    table_cells, validate_cell)
 from .devsplit import pool_and_dev, write_dev_view
 from .ledger import Ledger, live_state
-from .select import SELECTION_FILE, choose, write_selection
+from .search import advance, searched_points
+from .select import SELECTION_FILE, choose, point_score, write_selection
 from .spec import Study, with_absolute_paths
 
 STUDY_FILE = "study.yaml"
@@ -52,8 +54,13 @@ def chosen_values(study_dir: Path) -> dict:
     return {(r["method"], r["order"]): r["chosen"] for r in json.loads(path.read_text())["choices"] if r["chosen"]}
 
 
+def current_dev_cells(study: Study, study_dir: Path) -> list[Cell]:
+    """The dev cells: every grid point's, or those of the points a search has asked so far."""
+    return dev_cells(study, searched_points(study, study_dir, choice_groups(study)))
+
+
 def all_cells(study: Study, study_dir: Path) -> list[Cell]:
-    return dev_cells(study) + table_cells(study, chosen_values(study_dir))
+    return current_dev_cells(study, study_dir) + table_cells(study, chosen_values(study_dir))
 
 
 def find_cell(study: Study, study_dir: Path, cell_id: str) -> Cell:
@@ -140,7 +147,10 @@ class Outcome:
 def prepare(study: Study, study_dir: Path) -> list[tuple[Path, object, int | None, int]]:
     """Check every cell of the study before anything is written; returns the dev views to write (folder, base
     configuration, pool, dev examples)."""
+    every_point = dataclasses.replace(study, select=dataclasses.replace(study.select, search="grid"))
     check_cells(study, study_dir, all_cells(study, study_dir), Ledger(study_dir).read())
+    for cell in dev_cells(every_point):  # every point a search may ask
+        validate_cell(study, cell, study_dir)
     views = []
     for order in dev_orders(study) if any(study.tuned_options(m) for m in study.methods) else []:
         base = load_config(None, {**study.base, **({"order": order} if order is not None else {})})
@@ -253,15 +263,23 @@ def _drive(study, study_dir, views, execute, rerun_failed, tracker: Tracker) -> 
     outcome, attempted = Outcome(study_dir=study_dir), set()
     while True:
         ledger = Ledger(study_dir).read()
-        chosen, records = choose(study, study_dir, ledger)
+        searching = False
+        if study.select.search == "optuna":  # tell each search its ended point, ask its next
+            dev = current_dev_cells(study, study_dir)
+            searching = advance(study, study_dir, choice_groups(study),
+                                lambda key, point: point_score(study, study_dir, ledger, dev, key, point))
+        dev = current_dev_cells(study, study_dir)
+        chosen, records = choose(study, study_dir, ledger, dev)
         write_selection(study_dir, records)
-        cells = dev_cells(study) + table_cells(study, chosen)
+        cells = dev + table_cells(study, chosen)
         tracker.set(sum(live_state(ledger.get(c.id)) == "done" for c in cells), len(cells))
         ready = [c for c in cells if not c.pending and c.id not in attempted and _wants_run(ledger.get(c.id),
                                                                                              rerun_failed)]
         outcome.skipped = [c.id for c in cells if live_state(ledger.get(c.id)) == "done" and c.id not in attempted]
+        if not ready and searching:  # a point asked again: its cells have ended, so tell it and ask on
+            continue
         if not ready:
-            outcome.blocked = [c.id for c in cells if c.pending and _dev_ended(study, c, ledger)]
+            outcome.blocked = [c.id for c in cells if c.pending and _dev_ended(study, c, ledger, dev)]
             return outcome
         check_cells(study, study_dir, [c for c in ready if c.tuned], ledger)  # those a choice made ready
         attempted.update(c.id for c in ready)
@@ -282,9 +300,9 @@ def _wants_run(entry: dict | None, rerun_failed: bool) -> bool:
     return state in ("pending", "interrupted") or (state == "failed" and rerun_failed)
 
 
-def _dev_ended(study: Study, cell: Cell, ledger: dict) -> bool:
+def _dev_ended(study: Study, cell: Cell, ledger: dict, dev: list[Cell]) -> bool:
     key_order = cell.order if study.select.per_order else dev_orders(study)[0]
-    return all(live_state(ledger.get(c.id)) in ("done", "failed") for c in dev_cells(study)
+    return all(live_state(ledger.get(c.id)) in ("done", "failed") for c in dev
                if c.method == cell.method and c.order == key_order)
 
 

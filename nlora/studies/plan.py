@@ -122,6 +122,9 @@ def format_plan(plan: Plan, list_cells: bool = False) -> str:
         lines.append(f"  {phase}: {len(mine)} cells ({sum(c.state == 'done' for c in mine)} done"
                      + (f", {pending} waiting for the dev choice" if pending else "") + f"), {steps:,} training "
                      f"steps, {cost_text}")
+    if study.select.search == "optuna":
+        lines.append(f"  dev: Optuna picks {study.select.trials} points of each tuned grid per method and order; "
+                     "the cells above are those of the points asked so far")
     todo = [c for c in plan.cells if c.state != "done"]
     left = plan.seconds(todo)
     if plan.seconds_per_step:

@@ -11,22 +11,26 @@ from typing import Any
 
 from ..io import write_json_atomic
 from ..rundir import RunPaths, read_metrics
-from .cells import Cell, cell_dir, dev_cells
+from .cells import Cell, cell_dir, choice_key
 from .ledger import live_state
+from .search import search_done
 from .spec import Study
 
 SELECTION_FILE = "selection.json"
 
 
-def choose(study: Study, study_dir: Path, ledger: dict[str, dict]) -> tuple[dict, list[dict]]:
-    """({(method, order or None): chosen values}, one record per (method, order) with its grid's scores)."""
+def choose(study: Study, study_dir: Path, ledger: dict[str, dict], dev: list[Cell]) -> tuple[dict, list[dict]]:
+    """({(method, order or None): chosen values}, one record per (method, order) with its grid's scores), from the
+    `dev` cells (those of a search: the points asked so far)."""
     groups: dict[tuple[str, int | None], list[Cell]] = {}
-    for cell in dev_cells(study):
-        groups.setdefault((cell.method, cell.order if study.select.per_order else None), []).append(cell)
+    for cell in dev:
+        groups.setdefault(choice_key(study, cell.method, cell.order), []).append(cell)
     chosen, records = {}, []
     for (method, order), cells in groups.items():
         if any(live_state(ledger.get(c.id)) not in ("done", "failed") for c in cells):
             continue  # not every dev cell has ended: no choice yet
+        if study.select.search == "optuna" and not search_done(study, study_dir, (method, order)):
+            continue
         tuned = study.tuned_options(method)
         scores = _scores(study, study_dir, cells, tuned)
         usable = [s for s in scores if s["score"] is not None]
@@ -54,6 +58,17 @@ def _scores(study: Study, study_dir: Path, cells: list[Cell], tuned: list[str]) 
         out.append({"values": dict(key), "score": statistics.fmean(values) if values else None,
                     "bwt": statistics.fmean(bwts) if bwts else None, "seeds": len(values)})
     return out
+
+
+def point_score(study: Study, study_dir: Path, ledger: dict[str, dict], dev: list[Cell],
+                key: tuple[str, int | None], point: dict[str, Any]) -> float | None:
+    """The mean dev metric of one point's cells: None while one has not ended, NaN where none finished."""
+    mine = [c for c in dev if choice_key(study, c.method, c.order) == key
+            and all(dict(c.options).get(k) == v for k, v in point.items())]
+    if not mine or any(live_state(ledger.get(c.id)) not in ("done", "failed") for c in mine):
+        return None
+    score = _scores(study, study_dir, mine, list(point))[0]["score"]
+    return float("nan") if score is None else score
 
 
 def best_point(scores: list[dict[str, Any]], mode: str) -> dict[str, Any]:

@@ -32,9 +32,10 @@ from ..config import config_fields, load_yaml_file
 from ..errors import NloraError
 
 TOP_KEYS = ("name", "output_dir", "base", "methods", "orders", "seeds", "axes", "select", "baseline", "launch")
-SELECT_KEYS = ("tune", "metric", "mode", "seeds", "dev_samples", "train_samples", "per_order", "search", "split")
+SELECT_KEYS = ("tune", "metric", "mode", "seeds", "dev_samples", "train_samples", "per_order", "search", "trials",
+               "storage", "split")
 SELECT_METRICS = ("average_accuracy", "bwt", "forgetting")
-SEARCHES = ("grid",)
+SEARCHES = ("grid", "optuna")
 LAUNCH_KEYS = ("num_processes", "gpus_per_cell", "threads_per_cell")
 # Core options a study sets itself, per cell.
 CELL_KEYS = ("output_dir", "overwrite", "seed", "order", "method")
@@ -45,7 +46,7 @@ class Selection:
     """How tuned options are chosen: each grid point is trained on a view of the data whose test split is carved
     from train (dev_samples per task out of train_samples), with the `seeds` given; the best `metric` (mean over
     those seeds, ties to the higher BWT, then to the first grid point) is chosen, per order unless `per_order` is
-    false."""
+    false. `search: optuna` tries `trials` points of the grid that Optuna picks instead of every one."""
 
     tune: list[str] | None = None  # None: every method option given a list of more than one value
     metric: str = "average_accuracy"
@@ -54,7 +55,9 @@ class Selection:
     dev_samples: int | None = None  # per task; default: a fifth of train_samples
     train_samples: int | None = None  # pool drawn from train.json per task; default: base's max_train_samples
     per_order: bool = True
-    search: str = "grid"
+    search: str = "grid"  # or optuna: `trials` points of the grid chosen by Optuna (nlora.studies.search)
+    trials: int | None = None
+    storage: str | None = None  # Optuna's storage URL (default: sqlite in the study directory)
 
 
 @dataclass
@@ -259,6 +262,11 @@ def _selection(value: Any, source: str) -> Selection:
         raise NloraError(f"{source}: select.mode must be max or min, got {select.mode!r}")
     if select.search not in SEARCHES:
         raise NloraError(f"{source}: select.search must be one of {', '.join(SEARCHES)}, got {select.search!r}")
+    if (select.search == "optuna") != (select.trials is not None):
+        raise NloraError(f"{source}: select.trials goes with select.search optuna (the points it tries)")
+    if select.trials is not None and (isinstance(select.trials, bool) or not isinstance(select.trials, int)
+                                      or select.trials < 1):
+        raise NloraError(f"{source}: select.trials must be a whole number >= 1, got {select.trials!r}")
     select.seeds = _int_list(select.seeds, f"{source}: select.seeds")
     for key in ("dev_samples", "train_samples"):
         n = getattr(select, key)
