@@ -32,7 +32,7 @@ from .objectives import make_objective
 from .precision import check_runtime, warn_precision
 from .preflight import preflight
 from .provenance import collect as collect_provenance
-from .provenance import check_config_digest, config_digest, record_run
+from .provenance import check_config_digest, config_digest, record_run, warn_other_release
 from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
                      declared_scales, prepare_output_dir, read_metrics, write_update_scales)
 from .runlock import RunLock
@@ -132,6 +132,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
         check_same_config(saved, resolved.to_dict(), paths.config)
         check_config_digest(paths.root / "run.json", load_yaml_file(paths.config), paths.config, RESUME_FREE_KEYS)
+        if accelerator.is_main_process:
+            warn_other_release(paths.root / "run.json")
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     general = RunScoring(resolved, paths.root, resume, accelerator, backbone, method.phases(len(tasks))) \
         if config.general_eval else None  # its benchmarks load here: a bad one fails before anything is written
