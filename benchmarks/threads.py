@@ -2,7 +2,8 @@
 and 2 intra-op threads, on the machine as it is and with one extra busy core (a bounded busy-loop process started
 beside the workload, as another job on a shared machine would be).
 
-Each case runs in a fresh process with OMP_NUM_THREADS set (what `--threads` sets inside a run) and, where named,
+Each case runs in a fresh process, in a folder of its own (the demo with --overwrite: a rerun would reuse finished
+runs), with OMP_NUM_THREADS set (torch's threads; `auto`: unset, nlora's default) and, where named,
 OMP_WAIT_POLICY; the load average before each case is recorded next to its numbers, since the machine may be
 loaded by other work. A case that runs past --cap seconds is stopped and reported as such.
 
@@ -29,12 +30,12 @@ def workload(name: str, out: Path) -> list[str]:
     """The command of one workload, writing under `out`."""
     nlora = [sys.executable, "-m", "nlora"]
     if name == "demo":
-        return [*nlora, "demo", "--num-seeds", "1", "--output-dir", str(out / "demo"), "--quiet"]
+        return [*nlora, "demo", "--num-seeds", "1", "--output-dir", str(out), "--quiet", "--overwrite"]
     if name == "minilm":  # two generated tasks, 100 training examples each, 2 epochs: 26 steps
         return [*nlora, "run", "--model", MINILM, "--method", "n-lora", "--lambda", "1e-4", "--tasks",
-                "harbor,orchard", "--data-dir", str(out / "data"), "--max-train-samples", "100",
+                "harbor,orchard", "--data-dir", str(out.parent / "data"), "--max-train-samples", "100",
                 "--max-eval-samples", "50", "--epochs", "2", "--batch-size", "16", "--max-source-length", "64",
-                "--device", "cpu", "--quiet", "--overwrite", "--output-dir", str(out / "minilm")]
+                "--device", "cpu", "--quiet", "--overwrite", "--output-dir", str(out)]
     raise SystemExit(f"unknown workload {name!r}: demo or minilm")
 
 
@@ -58,16 +59,19 @@ def timed(command: list[str], env: dict, cap: float) -> tuple[float, float | Non
         time.sleep(0.2)
 
 
-def run_case(name: str, threads: int, loaded: bool, policy: str | None, out: Path, cap: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+def run_case(name: str, threads: str, loaded: bool, policy: str | None, out: Path, cap: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=threads, HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if threads == "auto":
+        env.pop("OMP_NUM_THREADS")
     env.pop("OMP_WAIT_POLICY", None)
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     load = os.getloadavg()[0]
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=cap + 30)]) if loaded else None
     try:
-        wall, cpu, finished = timed(workload(name, out), env, cap)
+        case = out / f"{name}-{threads}-{policy or 'default'}-{'busy' if loaded else 'none'}"
+        wall, cpu, finished = timed(workload(name, case), env, cap)
     finally:
         if busy is not None:
             busy.kill()
@@ -87,7 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/threads"))
     p.add_argument("--workloads", default="minilm,demo")
-    p.add_argument("--threads", default="1,2")
+    p.add_argument("--threads", default="1,2", help="counts, or auto (OMP_NUM_THREADS unset: nlora's default)")
     p.add_argument("--policies", default="default", help="OMP_WAIT_POLICY values to try (default: unset)")
     p.add_argument("--loads", default="none,busy", help="none, busy (one extra busy-loop process), or both")
     p.add_argument("--cap", type=float, default=300.0, help="seconds after which a case is stopped")
@@ -104,7 +108,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         for loaded in [x == "busy" for x in args.loads.split(",")]:
             for policy in args.policies.split(","):
-                for threads in [int(t) for t in args.threads.split(",")]:
+                for threads in args.threads.split(","):
                     print(row(run_case(name, threads, loaded, None if policy == "default" else policy, args.out,
                                        args.cap)), flush=True)
 
