@@ -90,7 +90,8 @@ def test_demo_counts_its_runs_says_how_to_continue_and_a_rerun_reuses_what_finis
         assert main(argv) == 143
     out, err = capsys.readouterr()
     assert "=== run 1 of 2: seed 42, n-lora: 2 tasks, model tiny-bert\n" in out
-    assert re.search(r"=== run 2 of 2: seed 42, inc-lora: 2 tasks, model tiny-bert; about \d+ s left\n", out), out
+    assert re.search(r"=== run 2 of 2: seed 42, inc-lora: 2 tasks, model tiny-bert; about (\d+ min )?\d+ s "
+                     r"left\n", out), out
     assert "the same `nlora demo` command continues: finished runs are reused, the stopped one resumes" in err
     finished = {p: p.read_bytes() for p in (tmp_path / "seed-42" / "n-lora").rglob("*") if p.is_file()}
 
