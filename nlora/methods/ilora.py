@@ -23,8 +23,9 @@ plastic adapter's hidden states from falling below the stable one's on the repla
   dropout on as in the official code, and the training forward's own dropout masks, base and LoRA: so the term
   compares the adapters, not two dropout draws, and is 0 when θ_s = θ_w; with dropout off in one pass only, a
   base with dropout of its own, such as T5, gives a large term at θ_s = θ_w); c = mean over blocks, tokens
-  (padding excluded where the block sees the prompt side; a seq2seq decoder's blocks see the answer) and features of (h_w − max(h_w, h_s))², zero wherever the plastic value is at least the stable
-  one, no gradient into θ_s. Each replayed example adds λ·(1+ρ)/ρ·c per answer token, which in expectation over
+  (padding excluded where the block sees the prompt side; a seq2seq decoder's blocks see the answer) and
+  features of (h_w − max(h_w, h_s))², zero wherever the plastic value is at least the stable one, no gradient
+  into θ_s. Each replayed example adds λ·(1+ρ)/ρ·c per answer token, which in expectation over
   the batches gives the paper's ½(CE(b) + CE(b_M)) + λ·L_cons at ρ = 1.
 """
 
