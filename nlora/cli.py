@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     run_dir = None  # the run directory being written, named in the advice on how to continue it
+    again = None  # or the advice on how to continue the command
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.num_seeds < 1:
                 raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
+            again = "the same `nlora demo` command continues: finished runs are reused, the stopped one resumes"
             run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
         elif args.command == "presets":
             print_presets(args.benchmark, args.order)
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        advice = f"; `nlora resume {run_dir}` continues the run" if run_dir else ""
+        advice = f"; `nlora resume {run_dir}` continues the run" if run_dir else f"; {again}" if again else ""
         print(f"nlora: {how}; everything written so far is complete on disk{advice}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     except Exception as e:

@@ -9,12 +9,16 @@ reference mode and with TRACE's BWT denominator, and a report."""
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from pathlib import Path
 
 from .analysis.report import write_report
 from .analysis.summary import format_run
-from .config import DEFAULT_MODEL, load_config
+from .config import DEFAULT_MODEL, RunConfig, load_config, load_yaml_file
+from .errors import NloraError
+from .rundir import RESUME_FREE_KEYS
 from .runner import run
 from .studies.compare import mean_sd, paired
 from .tasks.synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
@@ -33,34 +37,43 @@ DEMO_DEFAULTS = {
     "lambda": 1e-4,
     "max_source_length": 64,
     "device": "cpu",
-    "overwrite": True,  # the demo replaces its own earlier results
 }
 METRICS = (("AP", "average_accuracy"), ("BWT", "bwt"))
+# Keys config.yaml records as resolved when the model loads: compared with a rerun's only where the rerun sets them.
+RESOLVED_AT_LOAD = {"model_kind": "auto", "dtype": "auto", "attn_implementation": "auto", "target_modules": None}
 
 
 def run_demo(config_path=None, overrides: dict | None = None, progress: bool = True,
              num_seeds: int = DEMO_SEEDS) -> dict[str, list[dict]]:
-    """Both methods on `num_seeds` seeds; returns {method: [metrics of each seed]}."""
+    """Both methods on `num_seeds` seeds; returns {method: [metrics of each seed]}. A rerun reuses each run that
+    finished with the same configuration and resumes one that was stopped; `overwrite` starts every run over."""
     base = load_config(config_path, overrides, defaults=DEMO_DEFAULTS)
     root = Path(base.output_dir)
     seeds = [base.seed + i for i in range(max(1, num_seeds))]
     results: dict[str, list[dict]] = {m: [] for m in DEMO_METHODS}
     start = time.perf_counter()
-    for seed in seeds:
-        seeded = base.replace(seed=seed)
-        if base.data_dir is None:
-            data_dir = write_synthetic_benchmark(root / f"seed-{seed}" / "data", n_train=DEMO_TRAIN,
-                                                 n_test=DEMO_TEST, seed=seed,
-                                                 tasks=tuple(t for t in TASK_NAMES if t in base.tasks))
-            seeded = seeded.replace(data_dir=str(data_dir))
-        for method in DEMO_METHODS:
-            # the options given (--lambda) are n-lora's, the demo's first method; inc-lora has none of its own
-            own = seeded.method_options if method == seeded.method else {}
-            config = seeded.replace(method=method, method_options=own, output_dir=str(root / f"seed-{seed}" / method))
-            print(f"\n=== seed {seed}, {method}: {len(config.tasks)} tasks, model {config.model}")
-            metrics = run(config, progress=progress)
-            print(format_run(metrics))
-            results[method].append(metrics)
+    plan = [(seed, method, _demo_config(base, root, seed, method)) for seed in seeds for method in DEMO_METHODS]
+    states = [("new" if base.overwrite else saved_state(config)) for _, _, config in plan]
+    timed: list[float] = []  # seconds of each run trained (or resumed) in this invocation
+    written: set[int] = set()  # seeds whose generated data is on disk
+    for k, ((seed, method, config), state) in enumerate(zip(plan, states)):
+        if base.data_dir is None and state != "finished" and seed not in written:  # deterministic from the seed
+            write_synthetic_benchmark(config.data_dir, n_train=DEMO_TRAIN, n_test=DEMO_TEST, seed=seed,
+                                      tasks=tuple(t for t in TASK_NAMES if t in base.tasks))
+            written.add(seed)
+        left = sum(s != "finished" for s in states[k:])
+        eta = f"; about {_duration(statistics.fmean(timed) * left)} left" if timed and state != "finished" else ""
+        print(f"\n=== run {k + 1} of {len(plan)}: seed {seed}, {method}: {len(config.tasks)} tasks, model "
+              f"{config.model}{eta}" + {"finished": " (finished earlier: reused)", "stopped": " (resumed)",
+                                        "new": ""}[state])
+        began = time.perf_counter()
+        if state == "finished":
+            metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text(encoding="utf-8"))
+        else:
+            metrics = run(config.replace(overwrite=state == "new"), progress=progress, resume=state == "stopped")
+            timed.append(time.perf_counter() - began)
+        print(format_run(metrics))
+        results[method].append(metrics)
     print(f"\nAP and BWT (%) after the whole sequence, {len(seeds)} seed(s) "
           f"({time.perf_counter() - start:.0f} s):")
     print(format_seeds(seeds, results))
@@ -70,6 +83,43 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
     report = write_report(run_dirs, output_dir=root / "report", overwrite=True)  # the demo's own, as its runs
     print(f"report (plots, tables, parameter diagnostics): {(report / 'report.md').resolve()}")
     return results
+
+
+def _demo_config(base: RunConfig, root: Path, seed: int, method: str) -> RunConfig:
+    seeded = base.replace(seed=seed)
+    if base.data_dir is None:
+        seeded = seeded.replace(data_dir=str(root / f"seed-{seed}" / "data"))
+    # the options given (--lambda) are n-lora's, the demo's first method; inc-lora has none of its own
+    own = seeded.method_options if method == seeded.method else {}
+    return seeded.replace(method=method, method_options=own, output_dir=str(root / f"seed-{seed}" / method))
+
+
+def saved_state(config: RunConfig) -> str:
+    """What config.output_dir holds of this configuration's run: "finished" (complete: reused), "stopped"
+    (started, not complete: resumed), or "new" (nothing, or a run of another configuration: replaced)."""
+    folder = Path(config.output_dir)
+    try:
+        saved = load_yaml_file(folder / "config.yaml")
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (NloraError, OSError, ValueError):
+        return "new"
+    if not isinstance(metrics, dict) or not _same_configuration(saved, config.to_dict()):
+        return "new"
+    return "finished" if metrics.get("complete") else "stopped"
+
+
+def _same_configuration(saved: dict, current: dict) -> bool:
+    for key, value in current.items():
+        if key in RESUME_FREE_KEYS or (key in RESOLVED_AT_LOAD and value == RESOLVED_AT_LOAD[key]):
+            continue
+        if saved.get(key) != value:
+            return False
+    return True
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _cell(values: list[float]) -> str:
