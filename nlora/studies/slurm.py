@@ -1,0 +1,252 @@
+"""The SLURM executor of studies, through submitit: one job per cell, or one job array per batch of cells, each
+job calling `work(study_dir, cell_id)`, which runs or resumes the cell and records its state in the study's ledger
+itself. A job warned of its time limit or of preemption (submitit's USR2, sent `signal_delay_s` before the end) is
+requeued and calls `work` again: the cell resumes from its run directory's checkpoint.
+
+No accounting (`sacct`) is needed: `squeue` says which jobs are queued or running, and a job that has left the
+queue has submitit's result file (its error, if it raised) or else was killed (cancelled, or beyond its time or
+memory). STUDY_DIR/slurm/jobs.json maps each job id to its cell, for `queued_jobs` and the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from filelock import FileLock
+
+from ..errors import NloraError
+from ..io import write_json_atomic
+
+if TYPE_CHECKING:
+    from .cells import Cell
+
+LOG_DIR = "slurm"
+JOBS_FILE = "jobs.json"
+ARRAY_NAME = "nlora-study"
+SIGNAL_DELAY_S = 90  # USR2 this long before the time limit: the job requeues itself in time
+# squeue's states of a job that has a node; every other state listed is waiting for one
+RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"})
+SQUEUE_FAILURES_TOLERATED = 10  # consecutive failed polls (a controller restarting) before waiting gives up
+
+Work = Callable[[str, str], Any]
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None  # None: the cluster's default
+    time_min: int = 24 * 60  # per job; one that reaches it is requeued and resumes its cell
+    gpus_per_cell: int = 0
+    cpus_per_cell: int = 1
+    mem_gb: float | None = None  # None: the cluster's default
+    max_parallel: int | None = None  # use_array: tasks of one array at once
+    log_dir: str | Path | None = None  # default STUDY_DIR/slurm
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options ({"qos": "high"}: --qos=high)
+    use_array: bool = False  # one job array per batch of cells instead of one job each
+    max_timeouts: int = 20  # requeues after reaching the time limit (preemptions are not counted)
+
+    def __post_init__(self) -> None:
+        for name, least in (("time_min", 1), ("cpus_per_cell", 1), ("gpus_per_cell", 0), ("max_timeouts", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise NloraError(f"slurm option {name}: must be an integer >= {least} (got {value!r})")
+        if self.mem_gb is not None and not self.mem_gb > 0:
+            raise NloraError(f"slurm option mem_gb: must be positive (got {self.mem_gb!r})")
+        if self.max_parallel is not None:
+            if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
+                raise NloraError(f"slurm option max_parallel: must be an integer >= 1 (got {self.max_parallel!r})")
+            if not self.use_array:
+                raise NloraError("slurm option max_parallel limits the tasks of a job array: set use_array "
+                                 "(--array) too")
+        if not isinstance(self.extra, dict):
+            raise NloraError(f"slurm option extra: must be a mapping of sbatch options (got {self.extra!r})")
+
+    def folder(self, study_dir: str | Path) -> Path:
+        """Where submitit keeps each job's pickles and logs, and jobs.json."""
+        return Path(self.log_dir or Path(study_dir) / LOG_DIR).resolve()
+
+
+class CellJob:
+    """What a job calls: `work(study_dir, cell_id)`. submitit requeues a callable with a `checkpoint` method when
+    the job is warned of its end (as its helpers.Checkpointable does); this one resubmits the same call, so the
+    requeued job runs `work` again and the cell resumes from its own checkpoint. No state rides in the pickle."""
+
+    def __init__(self, work: Work):
+        self.work = work
+
+    def __call__(self, study_dir: str, cell_id: str) -> Any:
+        return self.work(study_dir, cell_id)
+
+    def checkpoint(self, study_dir: str, cell_id: str):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, study_dir, cell_id)
+
+
+# ------------------------------------------------------------------------------------------------ submit
+
+def submit_cells(study_dir: str | Path, cell_ids: list[str], options: SlurmOptions, work: Work) -> list[str]:
+    """Submit one job per cell (or one array of them where `options.use_array`); returns the job ids, one per
+    cell in `cell_ids`' order ("123", or "123_0" for an array's task). `work` must be importable by the jobs
+    (a module-level function), as the study directory and the log folder must be reachable from the nodes."""
+    if not cell_ids:
+        return []
+    study_dir = str(Path(study_dir).resolve())
+    folder = options.folder(study_dir)
+    executor = _executor(folder, options)
+    job = CellJob(work)
+    if options.use_array:
+        executor.update_parameters(name=ARRAY_NAME)
+        jobs = executor.map_array(job, [study_dir] * len(cell_ids), list(cell_ids))
+    else:
+        jobs = []
+        for cell_id in cell_ids:
+            executor.update_parameters(name=f"nlora {cell_id}")  # squeue shows which cell a job runs
+            jobs.append(executor.submit(job, study_dir, cell_id))
+    ids = [j.job_id for j in jobs]
+    _record_jobs(folder, dict(zip(ids, cell_ids)))
+    return ids
+
+
+def _executor(folder: Path, options: SlurmOptions):
+    submitit = _submitit()
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=options.max_timeouts)
+    except RuntimeError as e:  # submitit finds no srun
+        raise NloraError(f"the slurm executor needs a SLURM cluster: {e} (run on a node that can submit jobs)") \
+            from None
+    parameters = dict(timeout_min=options.time_min, nodes=1, tasks_per_node=1, cpus_per_task=options.cpus_per_cell,
+                      slurm_signal_delay_s=min(SIGNAL_DELAY_S, max(1, options.time_min * 60 // 4)))
+    if options.gpus_per_cell:
+        parameters["gpus_per_node"] = options.gpus_per_cell
+    if options.mem_gb is not None:
+        parameters["mem_gb"] = options.mem_gb
+    if options.partition:
+        parameters["slurm_partition"] = options.partition
+    if options.max_parallel:
+        parameters["slurm_array_parallelism"] = options.max_parallel
+    if options.extra:
+        parameters["slurm_additional_parameters"] = dict(options.extra)
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise NloraError("the slurm executor needs submitit: pip install 'nlora[slurm]'") from None
+    return submitit
+
+
+def _record_jobs(folder: Path, jobs: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / JOBS_FILE
+    with FileLock(str(path) + ".lock"):
+        write_json_atomic(path, {**read_jobs(folder), **jobs})
+
+
+def read_jobs(folder: Path) -> dict[str, str]:
+    """{job id: cell id} of every job submitted from this log folder."""
+    path = Path(folder) / JOBS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NloraError(f"{path}: not a list of SLURM jobs ({e}); it is written atomically, so it was changed "
+                         "by hand") from None
+
+
+# ------------------------------------------------------------------------------------------------- watch
+
+def queued_jobs(study_dir: str | Path, log_dir: str | Path | None = None) -> dict[str, str]:
+    """{cell id: "queued" or "running"} of the study's jobs still in SLURM's queue (a requeued job included)."""
+    jobs = read_jobs(Path(log_dir).resolve() if log_dir else SlurmOptions().folder(study_dir))
+    if not jobs:
+        return {}
+    states: dict[str, str] = {}
+    for job_id, state in _squeue().items():
+        cell_id = jobs.get(job_id)
+        if cell_id is not None and states.get(cell_id) != "running":
+            states[cell_id] = "running" if state in RUNNING_STATES else "queued"
+    return states
+
+
+def _squeue() -> dict[str, str]:
+    """{job id: state} of this user's jobs in the queue, an array's tasks one by one ("123_4")."""
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--array", "--user", str(os.getuid()), "--format", "%i|%T"],
+                              capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise NloraError("squeue not found: the state of a study's SLURM jobs is read on a node of its cluster") \
+            from None
+    except subprocess.TimeoutExpired:
+        raise NloraError("squeue did not answer in 60 s (is slurmctld up?)") from None
+    if done.returncode != 0:
+        raise NloraError(f"squeue failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return dict(line.strip().split("|", 1) for line in done.stdout.splitlines() if "|" in line)
+
+
+def wait_for_jobs(folder: str | Path, jobs: dict[str, str], ended: Callable[[str], None] = lambda cell_id: None,
+                  poll_s: float = 5.0) -> dict[str, str]:
+    """Wait until every job of {job id: cell id} has left the queue, calling `ended(cell_id)` as each does; returns
+    {cell id: error} of those that did not return: the last line of the exception `work` raised, or that the job
+    was killed, with the path of its log."""
+    left, failures_in_a_row = dict(jobs), 0
+    while left:
+        try:
+            queued = _squeue()
+            failures_in_a_row = 0
+        except NloraError:
+            failures_in_a_row += 1
+            if failures_in_a_row > SQUEUE_FAILURES_TOLERATED:
+                raise
+            queued = {job_id: "UNKNOWN" for job_id in left}
+        for job_id in [j for j in left if j not in queued]:
+            ended(left.pop(job_id))
+        if left:
+            time.sleep(poll_s)
+    return {cell_id: error for job_id, cell_id in jobs.items() if (error := job_error(Path(folder), job_id))}
+
+
+def job_error(folder: Path, job_id: str) -> str | None:
+    """How a job that has left the queue ended: None where `work` returned, else one line saying why not."""
+    from submitit.core.utils import JobPaths, pickle_load
+
+    paths = JobPaths(folder, job_id=job_id, task_id=0)
+    if not paths.result_pickle.exists():
+        return (f"SLURM job {job_id} ended without a result (cancelled, or killed at its time or memory limit); "
+                f"see {paths.stderr}")
+    outcome, value = pickle_load(paths.result_pickle)
+    if outcome == "success":
+        return None
+    last = [line for line in str(value).strip().splitlines() if line.strip()][-1:]
+    return f"{last[0].strip() if last else 'failed'} (SLURM job {job_id}; see {paths.stderr})"
+
+
+# ----------------------------------------------------------------------------------- the study's executor
+
+def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None = None, poll_s: float = 5.0):
+    """An executor of `run_study`: submits a batch of ready cells; with `wait`, returns {cell id: error} once
+    their jobs have left the queue, else None at once (the next `nlora study run` goes on from the ledger)."""
+
+    def execute(study, study_dir: Path, cells: list["Cell"], ended: Callable[[str], None] = lambda cell_id: None):
+        cell_ids = [c.id for c in cells]
+        job_ids = submit_cells(study_dir, cell_ids, options, work or _run_cell())
+        if not wait:
+            return None
+        return wait_for_jobs(options.folder(study_dir), dict(zip(job_ids, cell_ids)), ended, poll_s)
+
+    return execute
+
+
+def _run_cell() -> Work:
+    from .execute import run_cell
+
+    return run_cell

@@ -1,0 +1,118 @@
+"""The SLURM executor of studies (nlora.studies.slurm) against a real one-node cluster that the tests start
+(tests/slurm_cluster.py): cells as jobs and as job arrays, a job warned of its end requeued and resumed, a failing
+or cancelled cell reported without touching the others, and the options refused before anything is submitted."""
+
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import slurm_cluster as support
+from nlora.errors import NloraError
+from nlora.studies.slurm import SlurmOptions, queued_jobs, slurm_executor, submit_cells, wait_for_jobs
+from slurm_work import STEPS, count_to_end, fail_if_bad, write_done
+
+TESTS = Path(__file__).resolve().parent
+POLL_S = 0.1
+
+
+@pytest.fixture
+def cluster(slurm_cluster, monkeypatch):
+    """The cluster, with this process's clients (submitit's sbatch, squeue) pointed at it and the jobs able to
+    import the work functions of tests/slurm_work.py."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH",
+                                                                                                        "")]))
+    return slurm_cluster
+
+
+def _wait_until(condition, timeout_s=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(POLL_S)
+
+
+@pytest.mark.parametrize("use_array", [False, True], ids=["jobs", "array"])
+def test_cells_run_as_jobs_and_are_seen_queued(cluster, tmp_path, use_array):
+    options = SlurmOptions(time_min=5, use_array=use_array, extra={"hold": True})  # held: seen queued first
+    cells = ["test/seq-ft/order1/seed1", "test/seq-ft/order1/seed2"]
+    ids = submit_cells(tmp_path, cells, options, write_done)
+    assert len(set(ids)) == 2
+    if use_array:
+        assert ids[0].split("_")[0] == ids[1].split("_")[0] and [i.split("_")[1] for i in ids] == ["0", "1"]
+    assert queued_jobs(tmp_path) == {c: "queued" for c in cells}
+    for job_id in {i.split("_")[0] for i in ids}:
+        cluster.run("scontrol", "release", job_id)
+    ended = []
+    assert wait_for_jobs(options.folder(tmp_path), dict(zip(ids, cells)), ended.append, poll_s=POLL_S) == {}
+    assert sorted(ended) == sorted(cells)
+    assert [(tmp_path / f"{c}.done").read_text() for c in cells] == ids  # each cell ran in the job named for it
+    assert queued_jobs(tmp_path) == {}
+
+
+def test_a_job_warned_of_its_end_is_requeued_and_the_cell_resumes(cluster, tmp_path):
+    options = SlurmOptions(time_min=5)
+    cell = "test/n-lora/order1/seed1"
+    [job_id] = submit_cells(tmp_path, [cell], options, count_to_end)
+    counter = tmp_path / f"{cell}.count"
+    _wait_until(lambda: counter.is_file() and int(counter.read_text()) >= 3)
+    assert queued_jobs(tmp_path) == {cell: "running"}
+    cluster.run("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before the time limit
+    assert wait_for_jobs(options.folder(tmp_path), {job_id: cell}, poll_s=POLL_S) == {}
+    starts = [line.split() for line in (tmp_path / f"{cell}.starts").read_text().splitlines()]
+    assert len(starts) == 2 and starts[0] == ["0", "0"]
+    resumed_from, restarts = int(starts[1][0]), starts[1][1]
+    assert 3 <= resumed_from < STEPS and restarts == "1"  # the same job, requeued, from the saved count
+    assert (tmp_path / f"{cell}.done").read_text() == str(STEPS)
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(cluster, tmp_path):
+    execute = slurm_executor(SlurmOptions(time_min=5), work=fail_if_bad, poll_s=POLL_S)
+    cells = [SimpleNamespace(id="bad/seed1"), SimpleNamespace(id="good/seed1")]
+    ended = []
+    failures = execute(None, tmp_path, cells, ended.append)
+    assert set(failures) == {"bad/seed1"}
+    assert failures["bad/seed1"].startswith("ValueError: cell bad/seed1 is broken (SLURM job ")
+    assert (tmp_path / "good/seed1.done").is_file() and not (tmp_path / "bad/seed1.done").exists()
+    assert sorted(ended) == ["bad/seed1", "good/seed1"]
+
+
+def test_a_cancelled_cell_is_reported_with_its_log(cluster, tmp_path):
+    options = SlurmOptions(time_min=5, extra={"hold": True})
+    [job_id] = submit_cells(tmp_path, ["cancelled"], options, write_done)
+    cluster.run("scancel", job_id)
+    failures = wait_for_jobs(options.folder(tmp_path), {job_id: "cancelled"}, poll_s=POLL_S)
+    assert "ended without a result" in failures["cancelled"] and str(options.folder(tmp_path)) in failures["cancelled"]
+
+
+def test_no_wait_submits_and_returns(cluster, tmp_path):
+    execute = slurm_executor(SlurmOptions(time_min=5, extra={"hold": True}), wait=False, work=write_done)
+    assert execute(None, tmp_path, [SimpleNamespace(id="c1")]) is None
+    assert queued_jobs(tmp_path) == {"c1": "queued"}
+    cluster.run("scancel", "--name", "nlora c1")
+
+
+@pytest.mark.parametrize("bad, named", [(dict(time_min=0), "time_min"), (dict(cpus_per_cell=0), "cpus_per_cell"),
+                                        (dict(gpus_per_cell=-1), "gpus_per_cell"), (dict(mem_gb=0), "mem_gb"),
+                                        (dict(max_parallel=2), "use_array"),
+                                        (dict(max_parallel=0, use_array=True), "max_parallel")])
+def test_bad_options_are_refused_by_name(bad, named):
+    with pytest.raises(NloraError, match=named):
+        SlurmOptions(**bad)
+
+
+def test_the_cluster_skips_with_the_fix_and_fails_where_required(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(support, "_sbin_path", lambda: "/nonexistent")
+    assert "apt-get install slurm-wlm munge" in support.unavailable_reason()
+    monkeypatch.delenv(support.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install slurm-wlm munge"):
+        next(support.cluster_or_skip())
+    monkeypatch.setenv(support.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="NLORA_REQUIRE_SLURM=1"):
+        next(support.cluster_or_skip())
