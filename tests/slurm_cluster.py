@@ -148,7 +148,7 @@ def slurm_conf(root: Path, munge_socket: Path, cpus: int, memory_mb: int, ports:
         "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core",  # cells of one CPU each share the node
-        "KillWait=5",
+        "KillWait=1",  # SIGTERM to SIGKILL (submitit's job ignores SIGTERM)
         "MessageTimeout=5",
         f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
         "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",

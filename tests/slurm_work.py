@@ -8,8 +8,9 @@ import os
 import time
 from pathlib import Path
 
-STEPS = 30
-STEP_S = 0.1
+STEP_S = 0.05
+FIRST_RUN_STEPS = 400  # a first run is interrupted long before (or fails, saying so)
+STEPS_AFTER_RESTART = 10
 
 
 def write_done(study_dir: str, cell_id: str) -> str:
@@ -21,18 +22,23 @@ def write_done(study_dir: str, cell_id: str) -> str:
 
 
 def count_to_end(study_dir: str, cell_id: str) -> int:
-    """A resumable cell: counts STEPS steps, saving the count after each (its checkpoint), and starts from the
-    saved count. Each start appends `count restarts` to <cell>.starts."""
+    """A resumable cell: counts steps, saving the count after each (its checkpoint), and starts from the saved
+    count. Each start appends `count restarts` to <cell>.starts. A first run counts until it is interrupted; a
+    requeued one counts STEPS_AFTER_RESTART more steps and ends."""
     base = Path(study_dir) / cell_id
     base.parent.mkdir(parents=True, exist_ok=True)
     counter = base.with_name(base.name + ".count")
     count = int(counter.read_text()) if counter.is_file() else 0
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     with open(base.with_name(base.name + ".starts"), "a") as f:
-        f.write(f"{count} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
-    while count < STEPS:
+        f.write(f"{count} {restarts}\n")
+    end = count + STEPS_AFTER_RESTART if restarts else FIRST_RUN_STEPS
+    while count < end:
         time.sleep(STEP_S)
         count += 1
         _write(counter, str(count))
+    if not restarts:
+        raise RuntimeError(f"{cell_id}: never interrupted in {FIRST_RUN_STEPS} steps")
     _write(base.with_name(base.name + ".done"), str(count))
     return count
 

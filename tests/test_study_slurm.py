@@ -12,7 +12,7 @@ import pytest
 import slurm_cluster as support
 from nlora.errors import NloraError
 from nlora.studies.slurm import SlurmOptions, queued_jobs, slurm_executor, submit_cells, wait_for_jobs
-from slurm_work import STEPS, count_to_end, fail_if_bad, write_done
+from slurm_work import STEPS_AFTER_RESTART, count_to_end, fail_if_bad, write_done
 
 TESTS = Path(__file__).resolve().parent
 POLL_S = 0.1
@@ -45,7 +45,7 @@ def test_cells_run_as_jobs_and_are_seen_queued(cluster, tmp_path, use_array):
     assert len(set(ids)) == 2
     if use_array:
         assert ids[0].split("_")[0] == ids[1].split("_")[0] and [i.split("_")[1] for i in ids] == ["0", "1"]
-    assert queued_jobs(tmp_path) == {c: "queued" for c in cells}
+    assert queued_jobs(tmp_path) == {c: "PENDING" for c in cells}
     for job_id in {i.split("_")[0] for i in ids}:
         cluster.run("scontrol", "release", job_id)
     ended = []
@@ -55,20 +55,28 @@ def test_cells_run_as_jobs_and_are_seen_queued(cluster, tmp_path, use_array):
     assert queued_jobs(tmp_path) == {}
 
 
-def test_a_job_warned_of_its_end_is_requeued_and_the_cell_resumes(cluster, tmp_path):
+# USR2: what SLURM sends a job signal_delay_s before its time limit (submitit requeues it after the checkpoint
+# call); `scontrol requeue`: what a preemption with PreemptMode=REQUEUE does (the job is killed and queued again)
+INTERRUPTIONS = {"time-limit": ["scancel", "--signal=USR2"], "preemption": ["scontrol", "requeue"]}
+
+
+def test_interrupted_jobs_are_requeued_and_their_cells_resume(cluster, tmp_path):
+    """One cell per kind of interruption, at once (a requeue waits cred_expire seconds before it starts again)."""
     options = SlurmOptions(time_min=5)
-    cell = "test/n-lora/order1/seed1"
-    [job_id] = submit_cells(tmp_path, [cell], options, count_to_end)
-    counter = tmp_path / f"{cell}.count"
-    _wait_until(lambda: counter.is_file() and int(counter.read_text()) >= 3)
-    assert queued_jobs(tmp_path) == {cell: "running"}
-    cluster.run("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before the time limit
-    assert wait_for_jobs(options.folder(tmp_path), {job_id: cell}, poll_s=POLL_S) == {}
-    starts = [line.split() for line in (tmp_path / f"{cell}.starts").read_text().splitlines()]
-    assert len(starts) == 2 and starts[0] == ["0", "0"]
-    resumed_from, restarts = int(starts[1][0]), starts[1][1]
-    assert 3 <= resumed_from < STEPS and restarts == "1"  # the same job, requeued, from the saved count
-    assert (tmp_path / f"{cell}.done").read_text() == str(STEPS)
+    cells = list(INTERRUPTIONS)
+    job_ids = submit_cells(tmp_path, cells, options, count_to_end)
+    counts = [tmp_path / f"{cell}.count" for cell in cells]
+    _wait_until(lambda: all(c.is_file() and int(c.read_text()) >= 3 for c in counts))
+    assert queued_jobs(tmp_path) == {cell: "RUNNING" for cell in cells}
+    for cell, job_id in zip(cells, job_ids):
+        cluster.run(*INTERRUPTIONS[cell], job_id)
+    assert wait_for_jobs(options.folder(tmp_path), dict(zip(job_ids, cells)), poll_s=POLL_S) == {}
+    for cell in cells:
+        starts = [line.split() for line in (tmp_path / f"{cell}.starts").read_text().splitlines()]
+        assert len(starts) == 2 and starts[0] == ["0", "0"], cell
+        resumed_from, restarts = int(starts[1][0]), starts[1][1]
+        assert resumed_from >= 3 and restarts == "1", cell  # the same job, requeued, from the saved count
+        assert (tmp_path / f"{cell}.done").read_text() == str(resumed_from + STEPS_AFTER_RESTART)
 
 
 def test_a_failing_cell_is_reported_and_the_others_finish(cluster, tmp_path):
@@ -93,7 +101,8 @@ def test_a_cancelled_cell_is_reported_with_its_log(cluster, tmp_path):
 def test_no_wait_submits_and_returns(cluster, tmp_path):
     execute = slurm_executor(SlurmOptions(time_min=5, extra={"hold": True}), wait=False, work=write_done)
     assert execute(None, tmp_path, [SimpleNamespace(id="c1")]) is None
-    assert queued_jobs(tmp_path) == {"c1": "queued"}
+    assert queued_jobs(tmp_path) == {"c1": "PENDING"}
+    assert cluster.run("squeue", "--noheader", "--format", "%j").split("\n")[0] == "nlora c1"  # its cell
     cluster.run("scancel", "--name", "nlora c1")
 
 
@@ -116,3 +125,20 @@ def test_the_cluster_skips_with_the_fix_and_fails_where_required(monkeypatch):
     monkeypatch.setenv(support.REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="NLORA_REQUIRE_SLURM=1"):
         next(support.cluster_or_skip())
+
+
+def test_a_failed_start_says_why_and_leaves_no_daemon(slurm_cluster, monkeypatch):
+    started = []
+    start_munge = support._start_munge
+
+    def recording_start_munge(root):
+        socket_path = start_munge(root)
+        started.append(support._pid(root / "munged.pid"))
+        return socket_path
+
+    monkeypatch.setattr(support, "_start_munge", recording_start_munge)
+    monkeypatch.setattr(support, "slurm_conf", lambda *args: "NoSuchParameter=1\n")
+    with pytest.raises(support.ClusterUnavailable, match="slurmctld failed to start .*NoSuchParameter"):
+        with support.slurm_cluster():
+            pass
+    assert started[0] and not support._alive(started[0])

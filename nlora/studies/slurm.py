@@ -166,15 +166,16 @@ def read_jobs(folder: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------- watch
 
 def queued_jobs(study_dir: str | Path, log_dir: str | Path | None = None) -> dict[str, str]:
-    """{cell id: "queued" or "running"} of the study's jobs still in SLURM's queue (a requeued job included)."""
+    """{cell id: squeue's state ("PENDING", "RUNNING", ...)} of the study's jobs still in SLURM's queue, a requeued
+    job included; a cell with a job that has a node shows that one's."""
     jobs = read_jobs(Path(log_dir).resolve() if log_dir else SlurmOptions().folder(study_dir))
     if not jobs:
         return {}
     states: dict[str, str] = {}
     for job_id, state in _squeue().items():
         cell_id = jobs.get(job_id)
-        if cell_id is not None and states.get(cell_id) != "running":
-            states[cell_id] = "running" if state in RUNNING_STATES else "queued"
+        if cell_id is not None and states.get(cell_id) not in RUNNING_STATES:
+            states[cell_id] = state
     return states
 
 
