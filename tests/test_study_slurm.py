@@ -28,6 +28,21 @@ def cluster(slurm_cluster, monkeypatch):
     return slurm_cluster
 
 
+class Tracker:
+    """What run_study gives an executor: told of each cell as it ends; `stopped` after a failure under
+    fail_fast."""
+
+    def __init__(self, fail_fast=False):
+        self.fail_fast, self.errors = fail_fast, {}
+
+    def ended(self, cell_id, error=None):
+        self.errors[cell_id] = error
+
+    @property
+    def stopped(self):
+        return self.fail_fast and any(e is not None for e in self.errors.values())
+
+
 def _wait_until(condition, timeout_s=20.0):
     import time
 
@@ -48,9 +63,9 @@ def test_cells_run_as_jobs_and_are_seen_queued(cluster, tmp_path, use_array):
     assert queued_jobs(tmp_path) == {c: "PENDING" for c in cells}
     for job_id in {i.split("_")[0] for i in ids}:
         cluster.run("scontrol", "release", job_id)
-    ended = []
-    assert wait_for_jobs(options.folder(tmp_path), dict(zip(ids, cells)), ended.append, poll_s=POLL_S) == {}
-    assert sorted(ended) == sorted(cells)
+    tracker = Tracker()
+    assert wait_for_jobs(options.folder(tmp_path), dict(zip(ids, cells)), tracker.ended, poll_s=POLL_S) == {}
+    assert tracker.errors == {c: None for c in cells}
     assert [(tmp_path / f"{c}.done").read_text() for c in cells] == ids  # each cell ran in the job named for it
     assert queued_jobs(tmp_path) == {}
 
@@ -82,12 +97,21 @@ def test_interrupted_jobs_are_requeued_and_their_cells_resume(cluster, tmp_path)
 def test_a_failing_cell_is_reported_and_the_others_finish(cluster, tmp_path):
     execute = slurm_executor(SlurmOptions(time_min=5), work=fail_if_bad, poll_s=POLL_S)
     cells = [SimpleNamespace(id="bad/seed1"), SimpleNamespace(id="good/seed1")]
-    ended = []
-    failures = execute(None, tmp_path, cells, ended.append)
+    tracker = Tracker()
+    failures = execute(None, tmp_path, cells, tracker)
     assert set(failures) == {"bad/seed1"}
     assert failures["bad/seed1"].startswith("ValueError: cell bad/seed1 is broken (SLURM job ")
     assert (tmp_path / "good/seed1.done").is_file() and not (tmp_path / "bad/seed1.done").exists()
-    assert sorted(ended) == ["bad/seed1", "good/seed1"]
+    assert tracker.errors == {"bad/seed1": failures["bad/seed1"], "good/seed1": None}
+
+
+def test_fail_fast_cancels_the_cells_not_started(cluster, tmp_path):
+    # each job takes every CPU of the node: the second waits for the first, which fails
+    execute = slurm_executor(SlurmOptions(time_min=5, cpus_per_cell=cluster.cpus), work=fail_if_bad, poll_s=POLL_S)
+    tracker = Tracker(fail_fast=True)
+    failures = execute(None, tmp_path, [SimpleNamespace(id="bad/seed1"), SimpleNamespace(id="good/seed1")], tracker)
+    assert list(failures) == ["bad/seed1"] and list(tracker.errors) == ["bad/seed1"]
+    assert not (tmp_path / "good/seed1.done").exists() and queued_jobs(tmp_path) == {}
 
 
 def test_a_cancelled_cell_is_reported_with_its_log(cluster, tmp_path):

@@ -35,6 +35,7 @@ RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING",
 SQUEUE_FAILURES_TOLERATED = 10  # consecutive failed polls (a controller restarting) before waiting gives up
 
 Work = Callable[[str, str], Any]
+Ended = Callable[[str, "str | None"], None]  # (cell id, error or None) as each job leaves the queue
 
 
 @dataclass
@@ -194,12 +195,13 @@ def _squeue() -> dict[str, str]:
     return dict(line.strip().split("|", 1) for line in done.stdout.splitlines() if "|" in line)
 
 
-def wait_for_jobs(folder: str | Path, jobs: dict[str, str], ended: Callable[[str], None] = lambda cell_id: None,
-                  poll_s: float = 5.0) -> dict[str, str]:
-    """Wait until every job of {job id: cell id} has left the queue, calling `ended(cell_id)` as each does; returns
-    {cell id: error} of those that did not return: the last line of the exception `work` raised, or that the job
-    was killed, with the path of its log."""
-    left, failures_in_a_row = dict(jobs), 0
+def wait_for_jobs(folder: str | Path, jobs: dict[str, str], ended: Ended | None = None,
+                  stop: Callable[[], bool] = lambda: False, poll_s: float = 5.0) -> dict[str, str]:
+    """Wait until every job of {job id: cell id} has left the queue, calling `ended(cell_id, error or None)` as
+    each does; returns {cell id: error} of those that did not return: the last line of the exception `work`
+    raised, or that the job was killed, with the path of its log. Once `stop()` is true (a failure under
+    --fail-fast), the jobs still waiting for a node are cancelled and left out; those running are waited for."""
+    left, errors, cancelled, failures_in_a_row = dict(jobs), {}, set(), 0
     while left:
         try:
             queued = _squeue()
@@ -210,39 +212,68 @@ def wait_for_jobs(folder: str | Path, jobs: dict[str, str], ended: Callable[[str
                 raise
             queued = {job_id: "UNKNOWN" for job_id in left}
         for job_id in [j for j in left if j not in queued]:
-            ended(left.pop(job_id))
+            cell_id, error = left.pop(job_id), job_error(Path(folder), job_id)
+            if job_id in cancelled and not _result_file(Path(folder), job_id).exists():
+                continue  # cancelled before it started: the cell stays as it was
+            if error is not None:
+                errors[cell_id] = error
+            if ended is not None:
+                ended(cell_id, error)
+        if left and stop() and not cancelled:
+            cancelled = set(left)
+            _cancel_pending(list(left))
         if left:
             time.sleep(poll_s)
-    return {cell_id: error for job_id, cell_id in jobs.items() if (error := job_error(Path(folder), job_id))}
+    return errors
+
+
+def _cancel_pending(job_ids: list[str]) -> None:
+    subprocess.run(["scancel", "--state=PENDING", *job_ids], capture_output=True, text=True, timeout=60)
 
 
 def job_error(folder: Path, job_id: str) -> str | None:
     """How a job that has left the queue ended: None where `work` returned, else one line saying why not."""
-    from submitit.core.utils import JobPaths, pickle_load
+    from submitit.core.utils import pickle_load
 
-    paths = JobPaths(folder, job_id=job_id, task_id=0)
-    if not paths.result_pickle.exists():
-        return (f"SLURM job {job_id} ended without a result (cancelled, or killed at its time or memory limit); "
-                f"see {paths.stderr}")
-    outcome, value = pickle_load(paths.result_pickle)
+    result, log = _result_file(folder, job_id), _log_file(folder, job_id)
+    if not result.exists():
+        return f"SLURM job {job_id} ended without a result (cancelled, or killed at its time or memory limit); see {log}"
+    outcome, value = pickle_load(result)
     if outcome == "success":
         return None
     last = [line for line in str(value).strip().splitlines() if line.strip()][-1:]
-    return f"{last[0].strip() if last else 'failed'} (SLURM job {job_id}; see {paths.stderr})"
+    return f"{last[0].strip() if last else 'failed'} (SLURM job {job_id}; see {log})"
+
+
+def _result_file(folder: Path, job_id: str) -> Path:
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=0).result_pickle
+
+
+def _log_file(folder: Path, job_id: str) -> Path:
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=0).stderr
 
 
 # ----------------------------------------------------------------------------------- the study's executor
 
 def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None = None, poll_s: float = 5.0):
     """An executor of `run_study`: submits a batch of ready cells; with `wait`, returns {cell id: error} once
-    their jobs have left the queue, else None at once (the next `nlora study run` goes on from the ledger)."""
+    their jobs have left the queue, telling `tracker` (its `ended(cell_id, error)`, and `stopped`, true after a
+    failure under --fail-fast) as they do; else None at once (the next `nlora study run` goes on from the
+    ledger)."""
 
-    def execute(study, study_dir: Path, cells: list["Cell"], ended: Callable[[str], None] = lambda cell_id: None):
+    def execute(study, study_dir: Path, cells: list["Cell"], tracker=None):
         cell_ids = [c.id for c in cells]
         job_ids = submit_cells(study_dir, cell_ids, options, work or _run_cell())
         if not wait:
             return None
-        return wait_for_jobs(options.folder(study_dir), dict(zip(job_ids, cell_ids)), ended, poll_s)
+        return wait_for_jobs(options.folder(study_dir), dict(zip(job_ids, cell_ids)),
+                             ended=tracker.ended if tracker is not None else None,
+                             stop=(lambda: tracker.stopped) if tracker is not None else (lambda: False),
+                             poll_s=poll_s)
 
     return execute
 
