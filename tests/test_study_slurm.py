@@ -11,7 +11,7 @@ import pytest
 
 import slurm_cluster as support
 from nlora.errors import NloraError
-from nlora.studies.slurm import SlurmOptions, queued_jobs, slurm_executor, submit_cells, wait_for_jobs
+from nlora.studies.slurm import SlurmOptions, queued_jobs, read_jobs, slurm_executor, submit_cells, wait_for_jobs
 from slurm_work import STEPS_AFTER_RESTART, count_to_end, fail_if_bad, write_done
 
 TESTS = Path(__file__).resolve().parent
@@ -122,12 +122,15 @@ def test_a_cancelled_cell_is_reported_with_its_log(cluster, tmp_path):
     assert "ended without a result" in failures["cancelled"] and str(options.folder(tmp_path)) in failures["cancelled"]
 
 
-def test_no_wait_submits_and_returns(cluster, tmp_path):
+def test_no_wait_submits_and_a_cell_in_the_queue_is_not_submitted_again(cluster, tmp_path):
     execute = slurm_executor(SlurmOptions(time_min=5, extra={"hold": True}), wait=False, work=write_done)
     assert execute(None, tmp_path, [SimpleNamespace(id="c1")]) is None
     assert queued_jobs(tmp_path) == {"c1": "PENDING"}
-    assert cluster.run("squeue", "--noheader", "--format", "%j").split("\n")[0] == "nlora c1"  # its cell
-    cluster.run("scancel", "--name", "nlora c1")
+    assert execute(None, tmp_path, [SimpleNamespace(id="c1"), SimpleNamespace(id="c2")]) is None  # run again
+    names = cluster.run("squeue", "--noheader", "--format", "%j").split()
+    assert sorted(names) == ["c1", "c2", "nlora", "nlora"]  # one job per cell, named for it
+    assert queued_jobs(tmp_path) == {"c1": "PENDING", "c2": "PENDING"}
+    cluster.run("scancel", *read_jobs(SlurmOptions().folder(tmp_path)))
 
 
 @pytest.mark.parametrize("bad, named", [(dict(time_min=0), "time_min"), (dict(cpus_per_cell=0), "cpus_per_cell"),

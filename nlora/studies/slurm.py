@@ -169,15 +169,20 @@ def read_jobs(folder: Path) -> dict[str, str]:
 def queued_jobs(study_dir: str | Path, log_dir: str | Path | None = None) -> dict[str, str]:
     """{cell id: squeue's state ("PENDING", "RUNNING", ...)} of the study's jobs still in SLURM's queue, a requeued
     job included; a cell with a job that has a node shows that one's."""
-    jobs = read_jobs(Path(log_dir).resolve() if log_dir else SlurmOptions().folder(study_dir))
-    if not jobs:
-        return {}
+    folder = Path(log_dir).resolve() if log_dir else SlurmOptions().folder(study_dir)
     states: dict[str, str] = {}
-    for job_id, state in _squeue().items():
-        cell_id = jobs.get(job_id)
-        if cell_id is not None and states.get(cell_id) not in RUNNING_STATES:
+    for cell_id, state in _study_jobs_in_queue(folder).values():
+        if states.get(cell_id) not in RUNNING_STATES:
             states[cell_id] = state
     return states
+
+
+def _study_jobs_in_queue(folder: Path) -> dict[str, tuple[str, str]]:
+    """{job id: (cell id, state)} of the jobs submitted from `folder` that are still in the queue."""
+    jobs = read_jobs(folder)
+    if not jobs:
+        return {}
+    return {job_id: (jobs[job_id], state) for job_id, state in _squeue().items() if job_id in jobs}
 
 
 def _squeue() -> dict[str, str]:
@@ -237,7 +242,8 @@ def job_error(folder: Path, job_id: str) -> str | None:
 
     result, log = _result_file(folder, job_id), _log_file(folder, job_id)
     if not result.exists():
-        return f"SLURM job {job_id} ended without a result (cancelled, or killed at its time or memory limit); see {log}"
+        return (f"SLURM job {job_id} ended without a result (cancelled, or killed at its time or memory limit); "
+                f"see {log}")
     outcome, value = pickle_load(result)
     if outcome == "success":
         return None
@@ -266,12 +272,16 @@ def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None =
     ledger)."""
 
     def execute(study, study_dir: Path, cells: list["Cell"], tracker=None):
-        cell_ids = [c.id for c in cells]
-        job_ids = submit_cells(study_dir, cell_ids, options, work or _run_cell())
+        folder = options.folder(study_dir)
+        # a cell whose job is still queued or running (submitted by an earlier `--no-wait` run, or by a driver
+        # that was stopped) is waited for, not submitted again
+        in_queue = {cell_id: job_id for job_id, (cell_id, _) in _study_jobs_in_queue(folder).items()}
+        new = [c.id for c in cells if c.id not in in_queue]
+        job_ids = submit_cells(study_dir, new, options, work or _run_cell())
         if not wait:
             return None
-        return wait_for_jobs(options.folder(study_dir), dict(zip(job_ids, cell_ids)),
-                             ended=tracker.ended if tracker is not None else None,
+        jobs = {**{in_queue[c.id]: c.id for c in cells if c.id in in_queue}, **dict(zip(job_ids, new))}
+        return wait_for_jobs(folder, jobs, ended=tracker.ended if tracker is not None else None,
                              stop=(lambda: tracker.stopped) if tracker is not None else (lambda: False),
                              poll_s=poll_s)
 
