@@ -99,13 +99,13 @@ def _start(root: Path) -> SlurmCluster:
     for folder in ("munge", "state", "spool", "log"):
         (root / folder).mkdir()
     munge_socket = _start_munge(root)
-    cpus = os.cpu_count() or 1
+    hardware = _detected_hardware()
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, munge_socket, cpus, _memory_mb(), _free_ports(2)))
+    conf.write_text(slurm_conf(root, munge_socket, hardware, _free_ports(2)))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     _daemon(root, ["slurmctld", "-f", str(conf)], root / "slurmctld.pid", "slurmctld")
     _daemon(root, ["slurmd", "-f", str(conf), "-N", "localhost"], root / "slurmd.pid", "slurmd")
-    cluster = SlurmCluster(root=root, conf=conf, env=env, cpus=cpus)
+    cluster = SlurmCluster(root=root, conf=conf, env=env, cpus=int(hardware["CPUs"]))
     _wait_idle(cluster)
     return cluster
 
@@ -120,7 +120,7 @@ def _start_munge(root: Path) -> Path:
     return socket_path
 
 
-def slurm_conf(root: Path, munge_socket: Path, cpus: int, memory_mb: int, ports: list[int]) -> str:
+def slurm_conf(root: Path, munge_socket: Path, hardware: dict[str, str], ports: list[int]) -> str:
     log = root / "log"
     return "\n".join([
         "ClusterName=nlora-test",
@@ -150,16 +150,24 @@ def slurm_conf(root: Path, munge_socket: Path, cpus: int, memory_mb: int, ports:
         "SelectTypeParameters=CR_Core",  # cells of one CPU each share the node
         "KillWait=1",  # SIGTERM to SIGKILL (submitit's job ignores SIGTERM)
         "MessageTimeout=5",
-        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+        f"NodeName=localhost NodeAddr=127.0.0.1 {' '.join(f'{k}={v}' for k, v in hardware.items())} State=UNKNOWN",
         "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         ""])
 
 
-def _memory_mb() -> int:
-    """Under what slurmd detects (a node that claims more is drained)."""
-    with open("/proc/meminfo") as f:
-        total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    return max(1, int(total_kb / 1024 * 0.9))
+def _detected_hardware() -> dict[str, str]:
+    """The node's CPUs, sockets, cores and threads as slurmd detects them (`slurmd -C`: a node that claims more is
+    drained), with RealMemory at 90% of the detected memory."""
+    done = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          env={**os.environ, "PATH": _sbin_path()})
+    fields = dict(item.split("=", 1) for item in done.stdout.split("\n")[0].split() if "=" in item)
+    keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+    if done.returncode != 0 or not all(fields.get(k, "").isdigit() for k in keys):
+        raise ClusterUnavailable(f"slurmd -C did not describe this node (exit {done.returncode}): "
+                                 f"{(done.stderr or done.stdout).strip()[-800:]}")
+    hardware = {k: fields[k] for k in keys}
+    hardware["RealMemory"] = str(max(1, int(int(fields["RealMemory"]) * 0.9)))
+    return hardware
 
 
 def _free_ports(n: int) -> list[int]:
