@@ -41,7 +41,7 @@ class ClusterUnavailable(Exception):
 class SlurmCluster:
     root: Path  # every file of the cluster: key, sockets, slurm.conf, state, logs
     conf: Path  # slurm.conf
-    env: dict[str, str]  # os.environ with SLURM_CONF (and MUNGE's socket) pointing at this cluster
+    env: dict[str, str]  # os.environ with SLURM_CONF pointing at this cluster (its slurm.conf names the socket)
     cpus: int
 
     def run(self, *command: str, check: bool = True) -> str:
@@ -112,8 +112,8 @@ def _start(root: Path) -> SlurmCluster:
 
 def _start_munge(root: Path) -> Path:
     key, socket_path = root / "munge" / "munge.key", root / "munge" / "munge.socket"
-    _checked(["mungekey", "--create", "--keyfile", str(key)], root, "mungekey")
-    key.chmod(0o600)
+    key.touch(mode=0o600)  # munged refuses a key that others can read
+    key.write_bytes(os.urandom(1024))
     _daemon(root, ["munged", "--force", "--socket", str(socket_path), "--key-file", str(key),
                    "--pid-file", str(root / "munged.pid"), "--log-file", str(root / "log" / "munged.log"),
                    "--seed-file", str(root / "munge" / "munged.seed")], root / "munged.pid", "munged")
@@ -215,22 +215,68 @@ def _wait_idle(cluster: SlurmCluster) -> None:
 
 
 def _stop(root: Path) -> None:
-    """Cancel the jobs left, then stop slurmd, slurmctld and munged by their PID files (all at once: each takes a
-    moment to shut down)."""
+    """Cancel the jobs left, stop slurmd, slurmctld and munged by their PID files (all at once: each takes a
+    moment to shut down), then kill what is left of the jobs' step daemons (none can start once slurmd is gone)."""
     if _pid(root / "slurmctld.pid"):
-        subprocess.run(["scancel", "--full", "--user", str(os.getuid())], capture_output=True, timeout=30,
-                       env={**os.environ, "SLURM_CONF": str(root / "slurm.conf")})
-    pids = [pid for pid in (_pid(root / f"{name}.pid") for name in ("slurmd", "slurmctld", "munged")) if pid]
+        _cancel_jobs({**os.environ, "SLURM_CONF": str(root / "slurm.conf")})
+    daemons = [pid for pid in (_pid(root / f"{name}.pid") for name in ("slurmd", "slurmctld", "munged")) if pid]
+    _signal(daemons, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(_alive(pid) for pid in daemons) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal([pid for pid in daemons if _alive(pid)], signal.SIGKILL)
+    steps = _step_daemons(root / "slurm.conf")
+    _signal(steps + _descendants(steps), signal.SIGKILL)  # a slurmstepd left behind ignores SIGTERM
+
+
+def _signal(pids: list[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], set(pids)
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def _step_daemons(conf: Path) -> list[int]:
+    """The slurmstepd processes of this cluster's jobs (their environment names its slurm.conf): one whose job
+    ended while its node was loaded can stay behind, waiting on a slurmd that is gone."""
+    mark = f"SLURM_CONF={conf}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "slurmstepd" \
+                    and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _cancel_jobs(env: dict[str, str]) -> None:
+    """Cancel every job and wait (a few seconds at most) until they are gone, so that no job's process outlives
+    its slurmd."""
+    def queue() -> str:
+        done = subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, timeout=30, env=env)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    if not queue():
+        return
+    subprocess.run(["scancel", "--full", "--user", str(os.getuid())], capture_output=True, timeout=30, env=env)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    while queue() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _pid(pid_file: Path) -> int | None:

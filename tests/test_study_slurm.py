@@ -169,3 +169,29 @@ def test_a_failed_start_says_why_and_leaves_no_daemon(slurm_cluster, monkeypatch
         with support.slurm_cluster():
             pass
     assert started[0] and not support._alive(started[0])
+
+
+def _processes_of(conf: Path) -> list[str]:
+    """The processes whose environment points at this slurm.conf (a job's, its step daemons)."""
+    mark = f"SLURM_CONF={conf}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0") \
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(proc.name + " " + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["jobs-cancelled", "steps-left-behind"])
+def test_stopping_a_cluster_leaves_no_process(slurm_cluster, monkeypatch, cancelled):
+    if not cancelled:  # as where a step daemon outlives its job
+        monkeypatch.setattr(support, "_cancel_jobs", lambda env: None)
+    with support.slurm_cluster() as cluster:
+        cluster.run("sbatch", "--output=/dev/null", "--wrap", "srun sleep 300")
+        _wait_until(lambda: any(p.split()[1].endswith("sleep") for p in _processes_of(cluster.conf)))
+        daemons = [support._pid(cluster.root / f"{name}.pid") for name in support.DAEMONS]
+    assert all(daemons) and not any(support._alive(pid) for pid in daemons)
+    assert _processes_of(cluster.conf) == []
