@@ -1,9 +1,11 @@
 """The SLURM executor of studies (nlora.studies.slurm) against a real one-node cluster that the tests start
-(tests/slurm_cluster.py): cells as jobs and as job arrays, a job warned of its end requeued and resumed, a failing
-or cancelled cell reported without touching the others, and the options refused before anything is submitted."""
+(tests/slurm_cluster.py): cells as jobs and as job arrays, seen queued and running; jobs warned of their time limit
+or preempted, requeued, and their cells resumed; a failing or cancelled cell reported without touching the others;
+fail-fast; a cell already in the queue not submitted twice; the options refused before anything is submitted; and
+the cluster itself: its skip reasons, a failed start, and a stop that leaves no process."""
 
 import os
-import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,8 +46,6 @@ class Tracker:
 
 
 def _wait_until(condition, timeout_s=20.0):
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "timed out"
