@@ -18,6 +18,7 @@ from slurm_work import STEPS_AFTER_RESTART, count_to_end, fail_if_bad, write_don
 
 TESTS = Path(__file__).resolve().parent
 POLL_S = 0.1
+WAIT_S = 120  # no test waits for ever on a stuck job
 
 
 @pytest.fixture
@@ -64,7 +65,8 @@ def test_cells_run_as_jobs_and_are_seen_queued(cluster, tmp_path, use_array):
     for job_id in {i.split("_")[0] for i in ids}:
         cluster.run("scontrol", "release", job_id)
     tracker = Tracker()
-    assert wait_for_jobs(options.folder(tmp_path), dict(zip(ids, cells)), tracker.ended, poll_s=POLL_S) == {}
+    jobs = dict(zip(ids, cells))
+    assert wait_for_jobs(options.folder(tmp_path), jobs, tracker.ended, poll_s=POLL_S, timeout_s=WAIT_S) == {}
     assert tracker.errors == {c: None for c in cells}
     assert [(tmp_path / f"{c}.done").read_text() for c in cells] == ids  # each cell ran in the job named for it
     assert queued_jobs(tmp_path) == {}
@@ -85,7 +87,8 @@ def test_interrupted_jobs_are_requeued_and_their_cells_resume(cluster, tmp_path)
     assert queued_jobs(tmp_path) == {cell: "RUNNING" for cell in cells}
     for cell, job_id in zip(cells, job_ids):
         cluster.run(*INTERRUPTIONS[cell], job_id)
-    assert wait_for_jobs(options.folder(tmp_path), dict(zip(job_ids, cells)), poll_s=POLL_S) == {}
+    jobs = dict(zip(job_ids, cells))
+    assert wait_for_jobs(options.folder(tmp_path), jobs, poll_s=POLL_S, timeout_s=WAIT_S) == {}
     for cell in cells:
         starts = [line.split() for line in (tmp_path / f"{cell}.starts").read_text().splitlines()]
         assert len(starts) == 2 and starts[0] == ["0", "0"], cell
@@ -95,7 +98,7 @@ def test_interrupted_jobs_are_requeued_and_their_cells_resume(cluster, tmp_path)
 
 
 def test_a_failing_cell_is_reported_and_the_others_finish(cluster, tmp_path):
-    execute = slurm_executor(SlurmOptions(time_min=5), work=fail_if_bad, poll_s=POLL_S)
+    execute = slurm_executor(SlurmOptions(time_min=5), work=fail_if_bad, poll_s=POLL_S, timeout_s=WAIT_S)
     cells = [SimpleNamespace(id="bad/seed1"), SimpleNamespace(id="good/seed1")]
     tracker = Tracker()
     failures = execute(None, tmp_path, cells, tracker)
@@ -108,7 +111,8 @@ def test_a_failing_cell_is_reported_and_the_others_finish(cluster, tmp_path):
 def test_fail_fast_cancels_the_cells_not_started(cluster, tmp_path):
     # each job takes every CPU of the node, so they run one after another; the first fails. The next may start
     # before the executor sees the failure (SLURM starts it at once): it runs and is reported; the last is cancelled
-    execute = slurm_executor(SlurmOptions(time_min=5, cpus_per_cell=cluster.cpus), work=fail_if_bad, poll_s=POLL_S)
+    execute = slurm_executor(SlurmOptions(time_min=5, cpus_per_cell=cluster.cpus), work=fail_if_bad, poll_s=POLL_S,
+                             timeout_s=WAIT_S)
     tracker = Tracker(fail_fast=True)
     cells = ["bad/seed1", "good/seed1", "good/seed2"]
     failures = execute(None, tmp_path, [SimpleNamespace(id=c) for c in cells], tracker)
@@ -121,8 +125,16 @@ def test_a_cancelled_cell_is_reported_with_its_log(cluster, tmp_path):
     options = SlurmOptions(time_min=5, extra={"hold": True})
     [job_id] = submit_cells(tmp_path, ["cancelled"], options, write_done)
     cluster.run("scancel", job_id)
-    failures = wait_for_jobs(options.folder(tmp_path), {job_id: "cancelled"}, poll_s=POLL_S)
+    failures = wait_for_jobs(options.folder(tmp_path), {job_id: "cancelled"}, poll_s=POLL_S, timeout_s=WAIT_S)
     assert "ended without a result" in failures["cancelled"] and str(options.folder(tmp_path)) in failures["cancelled"]
+
+
+def test_waiting_gives_up_after_its_timeout_naming_the_jobs_left(cluster, tmp_path):
+    options = SlurmOptions(time_min=5, extra={"hold": True})
+    [job_id] = submit_cells(tmp_path, ["held"], options, write_done)
+    with pytest.raises(NloraError, match=rf"still in the queue: {job_id} \(held\)"):
+        wait_for_jobs(options.folder(tmp_path), {job_id: "held"}, poll_s=POLL_S, timeout_s=0.3)
+    cluster.run("scancel", job_id)
 
 
 def test_no_wait_submits_and_a_cell_in_the_queue_is_not_submitted_again(cluster, tmp_path):

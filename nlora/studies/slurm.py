@@ -201,13 +201,19 @@ def _squeue() -> dict[str, str]:
 
 
 def wait_for_jobs(folder: str | Path, jobs: dict[str, str], ended: Ended | None = None,
-                  stop: Callable[[], bool] = lambda: False, poll_s: float = 5.0) -> dict[str, str]:
+                  stop: Callable[[], bool] = lambda: False, poll_s: float = 5.0,
+                  timeout_s: float | None = None) -> dict[str, str]:
     """Wait until every job of {job id: cell id} has left the queue, calling `ended(cell_id, error or None)` as
     each does; returns {cell id: error} of those that did not return: the last line of the exception `work`
     raised, or that the job was killed, with the path of its log. Once `stop()` is true (a failure under
-    --fail-fast), the jobs still waiting for a node are cancelled and left out; those running are waited for."""
+    --fail-fast), the jobs still waiting for a node are cancelled and left out; those running are waited for.
+    `timeout_s`: give up (NloraError) after that long, the jobs left running."""
     left, errors, cancelled, failures_in_a_row = dict(jobs), {}, set(), 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while left:
+        if deadline is not None and time.monotonic() > deadline:
+            raise NloraError(f"waited {timeout_s:.0f} s for SLURM jobs; still in the queue: "
+                             + ", ".join(f"{job_id} ({cell_id})" for job_id, cell_id in left.items()))
         try:
             queued = _squeue()
             failures_in_a_row = 0
@@ -265,7 +271,8 @@ def _log_file(folder: Path, job_id: str) -> Path:
 
 # ----------------------------------------------------------------------------------- the study's executor
 
-def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None = None, poll_s: float = 5.0):
+def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None = None, poll_s: float = 5.0,
+                   timeout_s: float | None = None):
     """An executor of `run_study`: submits a batch of ready cells; with `wait`, returns {cell id: error} once
     their jobs have left the queue, telling `tracker` (its `ended(cell_id, error)`, and `stopped`, true after a
     failure under --fail-fast) as they do; else None at once (the next `nlora study run` goes on from the
@@ -283,7 +290,7 @@ def slurm_executor(options: SlurmOptions, wait: bool = True, work: Work | None =
         jobs = {**{in_queue[c.id]: c.id for c in cells if c.id in in_queue}, **dict(zip(job_ids, new))}
         return wait_for_jobs(folder, jobs, ended=tracker.ended if tracker is not None else None,
                              stop=(lambda: tracker.stopped) if tracker is not None else (lambda: False),
-                             poll_s=poll_s)
+                             poll_s=poll_s, timeout_s=timeout_s)
 
     return execute
 
