@@ -13,7 +13,8 @@ import pytest
 
 import slurm_cluster as support
 from nlora.errors import NloraError
-from nlora.studies.slurm import SlurmOptions, queued_jobs, read_jobs, slurm_executor, submit_cells, wait_for_jobs
+from nlora.studies.slurm import SlurmOptions, executor_parameters, queued_jobs, read_jobs, slurm_executor, \
+    submit_cells, wait_for_jobs
 from slurm_work import STEPS_AFTER_RESTART, count_to_end, fail_if_bad, write_done
 
 TESTS = Path(__file__).resolve().parent
@@ -146,6 +147,24 @@ def test_no_wait_submits_and_a_cell_in_the_queue_is_not_submitted_again(cluster,
     assert sorted(names) == ["c1", "c2", "nlora", "nlora"]  # one job per cell, named for it
     assert queued_jobs(tmp_path) == {"c1": "PENDING", "c2": "PENDING"}
     cluster.run("scancel", *read_jobs(SlurmOptions().folder(tmp_path)))
+
+
+def test_a_job_asks_for_its_cells_resources(cluster, tmp_path):
+    options = SlurmOptions(partition="debug", time_min=7, cpus_per_cell=2, mem_gb=0.5,
+                           extra={"hold": True, "comment": "nlora"})
+    [job_id] = submit_cells(tmp_path, ["c1"], options, write_done)
+    script = (options.folder(tmp_path) / f"{job_id}_submission.sh").read_text().splitlines()
+    for line in ("--partition=debug", "--time=7", "--cpus-per-task=2", "--mem=512MB", "--ntasks-per-node=1",
+                 "--nodes=1", "--signal=USR2@90", "--hold", "--comment=nlora", "--job-name='nlora c1'"):
+        assert f"#SBATCH {line}" in script
+    cluster.run("scancel", job_id)
+
+
+def test_gpus_and_array_parallelism_reach_submitit():
+    parameters = executor_parameters(SlurmOptions(time_min=2, gpus_per_cell=4, use_array=True, max_parallel=3))
+    assert parameters["gpus_per_node"] == 4 and parameters["slurm_array_parallelism"] == 3
+    assert parameters["slurm_signal_delay_s"] == 30  # a quarter of a short limit: the warning comes in time
+    assert "gpus_per_node" not in executor_parameters(SlurmOptions())
 
 
 @pytest.mark.parametrize("bad, named", [(dict(time_min=0), "time_min"), (dict(cpus_per_cell=0), "cpus_per_cell"),

@@ -121,8 +121,16 @@ def _executor(folder: Path, options: SlurmOptions):
     except RuntimeError as e:  # submitit finds no srun
         raise NloraError(f"the slurm executor needs a SLURM cluster: {e} (run on a node that can submit jobs)") \
             from None
-    parameters = dict(timeout_min=options.time_min, nodes=1, tasks_per_node=1, cpus_per_task=options.cpus_per_cell,
-                      slurm_signal_delay_s=min(SIGNAL_DELAY_S, max(1, options.time_min * 60 // 4)))
+    executor.update_parameters(**executor_parameters(options))
+    return executor
+
+
+def executor_parameters(options: SlurmOptions) -> dict[str, Any]:
+    """submitit's parameters of every job: one task on one node, its CPUs, GPUs, memory and time, the USR2 warning
+    a quarter of the time limit (at most SIGNAL_DELAY_S) before its end."""
+    parameters: dict[str, Any] = dict(
+        timeout_min=options.time_min, nodes=1, tasks_per_node=1, cpus_per_task=options.cpus_per_cell,
+        slurm_signal_delay_s=min(SIGNAL_DELAY_S, max(1, options.time_min * 60 // 4)))
     if options.gpus_per_cell:
         parameters["gpus_per_node"] = options.gpus_per_cell
     if options.mem_gb is not None:
@@ -133,8 +141,7 @@ def _executor(folder: Path, options: SlurmOptions):
         parameters["slurm_array_parallelism"] = options.max_parallel
     if options.extra:
         parameters["slurm_additional_parameters"] = dict(options.extra)
-    executor.update_parameters(**parameters)
-    return executor
+    return parameters
 
 
 def _submitit():
