@@ -229,3 +229,23 @@ def test_stopping_a_cluster_leaves_no_process(slurm_cluster, monkeypatch, cancel
         daemons = [support._pid(cluster.root / f"{name}.pid") for name in support.DAEMONS]
     assert all(daemons) and not any(support._alive(pid) for pid in daemons)
     assert _processes_of(cluster.conf) == []
+
+
+def test_a_study_runs_its_cells_as_jobs_and_gives_the_in_process_table(cluster, tmp_path, synthetic_dir):
+    """nlora's own cells through the executor: every cell a job (its id in the ledger), the same metrics as the
+    same study run in this process."""
+    from nlora.studies.execute import run_study
+    from nlora.studies.ledger import Ledger
+    from nlora.studies.report import write_study_report
+    from nlora.studies.spec import Study
+
+    data = {"name": "on-slurm", "methods": {"inc-lora": {}, "seq-lora": {}}, "seeds": [1],
+            "base": {"model": "tiny-bert", "tasks": ["harbor", "orchard"], "data_dir": str(synthetic_dir),
+                     "max_train_samples": 8, "max_eval_samples": 4, "batch_size": 4, "device": "cpu"}}
+    outcome = run_study(Study.from_dict(data), tmp_path / "slurm",
+                        slurm_executor(SlurmOptions(time_min=10), poll_s=POLL_S, timeout_s=WAIT_S))
+    assert sorted(outcome.ran) == ["test/inc-lora/seed1", "test/seq-lora/seed1"], outcome.failed
+    assert all(e["job"] for e in Ledger(tmp_path / "slurm").read().values())
+    run_study(Study.from_dict(data), tmp_path / "here")
+    tables = [write_study_report(tmp_path / d).with_name("table.json").read_text() for d in ("slurm", "here")]
+    assert tables[0] == tables[1]

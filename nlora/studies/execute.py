@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,9 @@ def find_cell(study: Study, study_dir: Path, cell_id: str) -> Cell:
 # ------------------------------------------------------------------------------------------------ one cell
 
 def run_cell(study_dir: str, cell_id: str, progress: bool = False, job: str | None = None) -> dict:
-    """Run, resume or reuse one cell; its state goes to the ledger. Returns its metrics."""
+    """Run, resume or reuse one cell; its state goes to the ledger (with its SLURM job, inside one). Returns its
+    metrics."""
+    job = job or _slurm_job()
     study_dir = Path(study_dir)
     study = saved_study(study_dir)
     cell = find_cell(study, study_dir, cell_id)
@@ -88,6 +91,12 @@ def run_cell(study_dir: str, cell_id: str, progress: bool = False, job: str | No
         raise
     ledger.finish(cell_id, **cell_costs(metrics))
     return metrics
+
+
+def _slurm_job() -> str | None:
+    job, task = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{task}" if array and task else job
 
 
 def run_or_resume(config, progress: bool) -> dict:
