@@ -115,8 +115,12 @@ def _run(args: argparse.Namespace) -> int:
     study = _read(args)
     study_dir = Path(args.output_dir) if args.output_dir else default_study_dir(study)
     if args.executor == "slurm":
+        from ..errors import NloraError
         from .slurm import SlurmOptions, slurm_executor
 
+        if study.launch.num_processes > 1:
+            raise NloraError(f"{study.source}: launch.num_processes {study.launch.num_processes}: a cell of several "
+                             "processes runs with the local executor only (a SLURM job runs one process per cell)")
         execute = slurm_executor(SlurmOptions(partition=args.partition, time_min=args.time,
                                               gpus_per_cell=study.launch.gpus_per_cell,
                                               cpus_per_cell=args.cpus_per_cell, mem_gb=args.mem_gb,
