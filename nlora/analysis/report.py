@@ -8,15 +8,17 @@ general.json (`nlora eval-general`), where present, for the general-ability scor
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from ..errors import NloraError
 from ..io import staged_dir, write_bytes_atomic, write_text_atomic
 from ..paths import check_holds_no_run
 from .plots import (plot_accuracy_matrices, plot_accuracy_over_sequence, plot_collision_heatmaps, plot_general,
-                    plot_layer_bars, plot_nuclear_norms, plot_training_curves)
-from .report_data import CURVES, GENERAL_PLOT, PLOTS, general_mixing, general_runs, label_runs, load_run, train_lines
+                    plot_layer_bars, plot_nuclear_norms, plot_training_curves, png_bytes)
+from .report_data import (CURVES, GENERAL_PLOT, PLOTS, RunData, general_mixing, general_runs, label_runs, load_run,
+                          train_lines)
 from .report_markdown import report_markdown
 
 __all__ = ["write_report", "PLOTS", "CURVES", "GENERAL_PLOT"]
@@ -43,6 +45,20 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
                          "--overwrite to replace it")
     runs = [load_run(p, rediagnose, rel_eps, eps_scale) for p in paths]
     label_runs(runs)
+    figures = report_figures(runs)
+    try:
+        with staged_dir(out) as folder:  # the old report stays whole until the new one is
+            for name, fig in figures.items():
+                write_bytes_atomic(folder / name, png_bytes(fig))
+            write_text_atomic(folder / "report.md", report_markdown(runs))
+    except OSError as e:
+        raise NloraError(f"cannot write the report into {out}: {e.strerror or e}") from None
+    return out
+
+
+def report_figures(runs: list[RunData]) -> dict[str, Figure]:
+    """The report's plots by file name: the five of every report, the training curves of runs with a log.jsonl,
+    and the general-ability plot of runs whose general.json can be drawn together."""
     figures = {
         "accuracy_matrix.png": plot_accuracy_matrices(runs),
         "accuracy_over_sequence.png": plot_accuracy_over_sequence(runs),
@@ -54,13 +70,4 @@ def write_report(run_dirs, output_dir=None, rediagnose: bool = False, rel_eps: f
         figures[CURVES] = plot_training_curves(runs)
     if general_runs(runs) and not general_mixing(runs):
         figures[GENERAL_PLOT] = plot_general(runs)
-    try:
-        with staged_dir(out) as folder:  # the old report stays whole until the new one is
-            for name, fig in figures.items():
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format="png", dpi=110)
-                write_bytes_atomic(folder / name, buffer.getvalue())
-            write_text_atomic(folder / "report.md", report_markdown(runs))
-    except OSError as e:
-        raise NloraError(f"cannot write the report into {out}: {e.strerror or e}") from None
-    return out
+    return figures

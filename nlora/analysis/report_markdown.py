@@ -61,8 +61,8 @@ def report_markdown(runs: list[RunData]) -> str:
     entry = "accuracy in %" if exact else "the score of task j's own metric, on 0-100"
     parts += ["## Continual-learning metrics", "",
               f"From the accuracy matrix R (R[i][j]: {entry} on task j after training task i): "
-              "AP = mean of the last row; BWT = mean over j < T of R[T][j] − R[j][j] (over j ≤ T, i.e. divided by "
-              "T, where the BWT denominator is t); "
+              "AP = mean of the last row; BWT = mean over j < T of R[T][j] − R[j][j] (the same sum divided by T "
+              "instead of T − 1 in a run noted below as dividing by T); "
               "FWT = mean over j > 1 of R[j−1][j] − the base model's score on j (needs `eval_future`); "
               "forgetting = mean over j < T of the drop from task j's best score to its final one.", ""]
     parts += scoring_notes(runs)

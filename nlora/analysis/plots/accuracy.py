@@ -7,15 +7,19 @@ import math
 from matplotlib.figure import Figure
 
 from ..report_data import RunData
-from .common import MARKERS, colors, column_scales, heatmap, tick_font
+from .common import MARKERS, colors, column_scales, heatmap, legend_beside, tick_font, wrap
 
 
 def plot_accuracy_matrices(runs: list[RunData]) -> Figure:
     n_tasks = max(len(r.tasks) for r in runs)
     side = 1.6 + 0.55 * n_tasks
-    fig = Figure(figsize=(max(6.0, side * len(runs) + 1.2), side + 1.0), layout="constrained")
-    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    width = side * len(runs) + 1.6  # the matrices and the colour bar: no blank margin around a small matrix
     exact = all(r.exact_match_only for r in runs)
+    title = wrap("Accuracy (%) on each task after training each task\n(grey: not evaluated)" if exact else
+                 "Score of each task's metric after training each task\n(colour: each column scaled to its best "
+                 "score; grey: not evaluated)", width, 11)
+    fig = Figure(figsize=(width, side + 0.8 + 0.2 * title.count("\n")), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, r in zip(axes, runs):
         R = r.metrics["accuracy_matrix"]
         xlabels = None if r.exact_match_only else [f"{t}\n{m.split('(')[0]}" for t, m in zip(r.tasks, r.columns)]
@@ -23,13 +27,8 @@ def plot_accuracy_matrices(runs: list[RunData]) -> Figure:
         ax.set_title(r.label)
         ax.set_xlabel("evaluated on task" if r.exact_match_only else "evaluated on task (its metric)")
         ax.set_ylabel("after training task")
-    if exact:
-        fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
-        fig.suptitle("Accuracy (%) on each task after training each task\n(grey: not evaluated)", fontsize=11)
-    else:
-        fig.colorbar(image, ax=list(axes), label="% of the column's best score", shrink=0.8)
-        fig.suptitle("Score of each task's metric after training each task\n(colour: each column scaled to its best "
-                     "score; grey: not evaluated)", fontsize=11)
+    fig.colorbar(image, ax=list(axes), label="accuracy (%)" if exact else "% of the column's best score", shrink=0.8)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -60,6 +59,15 @@ def _score_label(runs: list[RunData]) -> str:
     return "accuracy (%)" if all(r.exact_match_only for r in runs) else "score (0-100, each task's metric)"
 
 
+def _sequence_title(runs: list[RunData]) -> str:
+    """What the curves show: accuracy, or the score of each task's metric; the dotted part only where a run
+    evaluated tasks before training them (eval_future)."""
+    what = "Accuracy" if all(r.exact_match_only for r in runs) else "Score"
+    before = any(x is not None for r in runs for i, row in enumerate(r.metrics["accuracy_matrix"])
+                 for x in row[i + 1:])
+    return f"{what} on each task along the sequence" + ("\n(dotted: before the task is trained)" if before else "")
+
+
 def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
     if len(runs) == 1:
         r = runs[0]
@@ -79,8 +87,8 @@ def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="evaluated on", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-        ax.set_title(f"{r.label}: accuracy on each task along the sequence\n(dotted: before the task is trained)",
-                     fontsize=10)
+        title = _sequence_title(runs)
+        ax.set_title(f"{r.label}: {title[0].lower()}{title[1:]}", fontsize=10)
         return fig
 
     tasks = []
@@ -116,8 +124,6 @@ def plot_accuracy_over_sequence(runs: list[RunData]) -> Figure:
     for ax in axes[::cols]:
         ax.set_ylabel(_score_label(runs))
     fig.supxlabel("after training task" if same_order else "after training the k-th task of the run's order")
-    handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=len(runs))
-    fig.suptitle("Accuracy on each task along the sequence (dotted: before the task is trained)", x=0.02,
-                 ha="left", fontsize=11)
+    legend_beside(fig, *axes[len(panels) - 1].get_legend_handles_labels(), title="run")
+    fig.suptitle(_sequence_title(runs), x=0.02, ha="left", fontsize=11)
     return fig

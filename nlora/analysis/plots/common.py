@@ -1,12 +1,33 @@
-"""What the plots share: colours, markers, font sizes, the empty panel and the annotated heatmap."""
+"""What the plots share: colours, markers, font sizes, titles wrapped to the figure, the legend beside the panels,
+the empty panel and the annotated heatmap."""
 
 from __future__ import annotations
 
+import io
 import math
 
 from ..report_data import NO_VALUE
 
 MARKERS = "osD^vP*Xhp<>"
+PNG_DPI = 110
+
+
+def drawn(fig):
+    """The figure's canvas, drawn as its PNG is: at PNG_DPI, after a first pass that lets the constrained layout
+    settle (with an axes of fixed aspect, a heatmap, one pass leaves a label a few pixels outside the figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(PNG_DPI)
+    canvas = FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    canvas.draw()
+    return canvas
+
+
+def png_bytes(fig) -> bytes:
+    buffer = io.BytesIO()
+    drawn(fig).print_png(buffer)
+    return buffer.getvalue()
 
 
 def colors(n: int) -> list:
@@ -18,6 +39,36 @@ def colors(n: int) -> list:
 
 def tick_font(n: int) -> float:
     return max(5.0, 10.0 - n / 4)
+
+
+def wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` broken at spaces into lines that fit `width_in` inches at `fontsize` points (about half an em a
+    character; mathtext between $ signs is never broken), so that a title is never cut at the figure's edge."""
+    limit = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    lines = []
+    for paragraph in text.split("\n"):
+        words, line, in_math = [], "", False
+        for word in paragraph.split(" "):  # rejoin the words of a $...$ group
+            if in_math:
+                words[-1] += " " + word
+            else:
+                words.append(word)
+            in_math ^= word.count("$") % 2 == 1
+        for word in words:
+            visible = len(line) + 1 + len(word.replace("\\", "").replace("$", ""))
+            if line and visible > limit:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def legend_beside(fig, handles, labels, **kwargs) -> None:
+    """The figure's legend in a column right of its panels: never over the data or the title, however many runs."""
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, **kwargs)
 
 
 def empty_panel(ax, text: str) -> None:

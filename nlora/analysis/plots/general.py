@@ -7,7 +7,7 @@ import math
 from matplotlib.figure import Figure
 
 from ..report_data import RunData, general_runs
-from .common import MARKERS, colors, tick_font
+from .common import MARKERS, colors, legend_beside, tick_font
 
 
 def _general_curve(ax, record: dict, value, **style) -> None:
@@ -76,8 +76,7 @@ def plot_general(runs: list[RunData]) -> Figure:
         ax.set_title(panel if panel == "mean ΔG" else f"{panel} ({_metric_of(found, panel)})", fontsize=10)
         _sequence_ticks(ax, found)
     fig.supxlabel("after training task")
-    handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=len(found))
+    legend_beside(fig, *axes[len(panels) - 1].get_legend_handles_labels(), title="run")
     fig.suptitle("General ability along the sequence (same lm-eval settings)", x=0.02, ha="left", fontsize=11)
     return fig
 

@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 
 from ..diagnostics import natural_key
 from ..report_data import RunData
-from .common import colors, empty_panel, heatmap, tick_font
+from .common import colors, empty_panel, heatmap, legend_beside, tick_font, wrap
 
 
 def _collision_matrix(d: dict) -> list[list[float | None]]:
@@ -26,7 +26,13 @@ def _collision_matrix(d: dict) -> list[list[float | None]]:
 def plot_collision_heatmaps(runs: list[RunData]) -> Figure:
     n_tasks = max(len(r.diagnostics["tasks"]) for r in runs) or 1
     side = 1.6 + 0.55 * n_tasks
-    fig = Figure(figsize=(max(7.0, side * len(runs) + 1.2), side + 1.3), layout="constrained")
+    width = max(4.0, side * len(runs) + 1.6)  # the matrices and the colour bar: no blank margin
+    eps = runs[0].diagnostics["epsilon"]
+    title = wrap(r"Collision rate: fraction of positions where both $\Delta W_s$ and $\Delta W_t$ are non-zero" "\n"
+                 r"(diagonal: non-zero fraction of $\Delta W_t$); "
+                 rf"non-zero: $|x| > {eps['value']:g} \cdot$ {'max' if eps['scale'] == 'max' else 'RMS'} "
+                 r"of the layer's $|\Delta W_t|$", width, 10)
+    fig = Figure(figsize=(width, side + 1.0 + 0.2 * title.count("\n")), layout="constrained")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     image = None
     for ax, r in zip(axes, runs):
@@ -40,11 +46,7 @@ def plot_collision_heatmaps(runs: list[RunData]) -> Figure:
         ax.set_ylabel("task")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="fraction of positions", shrink=0.8)
-    eps = runs[0].diagnostics["epsilon"]
-    fig.suptitle(r"Collision rate: fraction of positions where both $\Delta W_s$ and $\Delta W_t$ are non-zero" "\n"
-                 r"(diagonal: non-zero fraction of $\Delta W_t$); "
-                 rf"non-zero: $|x| > {eps['value']:g} \cdot$ {'max' if eps['scale'] == 'max' else 'RMS'} "
-                 r"of the layer's $|\Delta W_t|$", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -100,7 +102,7 @@ def plot_layer_bars(runs: list[RunData]) -> Figure:
     bottom.set_xticks(range(len(layers)), _short_names(layers), rotation=90, fontsize=tick_font(len(layers) / 3))
     bottom.set_xlabel("adapted layer")
     if len(runs) > 1:
-        fig.legend(*top.get_legend_handles_labels(), loc="outside upper center", ncols=len(runs))
+        legend_beside(fig, *top.get_legend_handles_labels(), title="run")
     return fig
 
 
@@ -139,7 +141,8 @@ def plot_nuclear_norms(runs: list[RunData]) -> Figure:
     ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 5 else 0, fontsize=tick_font(len(tasks)) + 1)
     ax.set_xlabel(r"task update $\Delta W_t$")
     ax.set_ylabel("nuclear norm per adapted layer")
-    ax.set_title(r"Nuclear norm $\|\Delta W_t\|_*$ of each adapted layer (box: quartiles over layers)")
+    ax.set_title(wrap(r"Nuclear norm $\|\Delta W_t\|_*$ of each adapted layer" "\n(box: quartiles over layers)",
+                      fig.get_figwidth() - 1.0, 12))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_beside(fig, *ax.get_legend_handles_labels(), title="run")
     return fig
