@@ -118,7 +118,7 @@ class Method:
     # asks for the task, export refuses (there is no single model).
     needs_task_id: ClassVar[bool] = False
     # Options that make the method's own part act on a tiny run of a few steps (a strong weight, few samples):
-    # the conformance kit (tests/test_conformance.py) runs every registered method with them.
+    # the conformance kit (nlora.testing) runs the method with them.
     smoke_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: "RunConfig", options: MethodOptions | None = None):
