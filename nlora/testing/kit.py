@@ -27,8 +27,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ..cli import main
 from ..method_state import load_state, save_state
 from ..methods.registry import METHODS, get_method
@@ -239,7 +237,8 @@ def check_predict_and_export(kit: Kit, name: str, run: Path, tmp: Path) -> None:
                                config.max_target_length, config.eval_mode)
     k = int(last.name.split("-")[0])
     rows = [r for j, t in enumerate(load_tasks(config))
-            for r in evaluate(objective, model, t.test, 4, progress=False, generation=generation_of(config, t, j, k))[1]]
+            for r in evaluate(objective, model, t.test, 4, progress=False,
+                              generation=generation_of(config, t, j, k))[1]]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in evaluated]
 
 
