@@ -46,8 +46,8 @@ FAULT = "train_step:6"
 # tiny-llama: a base without dropout of its own (tiny-t5's 0.1 draws other masks when the batch is split across
 # processes, so 1 and 2 processes could not compute the same run)
 BASE = ["--model", "tiny-llama", "--tasks", ",".join(TASKS), "--task-metrics", "reverse=edit_similarity",
-        "--max-train-samples", str(SAMPLES), "--max-eval-samples", "2",
-        "--batch-size", str(BATCH), "--eval-batch-size", "2", "--epochs", "1", "--checkpoint-steps", "2",
+        "--max-train-samples", str(SAMPLES), "--max-eval-samples", "4",
+        "--batch-size", str(BATCH), "--eval-batch-size", "4", "--epochs", "1", "--checkpoint-steps", "2",
         "--max-target-length", "4", "--lora-dropout", "0", "--device", "cpu", "--quiet", "--log-steps", "1"]
 # a tiny T5 saved without dropout, beside the tasks: the seq2seq runs of a launch (1 and 2 processes compute the
 # same run)
@@ -64,8 +64,8 @@ def builtin_methods() -> list[str]:
 def write_kit_data(root: Path) -> Path:
     """The kit's tasks in one data folder (harbor and orchard in the CL_Benchmark layout, reverse in TRACE's) and
     SEQ2SEQ_MODEL beside them."""
-    write_synthetic_benchmark(root, n_train=SAMPLES, n_test=2, tasks=("harbor", "orchard"))
-    write_synthetic_trace(root, n_train=SAMPLES, n_eval=2, n_test=2, tasks=("reverse",))
+    write_synthetic_benchmark(root, n_train=SAMPLES, n_test=4, tasks=("harbor", "orchard"))
+    write_synthetic_trace(root, n_train=SAMPLES, n_eval=4, n_test=4, tasks=("reverse",))
     from ..models import load_backbone
 
     t5 = load_backbone("tiny-t5")
