@@ -27,10 +27,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from ..cli import main
+from ..config import load_config
+from ..eval.evaluate import evaluate, generation_of, scoring_of
 from ..method_state import load_state, save_state
-from ..methods.registry import METHODS, get_method
+from ..methods import METHODS, get_method  # the package's methods registered
+from ..models import load_backbone
+from ..objectives import make_objective
 from ..options import base_type, option_fields, public_name
+from ..runner import load_tasks
 from ..tasks.synthetic import write_synthetic_benchmark, write_synthetic_trace
 from . import fresh_process
 from .lora_reference import add_adapters, load_saved_model
@@ -56,8 +63,6 @@ SEQ2SEQ_MODEL = "tiny-t5-without-dropout"
 
 def builtin_methods() -> list[str]:
     """The methods nlora itself ships (not those an installed package or a method module registered)."""
-    from .. import methods  # noqa: F401  (registers them)
-
     return sorted(name for name, cls in METHODS.items() if cls.__module__.startswith("nlora.methods."))
 
 
@@ -66,8 +71,6 @@ def write_kit_data(root: Path) -> Path:
     SEQ2SEQ_MODEL beside them."""
     write_synthetic_benchmark(root, n_train=SAMPLES, n_test=4, tasks=("harbor", "orchard"))
     write_synthetic_trace(root, n_train=SAMPLES, n_eval=4, n_test=4, tasks=("reverse",))
-    from ..models import load_backbone
-
     t5 = load_backbone("tiny-t5")
     t5.model.config.dropout_rate = 0.0
     t5.model.save_pretrained(root / SEQ2SEQ_MODEL)
@@ -134,8 +137,6 @@ def check_killed_and_resumed(kit: Kit, name: str, data: Path, reference: Path, t
 
 
 def _config(run_dir: Path):
-    from ..config import load_config
-
     return load_config(run_dir / "config.yaml", saved_run=True)
 
 
@@ -175,11 +176,6 @@ def _reference_folders(method, k: int, j: int, folders: list[Path]) -> tuple[lis
 
 
 def check_evaluated_is_what_adapters_compute(kit: Kit, name: str, run: Path) -> None:
-    from ..eval.evaluate import evaluate, generation_of, scoring_of
-    from ..models import load_backbone
-    from ..objectives import make_objective
-    from ..runner import load_tasks
-
     config = _config(run)
     m = kit.method(name, config)
     tasks = load_tasks(config)
@@ -219,16 +215,9 @@ def check_predict_and_export(kit: Kit, name: str, run: Path, tmp: Path) -> None:
         assert main(["export", str(run), str(tmp / "export")]) == 2  # no single model to export
         return
     assert main(["export", str(run), str(tmp / "export")]) == 0
-    from ..eval.evaluate import evaluate, generation_of
-    from ..models import load_backbone
-    from ..objectives import make_objective
-    from ..runner import load_tasks
-
     backbone = load_backbone(config.model, config.model_kind)
     tokenizer = backbone.tokenizer
     if method.trains == "base":  # the export is the whole model, with its tokenizer
-        from transformers import AutoTokenizer
-
         model = load_saved_model(tmp / "export", backbone.kind)
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "export"))
     else:
