@@ -181,3 +181,77 @@ def test_hooks_run_in_the_documented_order_and_task_loss_gradients_is_the_traine
     assert method.calls == ["setup", "init_adapter", *task, *task]  # one shared adapter: one init_adapter
     assert method.step_sizes == [4, 2, 4, 2]
     assert max(method.differences) < 1e-4, method.differences
+
+
+RECORDING = '''
+import nlora
+
+CALLS = []
+
+
+@nlora.register
+class ResumeRecorder(nlora.Method):
+    name = "resume-recorder"
+
+    def __init__(self, config, options=None):
+        super().__init__(config, options)
+        self.steps = 0
+
+    def check_model(self, model, targets):
+        CALLS.append("check_model")
+
+    def setup(self, ctx):
+        CALLS.append("setup")
+
+    def init_adapter(self, k, ctx):
+        CALLS.append(f"init_adapter {k}")
+
+    def before_task(self, k, ctx):
+        CALLS.append(f"before_task {k}")
+
+    def after_step(self, k, ctx):
+        self.steps += 1
+        CALLS.append(f"after_step {k}")
+
+    def after_task(self, k, ctx):
+        CALLS.append(f"after_task {k}")
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+        CALLS.append(f"load_state_dict {state['steps']}")
+'''
+
+
+def test_hooks_on_resume_run_in_the_documented_order(tmp_path, synthetic_dir):
+    """Method's docstring: on resume, each saved phase's state, then init_adapter and before_task of the
+    interrupted phase, then its checkpoint's state (taken after after_step), and training goes on."""
+    import os
+    import sys
+
+    from nlora.cli import main
+    from nlora.methods import registry
+    from nlora.testing import fresh_process
+
+    module = tmp_path / "resume_recorder.py"
+    module.write_text(RECORDING)
+    out = tmp_path / "run"
+    argv = ["run", "--method", "resume-recorder", "--method-module", str(module), "--model", "tiny-llama",
+            "--tasks", "harbor,orchard", "--data-dir", str(synthetic_dir), "--output-dir", str(out),
+            "--max-train-samples", "4", "--max-eval-samples", "2", "--batch-size", "2", "--checkpoint-steps", "1",
+            "--device", "cpu", "--quiet"]
+    try:
+        # 2 steps per task: killed at the 2nd task's 2nd step, after its after_step, before its checkpoint
+        killed = fresh_process.run(fresh_process.nlora_main, argv, log=tmp_path / "killed.log",
+                                   env=dict(os.environ, NLORA_FAULT="train_step:4"))
+        assert killed.returncode == -9, killed.output
+        assert main(["resume", str(out), "--quiet"]) == 0
+        calls = sys.modules["nlora_user_method_resume_recorder"].CALLS
+        assert calls == ["check_model", "setup", "load_state_dict 2",  # phase 0 saved after its 2 steps
+                         "init_adapter 1", "before_task 1", "load_state_dict 3",  # the checkpoint after step 3
+                         "after_step 1", "after_task 1"]
+    finally:
+        registry.METHODS.pop("resume-recorder", None)
+        sys.modules.pop("nlora_user_method_resume_recorder", None)
