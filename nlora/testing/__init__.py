@@ -6,8 +6,9 @@ pytest: the `test` extra). A test file of two lines runs every check on a method
 
     globals().update(conformance_tests(["my-method"], method_module="my_pkg.methods"))
 
-then `pytest tests/test_conformance.py` (add `-m "not distributed"` to skip the 2-process launch). The same from
-the command line, without a file: `python -m nlora.testing my-method --method-module my_pkg.methods`.
+then `pytest tests/test_conformance.py` (add `-m "not distributed"` to skip the 2-process launch; register the
+marker `distributed` in your pytest configuration to silence pytest's warning about it). The same from the command
+line, without a file: `python -m nlora.testing my-method --method-module my_pkg.methods`.
 
 What it checks, and the runs it makes: nlora.testing.kit. A method's `smoke_options` are the options it runs
 with (a strong weight, few samples: what makes its own part act on a run of a few steps).
