@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 import nlora.adapters
 import nlora.analysis.report
+import nlora.train.checkpoint
 from nlora import runner
 from nlora.cli import main
 from nlora.io import staged_dir, staging_dir, write_text_atomic
@@ -224,8 +225,22 @@ def test_a_full_disk_in_safetensors_is_one_error_line(synthetic_dir, tmp_path, c
     code, err = _cli(_run_argv(synthetic_dir, out), capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        f"nlora: error: no space left on device: a file in {out} could not be written; everything written before "
-        f"is complete: free some space, then `nlora resume {out}` continues the run"]
+        f"nlora: error: no space left on device: {out / 'adapters' / '0-harbor' / 'adapter_model.safetensors'} "
+        f"could not be written; everything written before is complete: free some space, then `nlora resume {out}` "
+        "continues the run"]
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file(synthetic_dir, tmp_path, capsys, monkeypatch):
+    def save_file(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(nlora.train.checkpoint, "save_file", save_file)
+    out = tmp_path / "run"
+    code, err = _cli(_run_argv(synthetic_dir, out, "--checkpoint-steps", "1"), capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"nlora: error: no space left on device: {out / 'checkpoint' / 'adapter.safetensors'} could not be "
+        f"written; everything written before is complete: free some space, then `nlora resume {out}` continues "
+        "the run"]
 
 
 # ---------------------------------------------------------------------------------------------------- signals
