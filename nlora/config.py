@@ -134,7 +134,7 @@ class RunConfig:
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     warmup_steps: int = _opt("linear warm-up steps at the start of each task", default=0)
     max_grad_norm: float | None = _opt("gradient clipping norm (none if unset)", default=1.0)
-    seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42)
+    seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42, minimum=0)
     device: str = _opt("cpu, cuda, cuda:N, mps or auto", default="auto")
 
     # LoRA

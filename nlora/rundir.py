@@ -30,6 +30,7 @@ This module imports no torch: the methods (and torch) load only where a method i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -89,6 +90,11 @@ def check_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
     if existing and not (config.overwrite or resume):
         raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
                          "continue it, --overwrite to replace it, or choose another 'output_dir'")
+    linked = [e for e in existing if (root / e).is_symlink()]
+    if config.overwrite and linked:  # removing it would remove a link, or files outside the run, not the run's
+        raise NloraError(f"output dir {root}: {linked[0]} is a symbolic link to {os.readlink(root / linked[0])}; "
+                         "--overwrite replaces only what a run wrote there: remove the link yourself, or choose "
+                         "another 'output_dir'")
     nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
     if not nearest.is_dir():
         raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")

@@ -127,6 +127,13 @@ def _symlink_loop(path: Path) -> Path:
     return path
 
 
+def _adapters_linked_outside(ctx) -> Path:
+    """The run with its adapters/ moved out to a folder `elsewhere` and linked back."""
+    shutil.move(ctx.run / "adapters", ctx.tmp / "elsewhere")
+    os.symlink(ctx.tmp / "elsewhere", ctx.run / "adapters")
+    return ctx.run
+
+
 CASES = {
     # data folder and tasks
     "data_dir missing from the config": lambda ctx: (
@@ -192,6 +199,7 @@ CASES = {
                                         "option 'lambda_per_task': values must be >= 0", "[0.5, -1.0]"),
     "lambda_per_task wrong length": _option(["--lambda-per-task", "0.1,0.2,0.3"],
                                             "option 'lambda_per_task': has 3 values for 1 tasks"),
+    "seed negative": _option(["--seed", "-1"], "option 'seed': must be >= 0, got -1"),
     "epochs zero": _option(["--epochs", "0"], "option 'epochs': must be >= 1, got 0"),
     "batch_size zero": _option(["--batch-size", "0"], "option 'batch_size': must be >= 1, got 0"),
     "batch_size negative": _option(["--batch-size", "-8"], "option 'batch_size': must be >= 1, got -8"),
@@ -260,6 +268,9 @@ CASES = {
     "resume with a changed config": lambda ctx: (
         ctx.base("--resume", "--lr", "0.5", overwrite=False),
         [f"cannot resume {ctx.run}: the configuration changed (lr: 0.001 in the run, 0.5 now)"]),
+    "overwrite where adapters/ is a link to a folder outside the run": lambda ctx: (
+        ctx.base(out=_adapters_linked_outside(ctx)),
+        [f"output dir {ctx.run}: adapters is a symbolic link to {ctx.tmp / 'elsewhere'}", "--overwrite"]),
     "output dir under a regular file": lambda ctx: (
         ctx.base(overwrite=False, out=ctx.yaml("x: 1\n") / "run"),
         [f"output dir {ctx.tmp / 'run.yaml' / 'run'} cannot be created: {ctx.tmp / 'run.yaml'} is a file, "
