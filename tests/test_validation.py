@@ -146,7 +146,7 @@ CASES = {
                                                          "not a folder"]),
     "unknown task names the folder searched": lambda ctx: (
         ctx.base("--tasks", "harbor,nope"),
-        [f"task 'nope' not found in data folder {ctx.syn}", "available: synthetic/harbor"]),
+        [f"task 'nope' not found in data folder {ctx.syn}", "available: harbor, kitchen, library, orchard"]),
     "task appears twice": _option(["--tasks", "harbor,harbor"], "option 'tasks': a task appears twice"),
     "task name that climbs out": _option(["--tasks", "../../../../x"], "option 'tasks': task name '../../../../x' "
                                          "is not a plain dataset name (it holds a path separator)"),
