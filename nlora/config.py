@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,8 @@ class RunConfig:
             else:
                 setattr(self, name, f.default_factory() if f.default_factory is not dataclasses.MISSING
                         else f.default)
+        if isinstance(self.task_metrics, Mapping):  # the Python form of the TASK=METRIC items
+            self.task_metrics = [f"{task}={metric}" for task, metric in self.task_metrics.items()]
         method_options.update({public_name(k): v for k, v in values.items()})  # RunConfig(lambda_=0.4)
         self.method_options = method_options
 
@@ -342,6 +345,8 @@ class RunConfig:
             bad("load_in_4bit" if self.load_in_4bit else "load_in_8bit",
                 f"the built-in '{self.model}' is built in memory, not loaded from weights; save it with "
                 "save_pretrained and pass its folder as 'model'")
+        # a .py file recorded as typed would not be found by `nlora predict` or `nlora resume` from another folder
+        self.method_module = [str(Path(m).resolve()) if m.endswith(".py") else m for m in self.method_module]
         from .methods import resolve  # methods never import this module at run time: no cycle
 
         method = resolve(self)

@@ -86,3 +86,9 @@ def test_cached_type_hints_are_the_resolved_annotations_of_every_options_class()
         assert _type_hints(cls) == typing.get_type_hints(cls)
         assert _type_hints(cls) is _type_hints(cls)
         assert {f.name for f in option_fields(cls)} <= set(_type_hints(cls))
+
+
+def test_task_metrics_accepts_a_mapping_in_python():
+    config = RunConfig(tasks=["a", "b"], task_metrics={"b": "rouge_l", "a": "exact_match"})
+    assert config.metric_of_task() == {"b": "rouge_l", "a": "exact_match"}
+    assert config.to_dict()["task_metrics"] == ["b=rouge_l", "a=exact_match"]  # as config.yaml records it

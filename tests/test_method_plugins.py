@@ -1,13 +1,16 @@
 """Methods from outside the package: a .py file or module named by option method_module (the CLI and nlora.run),
 and an installed distribution's `nlora.methods` entry point; the commands that read no model import no torch."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import nlora
+from nlora.cli import main
 from nlora.errors import NloraError
 from nlora.methods import METHODS, registry
 
@@ -23,6 +26,20 @@ def test_a_method_module_works_through_the_python_api(tmp_path, synthetic_dir):
     assert metrics["complete"] and metrics["method"] == "l2-anchor"
     assert (tmp_path / "adapters" / "0-harbor" / "method_state.safetensors").is_file()
     assert "method_module" in (tmp_path / "config.yaml").read_text()  # resume and launched processes import it
+
+
+def test_a_method_module_file_is_recorded_resolved(tmp_path, synthetic_dir, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "work").mkdir()
+    shutil.copy(EXAMPLE, tmp_path / "mine" / "l2_anchor.py")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["run", "--model", "tiny-bert", "--method", "l2-anchor", "--method-module", "../mine/l2_anchor.py",
+                 "--tasks", "harbor", "--data-dir", str(synthetic_dir), "--output-dir", "run", "--max-train-samples",
+                 "4", "--max-eval-samples", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0
+    saved = yaml.safe_load((tmp_path / "work" / "run" / "config.yaml").read_text())["method_module"]
+    assert saved == [str(tmp_path / "mine" / "l2_anchor.py")]  # found from any folder
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "work/run", "--tasks", "harbor", "--output", "p.jsonl", "--quiet"]) == 0
 
 
 def test_a_missing_or_broken_method_module_is_named(tmp_path):
