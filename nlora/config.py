@@ -275,9 +275,9 @@ class RunConfig:
         rest = {k: v for k, v in values.items() if field_name(k) not in known and k != "method_options"}
         rest.update(values.get("method_options") or {})
         try:
-            _, options = split_method_options(probe.method, probe.method_module, rest, lenient, saved_run)
-        except NloraError as e:
-            raise NloraError(f"{source}: {e}") from None
+            _, options = split_method_options(probe.method, probe.method_module, rest, lenient, saved_run, source)
+        except NloraError as e:  # named once: a value's error names its source already
+            raise NloraError(str(e) if str(e).startswith(f"{source}: ") else f"{source}: {e}") from None
         return cls(**kwargs, method_options=options)
 
     def to_dict(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_bad_types_are_named(key, value, message):
     ({"lora_r": 0}, "option 'lora_r': must be >= 1"),
     ({"epochs": 0}, "option 'epochs'"),
     ({"lora_dropout": 1.0}, "option 'lora_dropout'"),
-    ({"method": "ewd"}, "option 'method': unknown method 'ewd'; available: .*n-lora"),
+    ({"method": "ewd"}, "option 'method': unknown method 'ewd' \\(did you mean 'ewc'\\?\\); available: .*n-lora"),
     ({"penalty_form": "l2"}, "option 'penalty_form': 'l2' is not one of delta, reference, factors"),
     ({"tasks": ["a", "a"]}, "option 'tasks': a task appears twice"),
     ({"data_dir": "/nonexistent/nlora-data"}, "option 'data_dir': folder /nonexistent/nlora-data does not exist"),

@@ -1,6 +1,7 @@
 """Methods from outside the package: a .py file or module named by option method_module (the CLI and nlora.run),
 and an installed distribution's `nlora.methods` entry point; the commands that read no model import no torch."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import yaml
 import nlora
 from nlora.cli import main
 from nlora.errors import NloraError
+from nlora import method_catalog
 from nlora.methods import METHODS, registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,75 @@ def test_an_entry_point_registers_a_method(tmp_path, monkeypatch):
         METHODS.pop("mine-from-ep", None)
 
 
+def _install_entry_point(tmp_path, monkeypatch, name: str, module_text: str) -> None:
+    """An installed distribution declaring `name` in the nlora.methods group, from a module of `module_text`."""
+    (tmp_path / f"{name}_module.py").write_text(module_text)
+    info = tmp_path / f"{name}_dist-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[nlora.methods]\n{name} = {name}_module:Mine\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded_entry_points", False)
+
+
+def test_a_broken_entry_point_costs_a_warning_naming_it(tmp_path, monkeypatch, capsys, synthetic_dir):
+    _install_entry_point(tmp_path, monkeypatch, "broken", "raise ImportError('no such thing')\n")
+    assert main(["methods"]) == 0
+    out, err = capsys.readouterr()
+    assert "n-lora" in out
+    assert err.strip().splitlines() == [
+        "nlora: warning: entry point 'broken' (broken_module:Mine) of group nlora.methods failed to load, its "
+        "methods are not available: ImportError: no such thing"]
+    monkeypatch.setattr(registry, "_loaded_entry_points", False)
+    assert main(["run", "--tasks", "harbor", "--data-dir", str(synthetic_dir), "--output-dir", str(tmp_path / "r"),
+                 "--model", "tiny-bert", "--dry-run"]) == 0  # any run still works
+
+
+@pytest.mark.parametrize("case", ["missing", "syntax", "raises", "method name taken", "option name taken"])
+def test_a_bad_method_module_is_one_error_line_from_nlora_run(tmp_path, capsys, case):
+    texts = {"syntax": "def (\n", "raises": "raise RuntimeError('boom')\n",
+             "method name taken": "import nlora\n\n@nlora.register\nclass Mine(nlora.Method):\n"
+                                  "    name = 'n-lora'\n",
+             "option name taken": "from dataclasses import dataclass\nimport nlora\n\n@dataclass\n"
+                                  "class Opts(nlora.MethodOptions):\n    lr: float = nlora.option('x', default=1.0)\n\n"
+                                  "@nlora.register\nclass Mine(nlora.Method):\n    name, Options = 'mine-x', Opts\n"}
+    module = tmp_path / f"mod_{case.replace(' ', '_')}.py"
+    if case in texts:
+        module.write_text(texts[case])
+    code = main(["run", "--method-module", str(module), "--tasks", "a", "--lamda", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("nlora: error: option 'method_module': ") and str(module) in err
+
+
+def test_a_mistyped_option_or_method_is_named_with_the_closest_names(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--tasks", "a", "--lamda", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: nlora run ")
+    assert "nlora run: error: unrecognized arguments: --lamda 1 (did you mean '--lambda'" in err
+    assert main(["run", "--method", "nlora"]) == 2
+    assert "option 'method': unknown method 'nlora' (did you mean 'n-lora'" in capsys.readouterr().err
+
+
+def test_a_method_not_loaded_is_named_before_its_options(capsys):
+    assert main(["run", "--method", "agem", "--agem-batch", "2"]) == 2  # its --method-module left out
+    err = capsys.readouterr().err
+    assert "unknown method 'agem'" in err and "--method-module FILE.py" in err and "unrecognized" not in err
+
+
+def test_methods_name_lists_each_options_choices(capsys):
+    assert main(["methods", "n-lora"]) == 0
+    assert "(one of delta, reference, factors; default: delta)" in capsys.readouterr().out
+
+
+def test_the_method_catalog_is_the_registry_and_a_broken_cache_is_ignored():
+    catalog = method_catalog.method_catalog()
+    assert catalog == method_catalog.describe(METHODS) == json.loads(json.dumps(catalog))
+    method_catalog._cache_file().write_text("{not json")
+    assert method_catalog.method_catalog() == catalog
+
+
 def test_clashing_option_names_are_refused():
     from dataclasses import dataclass
 
@@ -80,8 +151,10 @@ def test_clashing_option_names_are_refused():
     assert "clash-test" not in METHODS
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["presets"], ["status", "RUN"]])
+@pytest.mark.parametrize("argv", [["--help"], ["presets"], ["status", "RUN"], ["methods"], ["methods", "ewc"],
+                                  ["run", "--lamda", "1"], ["run", "--method", "nlora"], ["run", "--help"]])
 def test_commands_that_read_no_model_import_no_torch(tmp_path, synthetic_dir, argv):
+    method_catalog.method_catalog()  # the methods' catalog as a first command leaves it
     run = tmp_path / "run"
     if "RUN" in argv:
         (run).mkdir()

@@ -187,7 +187,10 @@ CASES = {
         ctx.base("--instructions", str(ctx.tmp / "prompts.json")),
         [f"option 'instructions': file {ctx.tmp / 'prompts.json'} does not exist"]),
     # method and numeric ranges
-    "unknown method": _option(["--method", "ewd"], "option 'method': unknown method 'ewd'; available:", "n-lora"),
+    "unknown method": _option(["--method", "ewd"], "option 'method': unknown method 'ewd' (did you mean 'ewc'?); "
+                              "available:", "n-lora", "--method-module"),
+    "method option not a number": _option(["--lambda", "abc"], "nlora: error: options: key 'lambda' must be a "
+                                          "number, got 'abc'"),
     "lr zero": _option(["--lr", "0"], "option 'lr': must be a positive number, got 0.0"),
     "lr negative": _option(["--lr", "-0.001"], "option 'lr': must be a positive number, got -0.001"),
     "lr infinite": _option(["--lr", "inf"], "option 'lr': must be a positive number, got inf"),
