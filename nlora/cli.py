@@ -16,6 +16,8 @@ from .config import config_fields, load_config
 from .errors import NloraError, did_you_mean
 from .io import is_disk_full
 from .method_catalog import method_catalog, option_spec, unknown_method
+from .studies.cli import add_parser as add_study_parser
+from .studies.cli import main as study_main
 
 # Commands whose flags include every method's options (read from the methods' catalog: nlora.method_catalog).
 METHOD_COMMANDS = ("run", "demo")
@@ -188,6 +190,7 @@ def build_parser(argv: list[str] | None = None, catalog: dict | None = None) -> 
     p_general.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAML files of your own "
                            "(local data: dataset_path: json)")
     p_general.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    add_study_parser(sub)
     return parser
 
 
@@ -342,6 +345,7 @@ def _raise_terminated(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = None  # the run directory being written, named in the advice on how to continue it
+    again = None  # or the advice on how to continue the command
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
@@ -388,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.num_seeds < 1:
                 raise NloraError(f"option --num-seeds: must be >= 1, got {args.num_seeds}")
+            again = "the same `nlora demo` command continues: finished runs are reused, the stopped one resumes"
             run_demo(args.config, _overrides(args), progress=not args.quiet, num_seeds=args.num_seeds)
         elif args.command == "presets":
             print_presets(args.benchmark, args.order)
@@ -435,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
         elif args.command == "eval-general":
             run_general(args)
+        elif args.command == "study":
+            return study_main(args)
         elif args.command == "methods":
             print_methods(args.name, [m for m in (args.method_module or "").split(",") if m])
         return 0
@@ -443,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        advice = f"; `nlora resume {run_dir}` continues the run" if run_dir else ""
+        advice = f"; `nlora resume {run_dir}` continues the run" if run_dir else f"; {again}" if again else ""
         print(f"nlora: {how}; everything written so far is complete on disk{advice}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     except Exception as e:

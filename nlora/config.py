@@ -137,6 +137,9 @@ class RunConfig:
     max_grad_norm: float | None = _opt("gradient clipping norm (none if unset)", default=1.0)
     seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42, minimum=0)
     device: str = _opt("cpu, cuda, cuda:N, mps or auto", default="auto")
+    threads: int | None = _opt("CPU threads of torch's operations (unset: OMP_NUM_THREADS if set, else half the "
+                               "cores on a CPU run, which stays fast when another job shares the machine; "
+                               "nlora.threads)", default=None, minimum=1)
 
     # LoRA
     lora_r: int = _opt("LoRA rank of each task's adapter", default=8)

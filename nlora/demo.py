@@ -9,14 +9,18 @@ reference mode and with TRACE's BWT denominator, and a report."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
 
 from .analysis.report import write_report
 from .analysis.summary import format_run
-from .config import DEFAULT_MODEL, load_config
+from .config import DEFAULT_MODEL, RunConfig, load_config, load_yaml_file
+from .errors import NloraError
+from .rundir import RESUME_FREE_KEYS
 from .runner import run
+from .studies.compare import mean_sd, paired
 from .tasks.synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
 
 DEMO_METHODS = ("n-lora", "inc-lora")
@@ -33,34 +37,43 @@ DEMO_DEFAULTS = {
     "lambda": 1e-4,
     "max_source_length": 64,
     "device": "cpu",
-    "overwrite": True,  # the demo replaces its own earlier results
 }
 METRICS = (("AP", "average_accuracy"), ("BWT", "bwt"))
+# Keys config.yaml records as resolved when the model loads: compared with a rerun's only where the rerun sets them.
+RESOLVED_AT_LOAD = {"model_kind": "auto", "dtype": "auto", "attn_implementation": "auto", "target_modules": None}
 
 
 def run_demo(config_path=None, overrides: dict | None = None, progress: bool = True,
              num_seeds: int = DEMO_SEEDS) -> dict[str, list[dict]]:
-    """Both methods on `num_seeds` seeds; returns {method: [metrics of each seed]}."""
+    """Both methods on `num_seeds` seeds; returns {method: [metrics of each seed]}. A rerun reuses each run that
+    finished with the same configuration and resumes one that was stopped; `overwrite` starts every run over."""
     base = load_config(config_path, overrides, defaults=DEMO_DEFAULTS)
     root = Path(base.output_dir)
     seeds = [base.seed + i for i in range(max(1, num_seeds))]
     results: dict[str, list[dict]] = {m: [] for m in DEMO_METHODS}
     start = time.perf_counter()
-    for seed in seeds:
-        seeded = base.replace(seed=seed)
-        if base.data_dir is None:
-            data_dir = write_synthetic_benchmark(root / f"seed-{seed}" / "data", n_train=DEMO_TRAIN,
-                                                 n_test=DEMO_TEST, seed=seed,
-                                                 tasks=tuple(t for t in TASK_NAMES if t in base.tasks))
-            seeded = seeded.replace(data_dir=str(data_dir))
-        for method in DEMO_METHODS:
-            # the options given (--lambda) are n-lora's, the demo's first method; inc-lora has none of its own
-            own = seeded.method_options if method == seeded.method else {}
-            config = seeded.replace(method=method, method_options=own, output_dir=str(root / f"seed-{seed}" / method))
-            print(f"\n=== seed {seed}, {method}: {len(config.tasks)} tasks, model {config.model}")
-            metrics = run(config, progress=progress)
-            print(format_run(metrics))
-            results[method].append(metrics)
+    plan = [(seed, method, _demo_config(base, root, seed, method)) for seed in seeds for method in DEMO_METHODS]
+    states = [("new" if base.overwrite else saved_state(config)) for _, _, config in plan]
+    timed: list[float] = []  # seconds of each run trained (or resumed) in this invocation
+    written: set[int] = set()  # seeds whose generated data is on disk
+    for k, ((seed, method, config), state) in enumerate(zip(plan, states)):
+        if base.data_dir is None and state != "finished" and seed not in written:  # deterministic from the seed
+            write_synthetic_benchmark(config.data_dir, n_train=DEMO_TRAIN, n_test=DEMO_TEST, seed=seed,
+                                      tasks=tuple(t for t in TASK_NAMES if t in base.tasks))
+            written.add(seed)
+        left = sum(s != "finished" for s in states[k:])
+        eta = f"; about {_duration(statistics.fmean(timed) * left)} left" if timed and state != "finished" else ""
+        print(f"\n=== run {k + 1} of {len(plan)}: seed {seed}, {method}: {len(config.tasks)} tasks, model "
+              f"{config.model}{eta}" + {"finished": " (finished earlier: reused)", "stopped": " (resumed)",
+                                        "new": ""}[state])
+        began = time.perf_counter()
+        if state == "finished":
+            metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text(encoding="utf-8"))
+        else:
+            metrics = run(config.replace(overwrite=state == "new"), progress=progress, resume=state == "stopped")
+            timed.append(time.perf_counter() - began)
+        print(format_run(metrics))
+        results[method].append(metrics)
     print(f"\nAP and BWT (%) after the whole sequence, {len(seeds)} seed(s) "
           f"({time.perf_counter() - start:.0f} s):")
     print(format_seeds(seeds, results))
@@ -72,9 +85,41 @@ def run_demo(config_path=None, overrides: dict | None = None, progress: bool = T
     return results
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def _demo_config(base: RunConfig, root: Path, seed: int, method: str) -> RunConfig:
+    seeded = base.replace(seed=seed)
+    if base.data_dir is None:
+        seeded = seeded.replace(data_dir=str(root / f"seed-{seed}" / "data"))
+    # the options given (--lambda) are n-lora's, the demo's first method; inc-lora has none of its own
+    own = seeded.method_options if method == seeded.method else {}
+    return seeded.replace(method=method, method_options=own, output_dir=str(root / f"seed-{seed}" / method))
+
+
+def saved_state(config: RunConfig) -> str:
+    """What config.output_dir holds of this configuration's run: "finished" (complete: reused), "stopped"
+    (started, not complete: resumed), or "new" (nothing, or a run of another configuration: replaced)."""
+    folder = Path(config.output_dir)
+    try:
+        saved = load_yaml_file(folder / "config.yaml")
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (NloraError, OSError, ValueError):
+        return "new"
+    if not isinstance(metrics, dict) or not _same_configuration(saved, config.to_dict()):
+        return "new"
+    return "finished" if metrics.get("complete") else "stopped"
+
+
+def _same_configuration(saved: dict, current: dict) -> bool:
+    for key, value in current.items():
+        if key in RESUME_FREE_KEYS or (key in RESOLVED_AT_LOAD and value == RESOLVED_AT_LOAD[key]):
+            continue
+        if saved.get(key) != value:
+            return False
+    return True
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _cell(values: list[float]) -> str:
@@ -96,8 +141,9 @@ def format_seeds(seeds: list[int], results: dict[str, list[dict]]) -> str:
 
 
 def conclusion(results: dict[str, list[dict]]) -> str:
-    """The comparison worded from the paired per-seed differences (first method minus second): a difference
-    whose sign changes across seeds is within the seeds' spread and reported as such."""
+    """The comparison worded from the paired per-seed differences (first method minus second), as a study's report
+    judges them (nlora.studies.compare): a difference whose sign changes across seeds, or whose 95% t interval
+    contains 0, is within the seeds' spread and reported as such."""
     first, second = list(results)[:2]
     lines = []
     for name, key in METRICS:
@@ -105,24 +151,25 @@ def conclusion(results: dict[str, list[dict]]) -> str:
                  if a[key] is not None and b[key] is not None]
         if not pairs:
             continue
-        diffs = [a - b for a, b in pairs]
-        mean, sd = mean_sd(diffs)
-        spread = f"{mean:+.1f} ± {sd:.1f}" if sd is not None else f"{mean:+.1f}"
-        higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-        if len(diffs) == 1:
+        p = paired([a for a, _ in pairs], [b for _, b in pairs])
+        spread = f"{p.mean:+.1f} ± {p.sd:.1f}" if p.sd is not None else f"{p.mean:+.1f}"
+        if p.n == 1:
             lines.append(f"{name}: {first} − {second} = {spread} points on one seed; one seed has no spread to "
                          "compare it with, so it says nothing about the methods (run several seeds).")
-        elif higher and lower:
+        elif p.higher and p.lower:
             lines.append(f"{name}: {first} − {second} = {spread} points (mean ± sd over seeds); higher on "
-                         f"{higher} seed(s), lower on {lower}: the difference is within the seeds' spread, so "
+                         f"{p.higher} seed(s), lower on {p.lower}: the difference is within the seeds' spread, so "
                          "these runs show no difference between the methods.")
-        elif higher or lower:
-            better, count = (first, higher) if higher else (second, lower)
-            ties = f", equal on {len(diffs) - count}" if count < len(diffs) else ""
-            lines.append(f"{name}: {better} is higher on {count} of {len(diffs)} seeds{ties} ({first} − {second} "
-                         f"= {spread} points, mean ± sd over seeds).")
+        elif p.higher or p.lower:
+            better, count = (first, p.higher) if p.higher else (second, p.lower)
+            ties = f", equal on {p.n - count}" if count < p.n else ""
+            low, high = p.interval
+            verdict = "separated" if p.separated else "it contains 0, so the difference is not separated from the " \
+                                                      "seeds' spread"
+            lines.append(f"{name}: {better} is higher on {count} of {p.n} seeds{ties} ({first} − {second} = {spread} "
+                         f"points, mean ± sd over seeds; 95% t interval [{low:+.1f}, {high:+.1f}]: {verdict}).")
         else:
-            lines.append(f"{name}: the same for both methods on all {len(diffs)} seeds.")
+            lines.append(f"{name}: the same for both methods on all {p.n} seeds.")
     return "\n".join(lines)
 
 

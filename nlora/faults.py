@@ -2,7 +2,8 @@
 kills itself (SIGKILL, no clean-up) at the N-th occurrence of EVENT. Events: train_step, task_trained,
 eval_batch, file_write, adapter_save and checkpoint_save (the folder written, not yet moved into place), dir_swap
 (between the two renames of replacing a folder), model_saved (a whole model in place, the earlier ones not yet
-removed: nlora.full_model). Without the variable this is a no-op."""
+removed: nlora.full_model), ledger_update (a study's ledger about to be rewritten: nlora.studies.ledger).
+Without the variable this is a no-op."""
 
 from __future__ import annotations
 

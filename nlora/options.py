@@ -27,13 +27,16 @@ __all__ = ["option", "MethodOptions", "public_name", "field_name", "coerce", "ch
 
 def option(help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
            choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None, per_task: bool = False, per_task_of: str | None = None) -> Any:
+           above: float | None = None, per_task: bool = False, per_task_of: str | None = None,
+           former_defaults: tuple = ()) -> Any:
     """A dataclass field with its help and checks. `minimum`/`maximum` are inclusive bounds, `above` an
     exclusive lower bound; on a list they apply to each value. `per_task`: a list with one value per task, in
     training order; `per_task_of`: the scalar option this list replaces (a scalar set by the user drops a
-    preset's list)."""
+    preset's list). `former_defaults`: the defaults of earlier releases (a saved run of another method that
+    records one still reads as holding the default)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above,
-            "per_task": per_task or per_task_of is not None, "per_task_of": per_task_of}
+            "per_task": per_task or per_task_of is not None, "per_task_of": per_task_of,
+            "former_defaults": tuple(former_defaults)}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)

@@ -116,6 +116,23 @@ def record_run(path: Path, record: dict, resume: bool, config_digest: dict[str, 
     write_json_atomic(path, {"sessions": [*sessions, record]})
 
 
+def warn_other_release(run_json: Path) -> None:
+    """On resume, say in one line when the run last started under another nlora or library version: the remaining
+    tasks then follow this install's numerics (float rounding can change between releases), so the run may differ
+    slightly from one done under a single install."""
+    recorded = next((s["versions"] for s in reversed(_sessions(run_json)) if isinstance(s.get("versions"), dict)),
+                    None)
+    if recorded is None:
+        return
+    now = package_versions()
+    changed = [f"{name} {recorded.get(name)} -> {now[name]}" for name in ("nlora", *PACKAGES)
+               if recorded.get(name) != now[name]]
+    if changed:
+        print(f"nlora: warning: {run_json.parent} was last run with other versions ({', '.join(changed)}): the "
+              "remaining tasks follow this install's numerics, so results may differ slightly from a run done under "
+              "one install", file=sys.stderr)
+
+
 def _sessions(path: Path) -> list[dict]:
     try:
         sessions = json.loads(path.read_text()).get("sessions", [])

@@ -32,13 +32,14 @@ from .objectives import make_objective
 from .precision import check_runtime, warn_precision
 from .preflight import preflight
 from .provenance import collect as collect_provenance
-from .provenance import check_config_digest, config_digest, record_run
+from .provenance import check_config_digest, config_digest, record_run, warn_other_release
 from .rundir import (RESUME_FREE_KEYS, check_output_dir, check_same_config, check_scored_as_configured,
                      declared_scales, prepare_output_dir, read_metrics, write_update_scales)
 from .runlock import RunLock
 from .tasks.data import TaskData
 from .tasks.loading import check_model_kind, load_run_tasks, metric_columns
 from .tasks.prompts import check_prompt_budget
+from .threads import use_threads
 from .tracking import RunLogger
 from .train.checkpoint import load_checkpoint, remove_checkpoint
 from .train.engine import make_accelerator, shard_model
@@ -103,8 +104,12 @@ def build_metrics(config: RunConfig, method: Method, tasks: list[TaskData], matr
 def run(config: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run a whole continual-learning sequence; returns the final metrics (also in RUN_DIR/metrics.json).
     With `resume`, continue the run in `config.output_dir` from where it stopped."""
-    with RunLock() as lock:  # taken before the first change to the run directory, released however the run ends
-        return _run(config, progress, resume, lock)
+    threads = torch.get_num_threads()  # the run sets its own (nlora.threads); the caller's comes back after it
+    try:
+        with RunLock() as lock:  # taken before the first change to the run directory, released however it ends
+            return _run(config, progress, resume, lock)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict:
@@ -115,6 +120,7 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
     paths = check_output_dir(config, resume)
     # Before loading: each process loads the base straight onto its own device.
     accelerator = make_accelerator(config)
+    use_threads(config.threads, accelerator.device)
 
     set_seed(config.seed)
     backbone = load_backbone(config.model, config.model_kind, config.trust_remote_code, device=accelerator.device,
@@ -132,6 +138,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         saved = load_config(paths.config, {"output_dir": config.output_dir}, saved_run=True).to_dict()
         check_same_config(saved, resolved.to_dict(), paths.config)
         check_config_digest(paths.root / "run.json", load_yaml_file(paths.config), paths.config, RESUME_FREE_KEYS)
+        if accelerator.is_main_process:
+            warn_other_release(paths.root / "run.json")
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
     general = RunScoring(resolved, paths.root, resume, accelerator, backbone, method.phases(len(tasks))) \
         if config.general_eval else None  # its benchmarks load here: a bad one fails before anything is written

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -232,6 +233,7 @@ class RunLogger:
         self.offsets: dict[int, int] = {}  # phase -> global step at its start
         self._file = None
         self._trackers = False
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ life cycle
     def start(self, hparams: Mapping[str, Any] | None = None, resumed: bool = False) -> "RunLogger":
@@ -298,6 +300,12 @@ class RunLogger:
         self._file.close()
         write_jsonl_atomic(self.path, self.lines)
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def warn_once(self, key: str, message: str) -> None:
+        """One warning line on stderr, from the main process, the first time `key` is warned of in this session."""
+        if self.main and key not in self._warned:
+            self._warned.add(key)
+            print(f"nlora: warning: {message}", file=sys.stderr, flush=True)
 
     def global_step(self, phase: int, step: int) -> int:
         return self.offsets.get(phase, 0) + step

@@ -57,3 +57,12 @@ def single_run(tmp_path_factory, synthetic_dir) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
     assert main([*RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A private one-node SLURM cluster (tests/slurm_cluster.py), started once for the session; skipped with the
+    fix where it cannot start (a failure where NLORA_REQUIRE_SLURM=1, as in CI)."""
+    from slurm_cluster import cluster_or_skip
+
+    yield from cluster_or_skip()

@@ -6,8 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
 from nlora.errors import NloraError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,77 +19,18 @@ def _load(name: str):
     return module
 
 
-def _fake_metrics(config) -> dict:
-    n = len(config.tasks)
-    seed_shift = config.seed - 42
-    matrix = [[50.0 + 10 * j + seed_shift if j <= i else None for j in range(n)] for i in range(n)]
-    matrix[-1][0] -= 4.0  # some forgetting of the first task
-    last = matrix[-1]
-    return {"average_accuracy": sum(last) / n, "bwt": -4.0 / (n - 1), "fwt": 1.5, "forgetting": 4.0 / (n - 1),
-            "baseline_accuracy": [25.0] * n, "accuracy_matrix": matrix,
-            "train": {t: {"seconds": 30.0, "mean_loss": 1.0, "mean_regularizer": config.method_options.get("lambda", 0.0)} for t in config.tasks},
-            "eval_seconds": {t: 6.0 for t in config.tasks}}
-
-
-@pytest.fixture
-def reproduce(monkeypatch, tmp_path):
+def test_reproduce_cpu_is_the_shipped_study_with_its_profile(tmp_path):
     module = _load("reproduce_cpu")
-    calls = []
-
-    def fake_run(config, overwrite, progress):
-        calls.append(config)
-        return _fake_metrics(config), "ran"
-
-    monkeypatch.setattr(module, "run_or_reuse", fake_run)
-    monkeypatch.setattr(module, "diagnostics_of", lambda run_dir: {"mean_collision_rate": 0.5})
-    monkeypatch.setattr(sys, "argv", ["benchmarks/reproduce_cpu.py"])
-    module.calls = calls
-    return module
-
-
-def test_reproduce_cpu_table_over_seeds(reproduce, tmp_path):
-    args = reproduce.parse_args(["--seeds", "42,44", "--methods", "inc-lora,n-lora,mtl", "--output-dir", str(tmp_path),
-                                  "--data-dir", str(tmp_path)])  # the fake runs read no data
-    rows = reproduce.run_benchmark(args)
-    assert len(rows) == 6 and len(reproduce.calls) == 6
-    text = (tmp_path / "results.md").read_text()
-    n_lora = next(line for line in text.splitlines() if line.startswith("| n-lora |"))
-    # last row 46, 60, 70, 80 (+0 and +2 for the seeds): AP 64 and 66, mean 65.00 ± 1.41
-    assert "| 2 |" in n_lora and "65.00 ± 1.41" in n_lora and "0.5" in n_lora
-    assert "n-lora lambda 1e-05" in text and "(n-lora delta form)" in text and "Machine:" in text
-    mtl = [c for c in reproduce.calls if c.method == "mtl"]
-    assert mtl and not any(c.eval_future for c in mtl)
-    assert all(c.eval_future for c in reproduce.calls if c.method != "mtl")
-
-
-def test_reproduce_cpu_sweep_names_penalty_forms_apart(reproduce, tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "write_dev_view", lambda args: tmp_path / "view")
-    args = reproduce.parse_args(["--sweep", "--penalty-form", "reference", "--sweep-lambdas", "0.4",
-                                 "--output-dir", str(tmp_path), "--data-dir", str(tmp_path)])
-    reproduce.run_sweep(args)
-    by_method = {c.method: c for c in reproduce.calls}
-    assert by_method["n-lora"].penalty_form == "reference" and by_method["n-lora"].lambda_ == 0.4
-    assert "penalty_form" not in by_method["inc-lora"].method_options  # n-lora's own: no part of other runs
-    assert Path(by_method["n-lora"].output_dir).name == "n-lora_lambda0.4_penalty_formreference"
-    assert "| n-lora lambda=0.4 penalty_form=reference |" in (tmp_path / "sweep" / "sweep.md").read_text()
-
-
-def test_reproduce_cpu_reuses_a_run_whatever_options_its_method_ignores(tmp_path):
-    module = _load("reproduce_cpu")
-    earlier = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-4"])
-    for method in ("inc-lora", "n-lora"):
-        config = module.base_config(earlier, method=method, seed=42, output_dir=str(tmp_path / method))
-        (tmp_path / method).mkdir()
-        # as a run records them: what `auto` resolved to
-        saved = {**config.to_dict(), "dtype": "float32", "attn_implementation": "sdpa", "model_kind": "encoder"}
-        (tmp_path / method / "config.yaml").write_text(yaml.safe_dump(saved))
-        (tmp_path / method / "metrics.json").write_text('{"complete": true}')
-    later = module.parse_args(["--output-dir", str(tmp_path), "--data-dir", str(tmp_path), "--lambda", "1e-5"])
-    inc = module.base_config(later, method="inc-lora", seed=42, output_dir=str(tmp_path / "inc-lora"))
-    assert module.run_or_reuse(inc, False, False) == ({"complete": True}, "reused")  # λ means nothing to it
-    n_lora = module.base_config(later, method="n-lora", seed=42, output_dir=str(tmp_path / "n-lora"))
-    with pytest.raises(NloraError, match=r"other settings \(lambda\)"):
-        module.run_or_reuse(n_lora, False, False)
+    quick = module.study_for(module.parse_args(["--data-dir", str(tmp_path)]))
+    assert (quick.name, quick.base["max_train_samples"], quick.select.dev_samples) == ("cpu-standard", 64, 24)
+    assert quick.base["data_dir"] == str(tmp_path) and len(quick.methods) == 13 and quick.seeds == [42, 43, 44]
+    full = module.study_for(module.parse_args(["--full", "--seeds", "7", "--methods", "n-lora,mtl",
+                                               "--data-dir", str(tmp_path)]))
+    assert (full.name, full.base["max_eval_samples"], full.select.train_samples, full.select.dev_samples) == \
+        ("cpu-standard-full", 250, 250, 80)
+    assert list(full.methods) == ["n-lora", "mtl"] and full.seeds == [7] and full.baseline is None
+    with pytest.raises(NloraError, match="--methods: nlora not in the study"):
+        module.study_for(module.parse_args(["--methods", "nlora"]))
 
 
 def test_demo_cost_estimates_the_one_seed_demo_from_per_unit_costs(tmp_path, monkeypatch, capsys):

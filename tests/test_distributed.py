@@ -21,7 +21,7 @@ from nlora import cli
 from nlora.cli import main
 from nlora.config import RunConfig
 from nlora.errors import NloraError
-from nlora.train.engine import _check_engine, make_accelerator
+from nlora.train.engine import _check_engine, check_launch, make_accelerator
 from nlora.train.loop import shard
 from launch_support import EXAMPLES, ROOT, RUN, fake_accelerator
 from same_run import ADAPTER_ATOL, assert_same_run
@@ -106,6 +106,29 @@ def test_two_processes_give_the_single_process_run(tmp_path, synthetic_dir, sing
     assert {"0", "1", "launcher"} <= writers.keys()
     assert writers["0"], "the main process wrote the run directory"
     assert writers["1"] == [] and writers["launcher"] == [], "only the main process changes the run directory"
+
+
+def _launched_env(*launch: str) -> dict[str, str]:
+    """The environment `accelerate launch LAUNCH -m nlora run` gives the process(es) it starts."""
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    args = _validate_launch_command(launch_command_parser().parse_args([*launch, "-m", "nlora", "run"]))[0]
+    if args.multi_gpu:  # torchrun's own variables (WORLD_SIZE, ...) come on top of these
+        return {**prepare_multi_gpu_env(args), "WORLD_SIZE": str(args.num_processes)}
+    return prepare_simple_launcher_cmd_env(args)[1]
+
+
+@pytest.mark.parametrize("launch,refused", [(("--num_processes", "2", "--cpu"), True),
+                                            (("--num_processes", "2"), True),  # no GPU: the same launcher
+                                            (("--num_processes", "1", "--cpu"), False),
+                                            (("--config_file", str(EXAMPLES / "ddp.yaml")), False)])
+def test_a_launch_that_starts_fewer_processes_than_asked_is_refused(monkeypatch, launch, refused):
+    monkeypatch.setattr(os, "environ", _launched_env(*launch))
+    if refused:
+        with pytest.raises(NloraError, match="started one process although more were asked for"):
+            make_accelerator(RunConfig(tasks=["x"], device="cpu"))
+    else:
+        check_launch()
 
 
 def test_bf16_and_accumulation_reach_the_accelerator(tmp_path, synthetic_dir):

@@ -483,3 +483,46 @@ def test_scoring_runs_the_model_without_the_autocast_of_mixed_precision_training
         with without_mixed_precision(model):
             assert torch.equal(model(x), weights_alone)
         assert torch.equal(model(x), autocast) and not torch.equal(autocast, weights_alone)
+
+
+@needs_lm_eval
+def test_a_built_in_tiny_model_gets_a_plain_lm_eval_command_that_loads_it(general_run, benchmarks_dir, tmp_path,
+                                                                           monkeypatch, capfd):
+    """The run's base is the built-in tiny-llama (the fixture's saved copy, renamed back): lm-eval cannot load it
+    by name, so the printed command writes the model out first and loads it from there, for the base and after a
+    task; the scores are those nlora holds. nlora's own scoring says nothing about git outside a checkout."""
+    import shlex
+
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from nlora.eval.general import GeneralSettings, evaluate_model, lm_eval_command, rebuild_model
+
+    run_dir = _copy(general_run, tmp_path)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "model": "tiny-llama"}, sort_keys=False))
+    record = _general(run_dir)
+    record["run"]["model"] = "tiny-llama"
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    tasks = TaskManager(include_path=str(benchmarks_dir), include_defaults=False)
+    for after in (0, 2):
+        model_dir = tmp_path / f"model-{after}"
+        prepare, command = lm_eval_command(run_dir, record, after, BENCHMARKS, benchmarks_dir,
+                                           model_dir=str(model_dir)).split(" && ")
+        assert "pretrained=tiny-llama" not in command
+        if after:
+            assert main(shlex.split(prepare)[1:]) == 0  # nlora export ... --merge
+        else:
+            argv = shlex.split(prepare)  # python -c "...": the base as nlora builds it
+            assert argv[:2] == ["python", "-c"]
+            exec(argv[2], {})
+        model_args = command.split("--model_args ")[1].split()[0]
+        exported = simple_evaluate(model="hf", model_args=model_args, tasks=BENCHMARKS, batch_size=4,
+                                   device="cpu", task_manager=tasks)
+        for b in BENCHMARKS:
+            metric = record["benchmarks"][b]["metric"]
+            assert exported["results"][b][metric] == pytest.approx(record["scores"][str(after)][b]["score"])
+    capfd.readouterr()
+    evaluate_model(rebuild_model(run_dir, 2), BENCHMARKS, GeneralSettings(batch_size=4), tasks)
+    assert "not a git repository" not in capfd.readouterr().err

@@ -4,6 +4,7 @@ run in which the evaluated (stable) adapter differs from the plastic one."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from nlora import RunConfig
@@ -77,13 +78,16 @@ def test_the_reservoir_and_the_replay_are_drawn_from_the_seed(synthetic_dir):
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.06
 
 
-def test_the_batch_consistency_is_that_of_the_models_hidden_states(synthetic_dir):
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_batch_consistency_is_that_of_the_models_hidden_states(synthetic_dir, dropout):
+    """With dropout on (tiny-bert has its own, and the adapters theirs), the stable pass draws the masks of the
+    training forward: the reference runs both forwards from the same random state."""
     bb = load_backbone("tiny-bert")
     model = bb.model
-    adapters = ContinualAdapters(model, bb.kind, r=2, alpha=4, dropout=0.0,
+    adapters = ContinualAdapters(model, bb.kind, r=2, alpha=4, dropout=0.1 if dropout else 0.0,
                                  target_modules=default_target_modules(bb.model_type))
     adapters.add("shared")
-    adapters.model.eval()  # no dropout: the model's states are compared across forwards
+    adapters.model.train(dropout)
     tasks = _tasks(synthetic_dir)
     objective = make_objective(bb.kind, bb.tokenizer, 256, 8)
     method = _method(ilora_lambda=3.0, ilora_replay=0.5)
@@ -101,10 +105,12 @@ def test_the_batch_consistency_is_that_of_the_models_hidden_states(synthetic_dir
     examples = method.training_examples(tasks, 1)
     ctx.examples = [examples[-1], examples[0], examples[-2], examples[1]]  # rows 0 and 2 are replayed
     batch = objective.collate(ctx.examples)
+    torch.manual_seed(7)
     out = objective.forward(model, batch)
     value = method.batch_loss(1, batch, out, ctx)
 
     def states(name):
+        torch.manual_seed(7)
         with adapters.using([name]):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=True).hidden_states[1:]  # each layer's output
@@ -153,3 +159,38 @@ def test_the_evaluated_stable_adapter_differs_from_the_plastic_one(tmp_path, syn
     consistency = [line["regularizer_terms"]["i-lora"] for line in read_log(out / "log.jsonl")
                    if line["event"] == "train" and line["phase"] == 1]
     assert len(consistency) == 4 and sum(consistency) > 0  # 8 examples + 8 replayed, batches of 4
+
+
+def test_identical_adapters_give_no_consistency_on_a_base_with_dropout(synthetic_dir):
+    """tiny-t5 has dropout of its own (0.1), like T5: with θ_s = θ_w and dropout on in training, both passes draw
+    the same masks and the one-sided term is 0 (a stable pass without dropout made it large)."""
+    bb = load_backbone("tiny-t5")
+    adapters = ContinualAdapters(bb.model, bb.kind, r=2, alpha=4, dropout=0.1,
+                                 target_modules=default_target_modules(bb.model_type))
+    adapters.add("shared")
+    adapters.model.train()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in bb.model.modules())
+    tasks = _tasks(synthetic_dir)
+    objective = make_objective(bb.kind, bb.tokenizer, 256, 8)
+    method = _method()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for f in adapters.factors("shared"):
+            f.B.copy_(torch.randn(f.B.shape, generator=g))
+    method.plastic = {f.layer: {"A": f.A.detach().clone(), "B": f.B.detach().clone()}
+                      for f in adapters.factors("shared")}  # θ_w = θ_s
+    method._add_to_buffer(tasks, 0)
+    ctx = SimpleNamespace(adapters=adapters, objective=objective, config=method.config, tasks=tasks,
+                          device=torch.device("cpu"), accelerator=None)
+    method.setup(ctx)
+    method.before_task(1, ctx)
+    examples = method.training_examples(tasks, 1)
+    ctx.examples = examples[-4:]  # replayed
+    batch = objective.collate(ctx.examples)
+    rng = torch.get_rng_state()
+    out = objective.forward(adapters.model, batch)
+    after_training_forward = torch.get_rng_state()
+    value = method.batch_loss(1, batch, out, ctx)
+    assert value.item() == 0.0
+    assert torch.equal(torch.get_rng_state(), after_training_forward)  # the stable pass leaves the stream alone
+    assert not torch.equal(rng, after_training_forward)  # dropout did draw

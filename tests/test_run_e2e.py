@@ -1,6 +1,7 @@
 """End to end through the CLI: tiny random models for the plumbing, the pretrained MiniLM for real learning."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -113,3 +114,32 @@ def test_pretrained_encoder_learns_two_tasks_and_the_metrics_follow_the_matrix(t
     assert on_disk["forgetting"] == pytest.approx(max(R[0][0] - R[1][0], 0.0))
     assert metrics["average_accuracy"] == on_disk["average_accuracy"]
     assert_run_reproduces(run_dir)
+
+
+def _minilm_n_lora(tmp_path, synthetic_dir, out, *extra):
+    assert main(["run", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--method", "n-lora",
+                 "--tasks", "harbor,orchard", "--data-dir", str(synthetic_dir), "--output-dir", str(tmp_path / out),
+                 "--max-train-samples", "16", "--max-eval-samples", "4", "--batch-size", "8",
+                 "--max-source-length", "64", "--log-steps", "1", "--device", "cpu", "--quiet", *extra]) == 0
+    return [line for line in map(json.loads, (tmp_path / out / "log.jsonl").open()) if line["event"] == "train"]
+
+
+def test_default_lambda_leaves_the_task_loss_in_charge_and_a_swamping_one_is_warned_of_once(tmp_path, synthetic_dir,
+                                                                                         capsys):
+    """The default N-LoRA λ with the default (`delta`) penalty form on the pretrained MiniLM: the penalty is a
+    small part of the loss (the public scripts' λ 0.4, which belongs to the `reference` form, makes it hundreds of
+    times the task loss). A regulariser that large gets one warning line for the whole run, naming the option."""
+    lines = _minilm_n_lora(tmp_path, synthetic_dir, "default")
+    assert all(line["regularizer"] < 0.1 * line["loss"] for line in lines), lines
+    assert "nlora: warning" not in capsys.readouterr().err
+    lines = _minilm_n_lora(tmp_path, synthetic_dir, "swamped", "--lambda", "0.4")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("nlora: warning:")]
+    first = next(line for line in lines if line["regularizer"] > 0)  # step 2: B is 0 at the first step
+    ratio = first["regularizer_terms"]["l1"] / first["loss"]
+    assert ratio > 10 and len(warnings) == 1, err
+    said = re.fullmatch(rf"nlora: warning: task 1 \(harbor\), logged step {first['step']}: regulariser 'l1' of "
+                        r"method n-lora is (\d+)x the task loss \((\S+) against (\S+)\), so the task is barely "
+                        r"learned; lower option 'lambda'", warnings[0])
+    assert said, warnings[0]
+    assert abs(int(said[1]) - ratio) <= 1 and float(said[3]) == pytest.approx(first["loss"], rel=1e-2)

@@ -398,13 +398,13 @@ def test_nan_loss_stops_the_task_and_keeps_the_last_good_checkpoint(tmp_path, sy
 
 
 @pytest.mark.parametrize("lr,message", [
-    ("1e35", "non-finite loss at step 1 (task loss"),    # the update overflows the N-LoRA penalty to inf
+    ("1e35", "non-finite loss at step 1 (task loss"),    # the update overflows the N-LoRA penalty (λ 0.4) to inf
     ("1e38", "the optimizer step overflowed at step 0"),  # Adam's step size overflows float32 itself
 ])
 def test_enormous_lr_is_stopped_by_the_numeric_guard(tmp_path, synthetic_dir, capsys, lr, message):
     out = tmp_path / "run"
     code, err = _cli(["run", "--model", "tiny-t5", "--tasks", "harbor", "--data-dir", str(synthetic_dir),
-                      "--output-dir", str(out), *TINY, "--lr", lr], capsys)
+                      "--output-dir", str(out), *TINY, "--lr", lr, "--lambda", "0.4"], capsys)
     assert code == 2 and f"task 0 ([1/1] train harbor): {message}" in err and "lower option 'lr'" in err
     assert "Traceback" not in err
     assert not (out / "adapters").exists()  # metrics.json holds the run's plan from its start, no finished phase

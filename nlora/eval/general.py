@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import random
+import subprocess
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -38,6 +39,7 @@ import torch
 from ..errors import NloraError
 from ..export import check_summable, read_run, read_run_config
 from ..io import write_json_atomic
+from ..models import TINY_MODELS
 from ..rundir import GENERAL_FILE, read_json_object
 
 SCHEMA_VERSION = 1
@@ -134,8 +136,34 @@ def evaluate_model(scored: ScoredModel, benchmarks: list[str], settings: General
     with _quiet("lm_eval.models.huggingface"):
         lm = HFLM(pretrained=scored.model, tokenizer=scored.tokenizer, backend=BACKENDS[scored.kind],
                   batch_size=settings.batch_size)
-    return simple_evaluate(model=lm, tasks=list(benchmarks), num_fewshot=settings.num_fewshot, limit=settings.limit,
-                           task_manager=task_manager, log_samples=log_samples)
+    with _quiet_git_hash():
+        return simple_evaluate(model=lm, tasks=list(benchmarks), num_fewshot=settings.num_fewshot,
+                               limit=settings.limit, task_manager=task_manager, log_samples=log_samples)
+
+
+@contextmanager
+def _quiet_git_hash():
+    """lm-eval records the working directory's git commit in its results by running `git describe`, which prints
+    "fatal: not a git repository" outside a checkout: the same lookup with git's messages kept off the terminal."""
+    import lm_eval.evaluator as evaluator
+
+    if not hasattr(evaluator, "get_git_commit_hash"):  # another lm-eval release: leave it as it is
+        yield
+        return
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def primary_metric(results: dict, benchmark: str) -> str:
@@ -543,13 +571,19 @@ def eval_general(run_dir: str | Path, benchmarks: list[str], upto: list[int] | N
 
 
 def lm_eval_command(run_dir: str | Path, record: dict, after: int, benchmarks: list[str],
-                    include_path: str | Path | None = None, adapter_dir: str = "ADAPTER_DIR") -> str:
+                    include_path: str | Path | None = None, adapter_dir: str = "ADAPTER_DIR",
+                    model_dir: str = "MODEL_DIR") -> str:
     """The shell commands that score the same model with lm-eval's own CLI: export the summed adapter, load it
-    on the base with PEFT."""
+    on the base with PEFT. A built-in tiny model has no files lm-eval could load by its name: the model is written
+    out first, as a full model (`nlora export --merge`, or the base as nlora builds it), and loaded from there."""
     settings = record["settings"]
-    model_args = f"pretrained={record['run']['model']}"
-    if after:
-        model_args += f",peft={adapter_dir}"
+    model = record["run"]["model"]
+    if model in TINY_MODELS:
+        model_args, prepare = f"pretrained={model_dir}", _write_tiny_model(run_dir, model, after, model_dir)
+    else:
+        model_args, prepare = f"pretrained={model}", f"nlora export {run_dir} {adapter_dir} --upto {after}"
+        if after:
+            model_args += f",peft={adapter_dir}"
     if settings.get("dtype"):
         model_args += f",dtype={settings['dtype']}"
     parts = ["lm_eval --model hf", f"--model_args {model_args}", f"--tasks {','.join(benchmarks)}",
@@ -561,7 +595,15 @@ def lm_eval_command(run_dir: str | Path, record: dict, after: int, benchmarks: l
     if include_path is not None:
         parts.append(f"--include_path {include_path}")
     command = " ".join(parts)
-    return f"nlora export {run_dir} {adapter_dir} --upto {after} && {command}" if after else command
+    return f"{prepare} && {command}" if after or model in TINY_MODELS else command
+
+
+def _write_tiny_model(run_dir: str | Path, model: str, after: int, model_dir: str) -> str:
+    if after:  # the update merged into the weights: the last digits of a log-likelihood may differ
+        return f"nlora export {run_dir} {model_dir} --upto {after} --merge"
+    code = (f"from nlora.models import load_backbone; b = load_backbone('{model}'); "
+            f"b.model.save_pretrained('{model_dir}'); b.tokenizer.save_pretrained('{model_dir}')")
+    return f'python -c "{code}"'
 
 
 def format_general(record: dict) -> list[str]:

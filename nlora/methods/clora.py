@@ -77,4 +77,4 @@ class CLoRA(Method):
         return clora_penalty(f.A, f.B, P_A, P_B)
 
     def loss_terms(self, k):
-        return [LossTerm("clora", self.options.clora_lambda / 2, self._layer_penalty)]
+        return [LossTerm("clora", self.options.clora_lambda / 2, self._layer_penalty, option="clora_lambda")]

@@ -59,7 +59,7 @@ class EWC(Method):
     def loss_terms(self, k):
         if not self.anchors:
             return []
-        return [LossTerm("ewc", self.options.ewc_lambda / 2, self._layer_penalty)]
+        return [LossTerm("ewc", self.options.ewc_lambda / 2, self._layer_penalty, option="ewc_lambda")]
 
     def _layer_penalty(self, f) -> torch.Tensor:
         total = f.A.new_zeros(())

@@ -19,10 +19,13 @@ plastic adapter's hidden states from falling below the stable one's on the repla
   accumulation), and a batch holds about ρ/(1+ρ) of replayed examples; the paper's |b_M| = |b| is ρ = 1 with twice
   the batch size.
 - Consistency, on the replayed examples of each batch: h_w, h_s = the output of every transformer block that holds
-  an adapted layer, under θ_w (the training forward itself) and under θ_s (one more forward, no gradient, dropout
-  off); c = mean over blocks, tokens (padding excluded where the block sees the prompt side; a seq2seq decoder's blocks
-  see the answer) and features of (h_w − max(h_w, h_s))², zero wherever the plastic value is at least the stable
-  one, no gradient into θ_s. Each replayed example adds λ·(1+ρ)/ρ·c per answer token, which in expectation over
+  an adapted layer, under θ_w (the training forward itself) and under θ_s (one more forward, no gradient, with
+  dropout on as in the official code, and the training forward's own dropout masks, base and LoRA: so the term
+  compares the adapters, not two dropout draws, and is 0 when θ_s = θ_w; with dropout off in one pass only, a
+  base with dropout of its own, such as T5, gives a large term at θ_s = θ_w); c = mean over blocks, tokens
+  (padding excluded where the block sees the prompt side; a seq2seq decoder's blocks see the answer) and
+  features of (h_w − max(h_w, h_s))², zero wherever the plastic value is at least the stable one, no gradient
+  into θ_s. Each replayed example adds λ·(1+ρ)/ρ·c per answer token, which in expectation over
   the batches gives the paper's ½(CE(b) + CE(b_M)) + λ·L_cons at ρ = 1.
 """
 
@@ -41,7 +44,7 @@ from ..objectives import IGNORE
 from ..options import MethodOptions, option
 from ..train.engine import transformer_blocks
 from .base import Method
-from .passes import auxiliary_outputs
+from .passes import rng_state, same_dropout_outputs
 from .registry import register
 
 STABLE = "stable"  # the PEFT adapter that holds θ_s while a task trains
@@ -94,6 +97,8 @@ class ILoRA(Method):
         self._replayed: set[int] = set()  # ids of this phase's replayed examples
         self._hooks: list = []
         self._records: list[dict[int, torch.Tensor]] = []  # block outputs of each model call, while capturing
+        self._rng_at_batch: dict | None = None  # the random state as the batch's training forward began
+        self._stable_pass = False
         self._source_blocks: set[int] = set()  # blocks that see the prompt side of a seq2seq model
 
     def setup(self, ctx):
@@ -194,7 +199,11 @@ class ILoRA(Method):
         self._source_blocks = {i for i, b in enumerate(blocks) if id(b) in inside}
         self._records = []
 
+        device = ctx.device
+
         def start(module, args, kwargs):
+            if not self._records and not self._stable_pass:  # the training forward's first model call
+                self._rng_at_batch = rng_state(device)
             self._records.append({})
 
         def record(i):
@@ -222,7 +231,11 @@ class ILoRA(Method):
             return None
         plastic = self._records[0] if self._records else {}  # the first call: the batch's examples
         self._records = []
-        auxiliary_outputs(ctx, [STABLE], batch)  # on every process: under sharding a forward is collective
+        self._stable_pass = True
+        try:  # on every process: under sharding a forward is collective
+            same_dropout_outputs(ctx, [STABLE], batch, self._rng_at_batch)
+        finally:
+            self._stable_pass = False
         stable = self._records[0] if self._records else {}
         self._records = []
         rows = [i for i, e in enumerate(ctx.examples) if id(e) in self._replayed]

@@ -42,7 +42,8 @@ class OLoRA(Method):
     def loss_terms(self, k):
         orth_lambda, l2_lambda = self.lambdas(k)
         l2 = l2_norms if self.options.l2_form == "reference" else l2_squared
-        terms = [LossTerm("l2", l2_lambda, lambda f: l2([f.A, f.B]))]
+        terms = [LossTerm("l2", l2_lambda, lambda f: l2([f.A, f.B]), option="l2_lambda")]
         if k > 0:  # against every earlier task's A in the layer (separate adapters or one folded past adapter)
-            terms.append(LossTerm("orthogonality", orth_lambda, lambda f: olora_orthogonality(f.A, f.earlier_A)))
+            terms.append(LossTerm("orthogonality", orth_lambda, lambda f: olora_orthogonality(f.A, f.earlier_A),
+                                  option="orth_lambda"))
         return terms

@@ -8,6 +8,8 @@
   numerator: squares of batch-mean gradients would mix examples and shrink it by about the batch size);
 - `auxiliary_outputs(ctx, names, batch)`: the objective's outputs with another set of adapters active (a teacher),
   on the same model, no copy, no gradient, dropout off;
+- `rng_state(device)` and `same_dropout_outputs(ctx, names, batch, state)`: the same, dropout as in training, with
+  the dropout masks of the forward that started at `state` (the training forward's own masks);
 - `layer_inputs(ctx, examples, layers, fn)`: a no-grad pass that hands each adapted layer's input to `fn`.
 """
 
@@ -60,6 +62,26 @@ def auxiliary_outputs(ctx, names: list[str], batch: dict) -> StepOutputs:
     """The objective's outputs on `batch` with adapters `names` active instead of the trained set: no copy of the
     model, no gradient, dropout off (a teacher's or a stable adapter's view)."""
     with torch.no_grad(), ctx.adapters.using(names) as model, eval_mode(model):
+        return ctx.objective.forward(model, batch)
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random state a forward draws its dropout masks from (the CPU's, and the device's on CUDA)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def same_dropout_outputs(ctx, names: list[str], batch: dict, state: dict) -> StepOutputs:
+    """The objective's outputs on `batch` with adapters `names` active instead, no gradient, the model in its
+    current mode, drawing its dropout masks from `state` (`rng_state` taken as the training forward began): the
+    masks of that forward, since the same modules draw in the same order (an adapter's LoRA dropout as the trained
+    one's). The random state is left as it was."""
+    cuda = state["cuda"] is not None
+    with torch.no_grad(), ctx.adapters.using(names) as model, \
+            torch.random.fork_rng(devices=[ctx.device] if cuda else []):
+        torch.set_rng_state(state["cpu"])
+        if cuda:
+            torch.cuda.set_rng_state(state["cuda"], ctx.device)
         return ctx.objective.forward(model, batch)
 
 

@@ -146,11 +146,15 @@ def split_method_options(method: str, modules: list[str], values: dict[str, Any]
 
 
 def _is_default(method: str, key: str, value: Any) -> bool:
+    """Whether `value` is option `key`'s default, today's or an earlier release's (what a saved run recorded)."""
     options_cls = METHODS[method].Options
     try:
-        return options_cls.from_dict({key: value}).to_dict()[key] == options_cls().to_dict()[key]
+        parsed = options_cls.from_dict({key: value}).to_dict()[key]
     except NloraError:
         return False
+    former = next((f.metadata.get("former_defaults", ()) for f in option_fields(options_cls)
+                   if public_name(f.name) == key), ())
+    return parsed == options_cls().to_dict()[key] or parsed in former
 
 
 def resolve(config) -> Method:

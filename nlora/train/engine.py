@@ -44,9 +44,29 @@ from ..tracking import accelerator_tracking
 _SHARDED = "_nlora_fsdp2"  # attribute set on a model whose base is sharded
 
 
+# Where a launcher tells a process how many were started: torchrun (accelerate's multi-process launchers, nlora's
+# --num-processes) and MPI (Intel MPI, Open MPI, MVAPICH), the variables accelerate reads.
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch() -> None:
+    """Refuse a process that `accelerate launch` started alone although more were asked for. With --cpu, or on a
+    machine without GPUs, accelerate's launcher starts one process and leaves the others to mpirun; it then sets
+    MASTER_ADDR and MASTER_PORT (only when more than one process is asked for) but no process count, and the one
+    process would run the whole job as a one-process run."""
+    by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every `accelerate launch`
+    if by_accelerate and "MASTER_PORT" in os.environ and not any(v in os.environ for v in _WORLD_SIZE_VARIABLES):
+        raise NloraError("`accelerate launch` started one process although more were asked for (MASTER_PORT is "
+                         "set, no WORLD_SIZE): with --cpu or without GPUs it starts a single process and leaves "
+                         "the others to mpirun. Start N processes with `nlora run --num-processes N ...` or "
+                         "`accelerate launch --config_file examples/accelerate/ddp.yaml -m nlora run ... --device "
+                         "cpu`; for one process, launch without --num_processes")
+
+
 def make_accelerator(config: RunConfig) -> Accelerator:
     """The run's Accelerator: mixed precision and gradient accumulation come from the run's options (recorded in
     config.yaml); the distributed engine (DDP, DeepSpeed) and the process count come from `accelerate launch`."""
+    check_launch()
     for option, variable, neutral in (("mixed_precision", "ACCELERATE_MIXED_PRECISION", "no"),
                                       ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")):
         launched = os.environ.get(variable, neutral)

@@ -137,7 +137,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     window = StepWindow.restored(pos.window, tokens=accelerator.is_main_process)
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
-    regularization = Regularization(adapters.model, adapters.current, method.loss_terms(phase))
+    loss_terms = method.loss_terms(phase)
+    regularization = Regularization(adapters.model, adapters.current, loss_terms)
+    weight_options = _weight_options(method, loss_terms)
+    swamp_checked = False  # the first logged window in which a regulariser acts is checked against the task loss
     # MIGU (nlora.train.migu): every task but the first
     migu = MiguMask(adapters, config.migu_q) if (config.grad_mask == "migu" and phase != method.phases(
         len(config.tasks))[0]) else None
@@ -230,8 +233,11 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 pos.epoch, pos.batch = (epoch, b + 1) if b + 1 < n_batches else (epoch + 1, 0)
                 window.end_step()
                 if logging:
-                    _log_step(logger, accelerator, window, phase, pos.step, total_steps, steps_per_epoch, lr,
-                              grad_norm)
+                    logged = _log_step(logger, accelerator, window, phase, pos.step, total_steps, steps_per_epoch,
+                                       lr, grad_norm)
+                    if not swamp_checked and logged["regularizer"] > 0:
+                        swamp_checked = True
+                        _warn_if_swamped(logger, logged, weight_options, method.name, phase, pos.step)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.step:.4f}", reg=f"{pos.reg_sum / pos.step:.4g}")
                 fault_point("train_step")
                 if (run_dir is not None and config.checkpoint_steps and pos.step % config.checkpoint_steps == 0
@@ -267,8 +273,9 @@ def _window_state(accelerator: Accelerator, window: StepWindow) -> dict:
 
 
 def _log_step(logger: RunLogger, accelerator: Accelerator, window: StepWindow, phase: int, step: int,
-              total_steps: int, steps_per_epoch: int, lr: float, grad_norm) -> None:
-    """One line of log.jsonl. Every process calls this at the same steps: the token count is summed over them."""
+              total_steps: int, steps_per_epoch: int, lr: float, grad_norm) -> dict:
+    """One line of log.jsonl (its values returned). Every process calls this at the same steps: the token count
+    is summed over them."""
     tokens = window.tokens
     if accelerator.num_processes > 1:
         tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
@@ -279,3 +286,34 @@ def _log_step(logger: RunLogger, accelerator: Accelerator, window: StepWindow, p
     if memory is not None:
         values["peak_memory_mb"] = memory
     logger.log_train(phase, step / steps_per_epoch, step, total_steps, values)
+    return values
+
+
+SWAMPED = 10  # a regulariser this many times the task loss leaves the task all but untrained
+
+
+def _weight_options(method: Method, loss_terms: list) -> dict[str, str | None]:
+    """{regulariser term: the method option that weighs it}: the term's own, else the method's one `*lambda`
+    option (a method's own batch loss, a plug-in's term that names none)."""
+    lambdas = [key for key in method.Options.keys() if key.endswith("lambda")]
+    fallback = lambdas[0] if len(lambdas) == 1 else None
+    options = {t.name: t.option or fallback for t in loss_terms}
+    if method.has_hook("batch_loss"):
+        options[method.name] = fallback
+    return options
+
+
+def _warn_if_swamped(logger: RunLogger, values: dict, options: dict[str, str | None], method: str, phase: int,
+                     steps: int) -> None:
+    """Once per session, from a task's first logged window in which a regulariser acts (N-LoRA's is 0 at the
+    first step, B being 0): a regulariser many times the task loss means that its weight is on the wrong scale
+    for this model (N-LoRA's λ depends on the penalty form and the layer sizes)."""
+    loss = values["loss"]
+    for term, value in values.get("regularizer_terms", {}).items():
+        if loss > 0 and value > SWAMPED * loss:
+            option = options.get(term)
+            lower = f"lower option '{option}'" if option else f"lower the weight of '{term}'"
+            logger.warn_once("swamped", f"task {phase + 1} ({logger.tasks[phase]}), logged step {steps}: "
+                             f"regulariser '{term}' of method {method} is {value / loss:.0f}x the task loss "
+                             f"({value:.3g} against {loss:.3g}), so the task is barely learned; {lower}")
+            return

@@ -58,10 +58,12 @@ class LayerFactors:
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One regulariser of a phase: `weight · Σ_layers per_layer(layer factors)` is added to the loss."""
+    """One regulariser of a phase: `weight · Σ_layers per_layer(layer factors)` is added to the loss. `option`:
+    the method option that sets the weight (named when the term swamps the task loss)."""
     name: str
     weight: float
     per_layer: Callable[[LayerFactors], torch.Tensor]
+    option: str | None = None
 
 
 class _AttachTerm(torch.autograd.Function):
