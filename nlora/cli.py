@@ -23,7 +23,7 @@ from .studies.cli import main as study_main
 METHOD_COMMANDS = ("run", "demo")
 
 
-def _shown_default(default) -> str:
+def _shown_default(default) -> object:
     return default if default not in (None, []) else "unset"
 
 
