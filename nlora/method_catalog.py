@@ -49,14 +49,15 @@ def describe(methods: dict[str, type]) -> dict[str, dict[str, Any]]:
 def method_catalog(modules: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """The catalog of every method: the package's, `modules`' and the entry points' (read from the cache when
     it can be)."""
-    cached = None if modules or _has_entry_points() else _read(_cache_file())
+    cache = None if modules or _has_entry_points() else _cache_file()
+    cached = _read(cache) if cache is not None else None
     if cached is not None:
         return cached
     from .methods import load_methods  # torch
 
     catalog = describe(load_methods(modules))
-    if not modules and not _has_entry_points():
-        _write(_cache_file(), catalog)
+    if cache is not None:
+        _write(cache, catalog)
     return catalog
 
 
@@ -72,9 +73,14 @@ def _source_key() -> str:
     return digest.hexdigest()[:20]
 
 
-def _cache_file() -> Path:
-    folder = os.environ.get("NLORA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
-                                                       Path.home() / ".cache") / "nlora"
+def _cache_file() -> Path | None:
+    """Where the catalog of the package's methods is kept; None where no folder can be named (no home)."""
+    folder = os.environ.get("NLORA_CACHE_DIR")
+    if not folder:
+        try:
+            folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nlora"
+        except RuntimeError:  # Path.home() without HOME or a user entry
+            return None
     return Path(folder) / f"methods-{_source_key()}.json"
 
 

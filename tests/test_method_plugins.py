@@ -136,6 +136,17 @@ def test_the_method_catalog_is_the_registry_and_a_broken_cache_is_ignored():
     assert method_catalog.method_catalog() == catalog
 
 
+def test_a_cache_folder_that_cannot_be_written_costs_only_time(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("NLORA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: never a folder
+    assert method_catalog.method_catalog() == method_catalog.describe(METHODS)
+    monkeypatch.delenv("NLORA_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert method_catalog.method_catalog() == method_catalog.describe(METHODS)
+
+
 def test_clashing_option_names_are_refused():
     from dataclasses import dataclass
 
