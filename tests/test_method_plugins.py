@@ -136,6 +136,10 @@ def test_the_method_catalog_is_the_registry_and_a_broken_cache_is_ignored():
     assert method_catalog.method_catalog() == catalog
 
 
+def _no_home(cls):
+    raise RuntimeError("Could not determine home directory")  # what Path.home() raises without HOME or a user
+
+
 def test_a_cache_folder_that_cannot_be_written_costs_only_time(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("NLORA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: never a folder
@@ -143,7 +147,7 @@ def test_a_cache_folder_that_cannot_be_written_costs_only_time(tmp_path, monkeyp
     monkeypatch.delenv("NLORA_CACHE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("HOME")
-    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setattr(Path, "home", classmethod(_no_home))
     assert method_catalog.method_catalog() == method_catalog.describe(METHODS)
 
 
