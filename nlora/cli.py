@@ -21,6 +21,8 @@ from .studies.cli import main as study_main
 
 # Commands whose flags include every method's options (read from the methods' catalog: nlora.method_catalog).
 METHOD_COMMANDS = ("run", "demo")
+# Commands that read the run directory RUN_DIR names (and the model it trained: they import torch).
+RUN_DIR_COMMANDS = ("export", "predict", "rescore")
 
 
 def _shown_default(default) -> object:
@@ -283,7 +285,7 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
 def print_methods(name: str | None, modules: list[str]) -> None:
     catalog = method_catalog(modules)
     if name is None:
-        for method, entry in catalog.items():
+        for method, entry in sorted(catalog.items()):
             print(f"{method:12s} {entry['description']}")
         print("\n`nlora methods NAME` lists a method's options.")
         return
@@ -350,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args = parse_arguments(argv)  # loads the methods of --method-module files: their errors are named
+        if args.command in RUN_DIR_COMMANDS:  # a mistyped folder is named before torch is imported
+            from .rundir import check_run_dir
+
+            check_run_dir(args.run_dir)
         if args.command in ("run", "resume") and args.num_processes is not None \
                 and not getattr(args, "dry_run", False):
             code = _launch(argv, args.num_processes)

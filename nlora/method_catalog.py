@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -50,15 +51,24 @@ def method_catalog(modules: list[str] | None = None) -> dict[str, dict[str, Any]
     """The catalog of every method: the package's, `modules`' and the entry points' (read from the cache when
     it can be)."""
     cache = None if modules or _has_entry_points() else _cache_file()
-    cached = _read(cache) if cache is not None else None
-    if cached is not None:
-        return cached
-    from .methods import load_methods  # torch
+    catalog = _read(cache) if cache is not None else None
+    if catalog is None:
+        from .methods import load_methods  # torch
 
-    catalog = describe(load_methods(modules))
-    if cache is not None:
-        _write(cache, catalog)
-    return catalog
+        load_methods(modules)
+        if cache is not None:  # the package's methods only: others this process registered are not in its key
+            _write(cache, describe(_registered(package_only=True)))
+    return {**(catalog or {}), **describe(_registered())}
+
+
+def _registered(package_only: bool = False) -> dict[str, type]:
+    """The methods registered in this process so far (none while the methods are not imported)."""
+    if "nlora.methods.registry" not in sys.modules:
+        return {}
+    from .methods import METHODS
+
+    return {name: cls for name, cls in METHODS.items()
+            if not package_only or cls.__module__.startswith(f"{__package__}.methods.")}
 
 
 def _has_entry_points() -> bool:

@@ -260,14 +260,20 @@ def read_update_scales(folder: Path) -> list | None:
     return data["phases"]
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` if it holds a run's config.yaml; an error naming it otherwise."""
+    root = Path(run_dir)
+    if not (root / "config.yaml").is_file():
+        raise NloraError(f"{root} is not a run directory (no config.yaml)")
+    return root
+
+
 def read_run_config(run_dir: str | Path) -> "RunConfig":
     """The configuration saved in a run directory, resolved as `nlora resume` resolves it (a config.yaml of an
     older release, with every method's options, reads the same)."""
     from .config import load_config
 
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise NloraError(f"{root} is not a run directory (no config.yaml)")
+    root = check_run_dir(run_dir)
     return load_config(root / "config.yaml", {"output_dir": str(root)}, saved_run=True)
 
 

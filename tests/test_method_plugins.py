@@ -134,6 +134,9 @@ def test_the_method_catalog_is_the_registry_and_a_broken_cache_is_ignored():
     assert catalog == method_catalog.describe(METHODS) == json.loads(json.dumps(catalog))
     method_catalog._cache_file().write_text("{not json")
     assert method_catalog.method_catalog() == catalog
+    cached = json.loads(method_catalog._cache_file().read_text())  # what another process will read
+    assert cached == {name: entry for name, entry in catalog.items()
+                      if METHODS[name].__module__.startswith("nlora.methods.")}
 
 
 def _no_home(cls):
@@ -167,7 +170,9 @@ def test_clashing_option_names_are_refused():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["presets"], ["status", "RUN"], ["methods"], ["methods", "ewc"],
-                                  ["run", "--lamda", "1"], ["run", "--method", "nlora"], ["run", "--help"]])
+                                  ["run", "--lamda", "1"], ["run", "--method", "nlora"], ["run", "--help"],
+                                  ["export", "no-such-run", "out"], ["predict", "no-such-run", "--tasks", "a"],
+                                  ["rescore", "no-such-run"]])
 def test_commands_that_read_no_model_import_no_torch(tmp_path, synthetic_dir, argv):
     method_catalog.method_catalog()  # the methods' catalog as a first command leaves it
     run = tmp_path / "run"
