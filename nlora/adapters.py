@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import NloraError
 from .faults import fault_point
-from .io import replace_dir_atomic, staging_dir
+from .io import naming_the_file, replace_dir_atomic, staging_dir
 from .rundir import ADAPTER_FILE, layer_scale
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
@@ -409,12 +409,16 @@ class ContinualAdapters:
         folder = Path(folder)
         tmp = staging_dir(folder)
         state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                  str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        with naming_the_file(folder / ADAPTER_FILE):
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config = copy.copy(self.peft_model.peft_config[name])
         if config.base_model_name_or_path is None:  # PEFT records it for the first adapter only, not add_adapter's
             config.base_model_name_or_path = self.base_model.__dict__.get("name_or_path") or None
-        config.save_pretrained(str(tmp))
+        if isinstance(config.target_modules, (set, frozenset)):  # PEFT writes a set in hash order: a run's files
+            config.target_modules = sorted(config.target_modules)  # would differ between identical processes
+        with naming_the_file(folder / "adapter_config.json"):
+            config.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
         fault_point("adapter_save")

@@ -29,6 +29,7 @@ This module imports no torch, no configuration and no method: it sits low in the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,6 +86,11 @@ def check_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
     if existing and not (config.overwrite or resume):
         raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
                          "continue it, --overwrite to replace it, or choose another 'output_dir'")
+    linked = [e for e in existing if (root / e).is_symlink()]
+    if config.overwrite and linked:  # removing it would remove a link, or files outside the run, not the run's
+        raise NloraError(f"output dir {root}: {linked[0]} is a symbolic link to {os.readlink(root / linked[0])}; "
+                         "--overwrite replaces only what a run wrote there: remove the link yourself, or choose "
+                         "another 'output_dir'")
     nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
     if not nearest.is_dir():
         raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")
@@ -215,6 +221,14 @@ def read_update_scales(folder: Path) -> list | None:
     if not isinstance(data.get("phases"), list):
         raise NloraError(f"{path}: field 'phases' must be a list, one entry per phase")
     return data["phases"]
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` if it holds a run's config.yaml; an error naming it otherwise."""
+    root = Path(run_dir)
+    if not (root / "config.yaml").is_file():
+        raise NloraError(f"{root} is not a run directory (no config.yaml)")
+    return root
 
 
 def model_files(folder: str | Path) -> list[Path]:

@@ -13,7 +13,7 @@ from .method_state import load_state
 from .methods import Method
 from .methods.registry import resolve
 from .paths import check_plain_name
-from .rundir import RunPaths, declared_scales, model_adapter_names, phase_saved
+from .rundir import RunPaths, check_run_dir, declared_scales, model_adapter_names, phase_saved
 
 
 @dataclass
@@ -50,9 +50,7 @@ class TrainedRun:
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The configuration saved in a run directory, resolved as `nlora resume` resolves it (a config.yaml of an
     older release, with every method's options, reads the same)."""
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise NloraError(f"{root} is not a run directory (no config.yaml)")
+    root = check_run_dir(run_dir)
     return load_config(root / "config.yaml", {"output_dir": str(root)}, saved_run=True)
 
 
