@@ -66,12 +66,12 @@ def test_the_kit_fails_a_method_whose_state_is_saved_late_or_never(tmp_path, dat
 
 
 def test_an_installed_method_package_does_not_join_nlora_own_kit(tmp_path, monkeypatch):
-    (tmp_path / "my_cl_methods.py").write_text(
+    (tmp_path / "kit_cl_methods.py").write_text(
         "import nlora\n\n@nlora.register\nclass Mine(nlora.Method):\n    name = 'mine-installed'\n")
-    info = tmp_path / "my_cl_methods-0.1.dist-info"
+    info = tmp_path / "kit_cl_methods-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-cl-methods\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[nlora.methods]\nmine = my_cl_methods:Mine\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-cl-methods\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[nlora.methods]\nmine = kit_cl_methods:Mine\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_loaded_entry_points", False)
     try:

@@ -46,7 +46,8 @@ def write_dev_view(folder: Path, config, pool: int | None, dev: int) -> Path:
                                      "CL_Benchmark layout only; leave the options of free-text studies untuned "
                                      "(one value each)")
                 task = load_task(config.data_dir, name, max_train=pool, max_test=1, seed=VIEW_SEED)
-                fit, held = carve_dev(task.train, dev / (pool or len(task.train)), seed=VIEW_SEED)  # a smaller task: the same share
+                # a smaller task than the pool: the same share of it
+                fit, held = carve_dev(task.train, dev / (pool or len(task.train)), seed=VIEW_SEED)
                 out = tmp / task.family / name
                 out.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(out / "labels.json", task.labels)
