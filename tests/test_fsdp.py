@@ -73,20 +73,18 @@ def test_sharding_options_are_checked():
 
 @pytest.mark.distributed
 def test_a_sharded_free_text_run_killed_mid_task_resumes_to_the_one_process_run(tmp_path):
-    """The conformance kit's sequence (a classification task, then a free-text one scored by edit similarity),
-    sharded over 2 processes, killed at the second (last) step of the free-text task, after the checkpoint of its
-    first, and resumed sharded: generation and
-    scoring of the free-text task after the resume give the one-process run."""
+    """The conformance kit's sequence (classification, free text scored by edit similarity, classification),
+    sharded over 2 processes, killed at the kit's point (the free-text task's last step, after the checkpoint two
+    steps into it), and resumed sharded: generation and scoring of the free-text task after the resume, and the
+    task after it, give the one-process run."""
     from nlora.cli import main
-    from nlora.tasks.synthetic import write_synthetic_benchmark, write_synthetic_trace
-    from test_conformance import argv
+    from nlora.testing.kit import FAULT, Kit, write_kit_data
 
-    data = tmp_path / "data"
-    write_synthetic_benchmark(data, n_train=8, n_test=4, tasks=("harbor",))
-    write_synthetic_trace(data, n_train=8, n_eval=4, n_test=4, tasks=("reverse",))
+    data = write_kit_data(tmp_path / "data")
+    argv = Kit(["n-lora"], [], {}).argv
     single, resumed = tmp_path / "single", tmp_path / "resumed"
     assert main(argv("n-lora", data, single)) == 0
-    killed = _launch([*argv("n-lora", data, resumed), "--sharding", "fsdp2"], {"NLORA_FAULT": "train_step:4"})
+    killed = _launch([*argv("n-lora", data, resumed), "--sharding", "fsdp2"], {"NLORA_FAULT": FAULT})
     _, err = killed.communicate(timeout=600)
     assert killed.returncode != 0 and (resumed / "checkpoint").is_dir(), err[-3000:]
     assert (resumed / "adapters" / "0-harbor").is_dir() and not (resumed / "adapters" / "1-reverse").exists()

@@ -116,7 +116,7 @@ def test_only_the_final_model_stays_saved_by_default(reference):
     assert sorted(p.name for p in (reference / "predictions").iterdir()) == ["0-harbor", "1-orchard"]
     assert not (reference / "checkpoint").exists()
     with pytest.raises(NloraError, match="keeps only its latest model"):
-        from nlora.rundir import read_run
+        from nlora.trained_run import read_run
 
         read_run(reference, upto=1)
 
@@ -145,7 +145,7 @@ def test_bf16_with_checkpointing_keeps_every_task_s_model_in_bf16(tmp_path, synt
     argv[argv.index("tiny-t5")] = "tiny-llama"
     assert main(argv) == 0
     from nlora.eval.evaluate import evaluate
-    from nlora.rundir import read_run_config
+    from nlora.trained_run import read_run_config
     from nlora.runner import load_tasks
 
     config = read_run_config(out)
