@@ -100,6 +100,33 @@ def dropkey_logits(logits: torch.Tensor, permitted: torch.Tensor | None, keep: t
     return logits.masked_fill(~kept, torch.finfo(logits.dtype).min)
 
 
+def dropkey_attention(module, query, key, value, attention_mask, key_rate: float, scaling=None, dropout=0.0,
+                      position_bias=None, is_causal=None, **kwargs):
+    """Attention in training, computed eagerly as the model's own eager function does, with DropKey: the keep
+    mask of the keys is one uniform draw of shape (batch, heads, 1, keys) from the global generator."""
+    bad = [k for k in UNSUPPORTED_KEYWORDS if kwargs.get(k) is not None]
+    if bad:
+        raise NloraError(f"option 'dropout_scheme': hiddenkey does not compute attention with {bad[0]} "
+                         f"({type(module).__name__}); use dropout_scheme none with this base")
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped keys and values, repeated per query head
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        logits = logits + position_bias
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        logits = logits + attention_mask
+    causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    permitted = permitted_keys(attention_mask, causal, query.shape[2], key.shape[2], query.device)
+    batch, heads, _, keys = logits.shape
+    keep = torch.rand(batch, heads, 1, keys, device=logits.device) >= key_rate
+    logits = dropkey_logits(logits, permitted, keep)
+    weights = logits.softmax(-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=True)  # the model's own attention dropout
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 def _original_function(module: torch.nn.Module, original: str):
     if original == "eager":  # the model's own eager function, as its attention module falls back to
         return sys.modules[type(module).__module__].eager_attention_forward
@@ -141,30 +168,9 @@ class HiddenKey:
             _SCHEMES[key] = self
         self._hooks = [block.register_forward_hook(self._hidden_cut) for block in attention_blocks(model)]
 
-    def train_attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        position_bias=None, is_causal=None, **kwargs):
-        bad = [k for k in UNSUPPORTED_KEYWORDS if kwargs.get(k) is not None]
-        if bad:
-            raise NloraError(f"option 'dropout_scheme': hiddenkey does not compute attention with {bad[0]} "
-                             f"({type(module).__name__}); use dropout_scheme none with this base")
+    def train_attention(self, module, query, key, value, attention_mask, **kwargs):
         self.attention_calls += 1
-        groups = getattr(module, "num_key_value_groups", 1)
-        if groups > 1:  # grouped keys and values, repeated per query head
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-        if position_bias is not None:
-            logits = logits + position_bias
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            logits = logits + attention_mask
-        causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
-        permitted = permitted_keys(attention_mask, causal, query.shape[2], key.shape[2], query.device)
-        batch, heads, _, keys = logits.shape
-        keep = torch.rand(batch, heads, 1, keys, device=logits.device) >= self.key_rate
-        logits = dropkey_logits(logits, permitted, keep)
-        weights = logits.softmax(-1, dtype=torch.float32).to(query.dtype)
-        weights = F.dropout(weights, p=dropout, training=True)  # the model's own attention dropout
-        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+        return dropkey_attention(module, query, key, value, attention_mask, self.key_rate, **kwargs)
 
     def _hidden_cut(self, module, args, output):
         if not module.training or self.hidden_rate == 0:
