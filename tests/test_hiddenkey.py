@@ -261,6 +261,19 @@ def test_every_option_changes_the_run(tmp_path, synthetic_dir):
         assert any(not torch.equal(base[k], other[k]) for k in base), f"option {name} changed nothing"
 
 
+def test_checkpointing_recomputes_the_same_drops(tmp_path, synthetic_dir):
+    """Backward's recomputation of a checkpointed layer draws the forward's masks again (the generator's state is
+    kept), so the run is the run without checkpointing."""
+    from safetensors.torch import load_file
+
+    saved = []
+    for extra in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / str(len(saved))
+        assert main(["run", *RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(out), *SCHEME, *extra]) == 0
+        saved.append(load_file(str(out / "adapters" / "0-harbor" / "adapter_model.safetensors")))
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
 def test_a_bad_rate_is_refused_before_anything_is_written(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "bad"
     assert main(["run", *RUN, "--data-dir", str(synthetic_dir), "--output-dir", str(out), *SCHEME,
