@@ -27,6 +27,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import NloraError
 
@@ -130,7 +132,7 @@ def dropkey_attention(module, query, key, value, attention_mask, key_rate: float
 def _original_function(module: torch.nn.Module, original: str):
     if original == "eager":  # the model's own eager function, as its attention module falls back to
         return sys.modules[type(module).__module__].eager_attention_forward
-    return AttentionInterface._global_mapping[original]
+    return ALL_ATTENTION_FUNCTIONS[original]
 
 
 def _attention_for(original: str):
@@ -145,9 +147,9 @@ def _attention_for(original: str):
 
 def _register(original: str) -> str:
     name = PREFIX + original
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _attention_for(original))
-        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[original])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
 
