@@ -32,6 +32,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TRAIN_FACTORS = ("both", "A", "B")
 GRAD_MASKS = ("none", "migu")  # nlora.train.migu
+DROPOUT_SCHEMES = ("none", "hiddenkey")  # nlora.train.hiddenkey
 # Keys that hold per-task lists of a core scalar (a scalar the user sets drops a preset's list).
 CORE_PER_TASK_OF = {"epochs": "epochs_per_task", "max_new_tokens": "max_new_tokens_per_task"}
 # free-text tasks (nlora.tasks.loading, nlora.tasks.freetext)
@@ -157,6 +158,18 @@ class RunConfig:
                           "1 - migu_q of them (MIGU); any LoRA method", default="none", choices=GRAD_MASKS)
     migu_q: float = _opt("grad_mask migu: the quantile of a factor's row output magnitudes below which a row's "
                          "gradient is zeroed", default=0.7, minimum=0, maximum=1)
+    dropout_scheme: str = _opt("none, or hiddenkey: while a task trains, DropKey drops attention keys (whole columns "
+                               "of the logits) with rate hiddenkey_key_rate, HiddenCut drops the elements of each "
+                               "transformer block's output with rate hiddenkey_hidden_rate, and each batch runs twice "
+                               "with hiddenkey_kl_weight x the bidirectional KL between the passes (HiddenKey); any "
+                               "method; evaluation is unchanged", default="none", choices=DROPOUT_SCHEMES)
+    hiddenkey_key_rate: float = _opt("dropout_scheme hiddenkey: probability that a key (a column of the attention "
+                                     "logits, per example and head) is dropped", default=0.1, minimum=0, maximum=1)
+    hiddenkey_hidden_rate: float = _opt("dropout_scheme hiddenkey: probability that an element of a transformer "
+                                        "block's output is dropped (the rest are scaled by 1 / (1 - rate))",
+                                        default=0.1, minimum=0, maximum=0.99)
+    hiddenkey_kl_weight: float = _opt("dropout_scheme hiddenkey: weight of the bidirectional KL between the two "
+                                      "passes (0: one pass, no KL)", default=1.0, minimum=0)
 
     # adapters
     fold_adapters: bool = _opt("fold the frozen adapters of a method that sums them all into one frozen LoRA "

@@ -43,6 +43,7 @@ from .threads import use_threads
 from .tracking import RunLogger
 from .train.checkpoint import load_checkpoint, remove_checkpoint
 from .train.engine import make_accelerator, shard_model
+from .train.hiddenkey import check_base as check_dropout_base
 from .train.loop import train_task
 
 SCHEMA_VERSION = 1
@@ -141,6 +142,8 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         if accelerator.is_main_process:
             warn_other_release(paths.root / "run.json")
     preflight(resolved, method, backbone, resolved.target_modules, accelerator.num_processes)
+    if config.dropout_scheme == "hiddenkey":
+        check_dropout_base(backbone.model)
     general = RunScoring(resolved, paths.root, resume, accelerator, backbone, method.phases(len(tasks))) \
         if config.general_eval else None  # its benchmarks load here: a bad one fails before anything is written
     # Every process has checked the output dir above; one changes it, once everything above has passed.

@@ -34,6 +34,7 @@ from ..tasks.data import Example
 from ..tracking import RunLogger, StepWindow, batch_tokens, peak_memory_mb, reset_peak_memory
 from .checkpoint import Progress, save_checkpoint
 from .engine import average_gradients, is_sharded, prepare, reduce_replicated_gradients
+from .hiddenkey import HiddenKey, bidirectional_kl
 from .migu import MiguMask
 from .regularization import Regularization
 
@@ -144,6 +145,9 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     # MIGU (nlora.train.migu): every task but the first
     migu = MiguMask(adapters, config.migu_q) if (config.grad_mask == "migu" and phase != method.phases(
         len(config.tasks))[0]) else None
+    # HiddenKey (nlora.train.hiddenkey): DropKey and HiddenCut while this task trains, undone before evaluation
+    hiddenkey = HiddenKey(adapters.model, config.hiddenkey_key_rate, config.hiddenkey_hidden_rate,
+                          config.hiddenkey_kl_weight) if config.dropout_scheme == "hiddenkey" else None
     try:
         for epoch in range(pos.epoch, config.epochs):
             order = epoch_order(len(examples), config.seed, phase, epoch)
@@ -175,7 +179,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
                 with sync:
                     outputs = objective.forward(model, batch)
-                    share = outputs.loss * (terms / step_terms)  # this process's part of the step's mean task loss
+                    task_loss, kl = outputs.loss, None
+                    if hiddenkey is not None:
+                        task_loss, kl = _second_pass(hiddenkey, objective, model, batch, outputs)
+                    share = task_loss * (terms / step_terms)  # this process's part of the step's mean task loss
                     step_loss = accelerator.reduce(share.detach().float(), "sum") if world > 1 else share.detach()
                     # the method's own loss: a sum over this batch's loss items, normalised like the task loss
                     extra = method.batch_loss(phase, batch, outputs, ctx) if batch_loss else None
@@ -183,6 +190,10 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                         extra = extra * (weight / step_terms)
                         share = share + extra
                         extra = accelerator.reduce(extra.detach().float(), "sum") if world > 1 else extra.detach()
+                    if kl is not None:  # a sum over the batch's loss items, normalised like the task loss
+                        kl = kl * (weight / step_terms)
+                        share = share + kl
+                        kl = accelerator.reduce(kl.detach().float(), "sum") if world > 1 else kl.detach()
                     # the regulariser's gradient enters in backward, once per optimizer step
                     total = regularization.anchor(share * world)
                     # accelerate (or DeepSpeed) divides what backward gets by the accumulation steps
@@ -191,6 +202,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                     values = regularization.collect()
                     if extra is not None:
                         values[method.name] = extra
+                    if kl is not None:
+                        values["hiddenkey_kl"] = kl
                     reg = torch.stack(list(values.values())).sum() if values else None
                     if not (torch.isfinite(step_loss) and (reg is None or torch.isfinite(reg))):
                         raise NloraError(
@@ -251,6 +264,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
         regularization.close()
         if migu is not None:
             migu.close()
+        if hiddenkey is not None:
+            hiddenkey.close()
         bar.close()
         model.eval()
         accelerator.sync_gradients = True
@@ -261,6 +276,18 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
     if logger is not None:
         logger.train_end(phase, stats.to_dict())
     return stats
+
+
+def _second_pass(hiddenkey: HiddenKey, objective: Objective, model, batch: dict, first
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HiddenKey's loss: the mean of two passes' task losses (independent drops), and the KL weight times the sum
+    over the batch's loss items of the bidirectional KL between the passes. Weight 0: the first pass alone."""
+    hiddenkey.check_reached()
+    if hiddenkey.kl_weight == 0:
+        return first.loss, None
+    second = objective.forward(model, batch)
+    kl = bidirectional_kl(first.item_logits, second.item_logits).sum()
+    return (first.loss + second.loss) / 2, (hiddenkey.kl_weight * kl).to(first.loss.dtype)
 
 
 def _window_state(accelerator: Accelerator, window: StepWindow) -> dict:
