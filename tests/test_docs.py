@@ -48,7 +48,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
         pytest.skip(f"mkdocs, mkdocs-material or mkdocstrings-python not installed ({missing}): "
                     'pip install -e ".[docs]"')
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f",
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
                            str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
