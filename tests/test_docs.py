@@ -211,3 +211,41 @@ def test_the_pages_are_the_scripts_and_the_readme_is_its_output():
     assert written == set(build_pages.PAGES) | {"api.md", "measurements.md"}
     assert (ROOT / "README.md").read_text(encoding="utf-8").startswith(build_pages.MARKER)
     assert set(build_pages.PAGES) == {page for _, page in build_pages.SECTIONS}
+
+
+def inline_code(path: Path) -> list[str]:
+    """The inline code spans of a markdown file, outside its code blocks."""
+    text = re.sub(r"^(\s*)(`{3,}|~{3,}).*?^\1\2\s*$", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def resolves(dotted: str) -> bool:
+    """Whether `nlora.a.b.c` is a module or an attribute reached from one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[i:]:
+                obj = getattr(obj, part)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_the_files_and_names_the_docs_mention_exist():
+    """A repository path (`nlora/train/loop.py`, `examples/...`) or a dotted name (`nlora.tasks.scoring.score`)
+    in the docs' inline code names something that exists, so a file moved or a name renamed fails here."""
+    missing = []
+    for page in documents():
+        for code in inline_code(page):
+            for path in re.findall(r"(?<![\w/.-])((?:nlora|examples|benchmarks|tests|\.ci)/[\w./<>{}*-]+)", code):
+                if not re.search(r"[<>{}*]", path) and not (ROOT / path.rstrip(".,")).exists():
+                    missing.append(f"{page.relative_to(ROOT)}: {path}")
+            for name in re.findall(r"(?<![\w/.])(nlora(?:\.\w+)+)", code):
+                if not resolves(name):
+                    missing.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not missing, "the docs name what does not exist: " + "; ".join(missing)
