@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import posixpath
 import re
 import sys
@@ -90,13 +91,15 @@ SECTIONS = [
 # Files of the repository that links in the manual point to, and the page of the site that shows them.
 LINKS = {"benchmarks/RESULTS.md": "measurements.md"}
 
-# The API reference: each namespace, a line about it, and its public names (None: the module's `__all__`).
+# The API reference: each namespace, a line about it, and its public names (None: the module's `__all__`); a
+# namespace that does not exist is left out.
 API = [
     ("nlora", "What a user and a method author import: a run, a study, the configuration, the method contract.",
      None),
     ("nlora.methods", "The method contract and the registry (the names not already above).", None),
     ("nlora.studies", "A study file read into a plan, and what running it returned.",
      ["spec.Study", "spec.read_study", "execute.Outcome"]),
+    ("nlora.testing", "The conformance kit, for a method built in or from your own repository.", None),
 ]
 
 # The short README: which sections of the manual it opens with (the opening of each, up to and including the
@@ -342,6 +345,9 @@ def api_text() -> str:
     out = ["# API reference", "The public names, from their docstrings. Everything else is internal."]
     done: set[str] = set()
     for namespace, lead, names in API:
+        if importlib.util.find_spec(namespace) is None:
+            print(f"build_pages: {namespace} does not exist: not in the API reference", file=sys.stderr)
+            continue
         module = importlib.import_module(namespace)
         out += [f"## `{namespace}`", lead]
         for name in names if names is not None else module.__all__:
