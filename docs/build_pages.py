@@ -328,7 +328,7 @@ def next_steps(prefix: str) -> str:
     for page, (_, lead) in PAGES.items():
         if page == "index.md":
             continue
-        lead = re.sub(r"\]\(([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", lead)
+        lead = re.sub(r"\]\(([^)]+)\)", lambda m: f"]({link_from(prefix, m.group(1))})", lead)
         item = f"[{page_title(page)}]({prefix}{page}): {lead}"
         if page.startswith("guide/"):
             lines += [] if guide_started else ["- The user's guide:"]
@@ -338,6 +338,13 @@ def next_steps(prefix: str) -> str:
             lines.append(f"- {item}")
     lines.append(f"- [API reference]({prefix}api.md): the public names, from their docstrings.")
     return "\n".join(lines)
+
+
+def link_from(prefix: str, page: str) -> str:
+    """A link to a page of the site from a file `prefix` away from docs/; from the repository's root, a page that
+    only includes a repository file (LINKS) is that file."""
+    shown = {page: path for path, page in LINKS.items()}
+    return shown[page] if prefix and page in shown else f"{prefix}{page}"
 
 
 def api_text() -> str:
