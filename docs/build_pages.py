@@ -10,7 +10,10 @@ page its title. Links to files of the repository are rewritten to the site's pag
 is written from the public names (`__all__`) of the modules in API. Run on a README this script wrote, it leaves
 everything as it is.
 
-Then `mkdocs build --strict` (or `mkdocs serve`) builds the site; tests/test_docs.py checks both.
+To move a manual that changed since (a merge that brings edits of the old README): put the whole manual back in
+README.md (during the merge, `git checkout HEAD -- README.md`), run this script, add a row to SECTIONS for each
+heading it names, and commit README.md and docs/. Then `mkdocs build --strict` (or `mkdocs serve`) builds the
+site; tests/test_docs.py checks both.
 """
 
 from __future__ import annotations
