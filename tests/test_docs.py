@@ -209,7 +209,11 @@ def test_build_pages_names_a_link_no_page_shows(small_tables, tmp_path, capsys):
 def test_the_pages_are_the_scripts_and_the_readme_is_its_output():
     written = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
     assert written == set(build_pages.PAGES) | {"api.md", "measurements.md"}
-    assert (ROOT / "README.md").read_text(encoding="utf-8").startswith(build_pages.MARKER)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith(build_pages.MARKER)
+    # the README's test command is the one CI runs
+    command = "python -m pytest -q --durations=10 tests"
+    assert command in readme and command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert set(build_pages.PAGES) == {page for _, page in build_pages.SECTIONS}
 
 
