@@ -6,9 +6,9 @@
 Every section of the manual (a `#`, `##` or `###` heading outside code blocks, with the text up to the next one)
 goes to exactly one page, as SECTIONS says; a heading SECTIONS does not name stops the script, naming it, before
 anything is written. Within a page the sections keep the order of SECTIONS, under the title PAGES gives it (or
-its first section's heading). Links to files of the repository are rewritten to the site's pages (LINKS). The API reference page
-is written from the public names (`__all__`) of the modules in API. Run on a README this script wrote, it leaves
-everything as it is.
+its first section's heading). Links to files of the repository are rewritten to the site's pages (LINKS). The
+API reference page is written from the public names (`__all__`) of the modules in API. Run on a README this
+script wrote, it leaves everything as it is.
 
 To move a manual that changed since (a merge that brings edits of the old README): put the whole manual back in
 README.md (during the merge, `git checkout HEAD -- README.md`), run this script, add a row to SECTIONS for each
