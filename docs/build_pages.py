@@ -108,6 +108,7 @@ API = [
 # The short README: which sections of the manual it opens with (the opening of each, up to and including the
 # first paragraph after its first code block), then its own quickstart and the pages to go to next.
 README_SECTIONS = ["Install and run the default job", "Run the tests"]
+HOME_SECTIONS = ["Install and run the default job"]  # the same on the site's home page
 QUICKSTART = '''## Quickstart on your own data
 
 A task is a folder of three JSON files, `train.json` and `test.json` (arrays of `{"sentence": ..., "label": ...}`)
@@ -254,9 +255,9 @@ def escape_brackets(text: str) -> str:
                   lambda m: m.group(0) if m.group(2) in defined else f"[{m.group(1)}]\\[{m.group(2)}]", text)
 
 
-def page_text(page: str, sections: list[Section]) -> str:
+def page_text(page: str, sections: list[Section], extra: list[str] = ()) -> str:
     """The page: its title and lead line, then each section at its depth on the page (a `###` whose `##` is on
-    another page becomes a `##`); the home page ends with the quickstart and the pages to go to next."""
+    another page becomes a `##`), then `extra`'s paragraphs."""
     title, lead = PAGES[page]
     promoted = sections[0] if title is None else None  # the section whose heading is the page's title
     out = [f"# {title or promoted.heading}"] + ([lead] if lead else [])
@@ -268,9 +269,7 @@ def page_text(page: str, sections: list[Section]) -> str:
         if s.body:
             linked = in_prose(s.body, lambda text: rewrite_links(text, page, s.heading), inline_code=True)
             out.append(in_prose(linked, escape_brackets))
-    if page == "index.md":
-        out += [QUICKSTART.strip(), "## Where to go next", next_steps("")]
-    return "\n\n".join(out) + "\n"
+    return "\n\n".join(out + list(extra)) + "\n"
 
 
 def page_title(page: str) -> str:
@@ -296,7 +295,8 @@ def build_pages(sections: list[Section]) -> dict[str, str]:
     empty = [p for p in PAGES if p not in by_page]
     if empty:
         raise BuildError(f"pages that no README section goes to: {empty}")
-    return {page: page_text(page, by_page[page]) for page in PAGES}
+    home = openings(sections, HOME_SECTIONS, "") + [QUICKSTART.strip(), "## Where to go next", next_steps("")]
+    return {page: page_text(page, by_page[page], home if page == "index.md" else ()) for page in PAGES}
 
 
 def opening(section: Section) -> str:
@@ -311,14 +311,23 @@ def opening(section: Section) -> str:
     return "\n\n".join(out)
 
 
+def openings(sections: list[Section], headings: list[str], prefix: str) -> list[str]:
+    """The opening of each named section, under its heading, with a link to its page (`prefix` away)."""
+    by_heading = {s.heading: s for s in sections}
+    out = []
+    for heading in headings:
+        page = dict(SECTIONS)[heading]
+        text = opening(by_heading[heading])
+        if not prefix:  # on the site: its links as on the section's page
+            text = in_prose(text, lambda t: rewrite_links(t, "index.md", heading), inline_code=True)
+        out += [f"## {heading}", text, f"More: [{page_title(page)}]({prefix}{page})."]
+    return out
+
+
 def readme_text(sections: list[Section]) -> str:
     """The newcomer's README: what nlora is, install and the default job, the tests, a quickstart, the pages."""
-    by_heading = {s.heading: s for s in sections}
     title = sections[0]
-    out = [MARKER, f"# {title.heading}", title.body]
-    for heading in README_SECTIONS:
-        page = dict(SECTIONS)[heading]
-        out += [f"## {heading}", opening(by_heading[heading]), f"More: [{page_title(page)}](docs/{page})."]
+    out = [MARKER, f"# {title.heading}", title.body] + openings(sections, README_SECTIONS, "docs/")
     out += [QUICKSTART.strip(), "## Where to go next", next_steps("docs/"),
             "The site: `pip install -e \".[docs]\" && mkdocs serve`, then http://127.0.0.1:8000."]
     return "\n\n".join(out) + "\n"  # its links are the manual's own, relative to the repository's root
