@@ -185,8 +185,10 @@ def test_build_pages_places_every_section_once(small_tables, tmp_path):
     assert readme.startswith(build_pages.MARKER)
     assert "python -m pytest -q --durations=10 tests" in readme and "Four minutes." in readme
     assert "After the block." in readme and "More text, not in the README." not in readme
-    # run again on its own output, it leaves everything as it is
+    # run again on the same manual, or on its own output, it writes the same files
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.md")}
+    assert build_pages.main(["--source", str(source), "--output", str(tmp_path)]) == 0
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.md")} == before
     assert build_pages.main(["--source", str(tmp_path / "README.md"), "--output", str(tmp_path)]) == 0
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.md")} == before
 
