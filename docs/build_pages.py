@@ -36,13 +36,11 @@ PAGES = {
     "index.md": (None, ""),
     "guide/install.md": ("Install and the default job",
                          "Installing nlora, and its offline default job."),
-    "guide/your-data.md": (None, "Classification tasks of your own, the options, config files and the Python "
-                                 "API."),
+    "guide/your-data.md": (None, "Classification tasks of your own, the options, config files, the Python API."),
     "guide/free-text.md": (None, "Tasks whose answers are free text, and their metrics."),
     "guide/evaluation.md": ("Evaluation", "How the accuracy matrix is evaluated."),
     "guide/using-a-model.md": (None, "The model a run trained, outside nlora."),
-    "guide/general-ability.md": (None, "What a task sequence costs the base model's general "
-                                       "ability."),
+    "guide/general-ability.md": (None, "What a task sequence costs the base model's general ability."),
     "guide/diagnostics.md": (None, "What the task updates look like, and reports of runs."),
     "guide/large-models.md": (None, "7B models on one GPU."),
     "guide/tracking.md": (None, "Following a run."),
@@ -267,7 +265,7 @@ def page_text(page: str, sections: list[Section], extra: list[str] = ()) -> str:
             depth = 2 + sum(1 for h in ancestors(s, sections) if h in on_page)
             out.append(f"{'#' * depth} {s.heading}")
         if s.body:
-            linked = in_prose(s.body, lambda text: rewrite_links(text, page, s.heading), inline_code=True)
+            linked = in_prose(s.body, lambda text, h=s.heading: rewrite_links(text, page, h), inline_code=True)
             out.append(in_prose(linked, escape_brackets))
     return "\n\n".join(out + list(extra)) + "\n"
 
@@ -319,7 +317,7 @@ def openings(sections: list[Section], headings: list[str], prefix: str) -> list[
         page = dict(SECTIONS)[heading]
         text = opening(by_heading[heading])
         if not prefix:  # on the site: its links as on the section's page
-            text = in_prose(text, lambda t: rewrite_links(t, "index.md", heading), inline_code=True)
+            text = in_prose(text, lambda t, h=heading: rewrite_links(t, "index.md", h), inline_code=True)
         out += [f"## {heading}", text, f"More: [{page_title(page)}]({prefix}{page})."]
     return out
 
