@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import posixpath
 import re
 import sys
@@ -91,6 +90,28 @@ SECTIONS = [
 
 # Files of the repository that links in the manual point to, and the page of the site that shows them.
 LINKS = {"benchmarks/RESULTS.md": "measurements.md"}
+
+# Words of the manual that point up or down to a section now on another page, and the link that replaces them
+# (by page; spaces match any line break). One no longer found is reported, not an error.
+PENALTY_FORMS = "methods.md#the-n-lora-penalty-three-forms-penalty-form"
+PAPERS_TABLE = "benchmarks.md#the-papers-table-in-nlora"
+CROSS_REFERENCES = [
+    ("benchmarks.md", "(see the penalty forms above)", f"(see [the penalty forms]({PENALTY_FORMS}))"),
+    ("benchmarks.md", "`nlora study run standard-t5-large`, next section",
+     "`nlora study run standard-t5-large`, [Studies](studies.md)"),
+    ("methods.md", "the papers' table (see below)", f"the papers' table ([the papers' rows]({PAPERS_TABLE}))"),
+    ("results.md", "the commands are above.", "the commands are in [The papers' benchmarks](benchmarks.md)."),
+    ("run-directory.md", "null: see above",
+     "null: see [folding](methods.md#constant-cost-per-task-the-frozen-adapters-are-folded-fold-adapters-on-by-"
+     "default)"),
+    ("studies.md", "the table of the papers' rows below", f"the [table of the papers' rows]({PAPERS_TABLE})"),
+    ("guide/free-text.md", "a classification task (above)",
+     "a classification task ([Running on your data](your-data.md))"),
+    ("guide/large-models.md", "(see the penalty forms above)", f"(see [the penalty forms](../{PENALTY_FORMS}))"),
+    ("guide/your-data.md", "free-text tasks: below", "free-text tasks: [Free-text tasks](free-text.md)"),
+    ("guide/your-data.md", "the reference's normalisation, below",
+     "the reference's normalisation, [Evaluation mode](evaluation.md#evaluation-mode)"),
+]
 
 # The API reference: each namespace, a line about it, and its public names (None: the module's `__all__`); a
 # namespace that does not exist is left out.
@@ -294,7 +315,18 @@ def build_pages(sections: list[Section]) -> dict[str, str]:
     if empty:
         raise BuildError(f"pages that no README section goes to: {empty}")
     home = openings(sections, HOME_SECTIONS, "") + [QUICKSTART.strip(), "## Where to go next", next_steps("")]
-    return {page: page_text(page, by_page[page], home if page == "index.md" else ()) for page in PAGES}
+    pages = {page: page_text(page, by_page[page], home if page == "index.md" else ()) for page in PAGES}
+    return link_cross_references(pages)
+
+
+def link_cross_references(pages: dict[str, str]) -> dict[str, str]:
+    """Words like "see above" made a link where the section they meant went to another page (CROSS_REFERENCES)."""
+    for page, words, link in CROSS_REFERENCES:
+        pattern = r"\s+".join(map(re.escape, words.split()))
+        pages[page], found = re.subn(pattern, lambda m, link=link: link, pages[page], count=1)
+        if not found:
+            print(f"build_pages: {page} no longer says {words!r} (CROSS_REFERENCES)", file=sys.stderr)
+    return pages
 
 
 def opening(section: Section) -> str:
@@ -362,7 +394,8 @@ def api_text() -> str:
     out = ["# API reference", "The public names, from their docstrings. Everything else is internal."]
     done: set[str] = set()
     for namespace, lead, names in API:
-        if importlib.util.find_spec(namespace) is None:
+        path = ROOT.joinpath(*namespace.split("."))  # this repository's, whatever else is installed
+        if not (path.is_dir() or path.with_suffix(".py").is_file()):
             print(f"build_pages: {namespace} does not exist: not in the API reference", file=sys.stderr)
             continue
         module = importlib.import_module(namespace)

@@ -167,9 +167,12 @@ def small_tables(monkeypatch):
                                                   ("Writing a method", "guide/install.md"),
                                                   ("Run the tests", "develop.md")])
     monkeypatch.setattr(build_pages, "API", [])
+    monkeypatch.setattr(build_pages, "CROSS_REFERENCES", [
+        ("guide/install.md", "More text, not in the README.", "More text, [elsewhere](../develop.md)."),
+        ("develop.md", "Words no longer there", "")])
 
 
-def test_build_pages_places_every_section_once(small_tables, tmp_path):
+def test_build_pages_places_every_section_once(small_tables, tmp_path, capsys):
     source = tmp_path / "MANUAL.md"
     source.write_text(MANUAL)
     assert build_pages.main(["--source", str(source), "--output", str(tmp_path)]) == 0
@@ -179,6 +182,8 @@ def test_build_pages_places_every_section_once(small_tables, tmp_path):
         (1, "Install"), (2, "Install and run the default job"), (2, "Writing a method")]
     assert "# Not a heading" in install and "R[i]\\[j]" in install and "`R[i][j]`" in install
     assert "[the numbers](../measurements.md#speed)" in install and "(https://example.org)" in install
+    assert "More text, [elsewhere](../develop.md)." in install  # a cross-reference made a link
+    assert "develop.md no longer says 'Words no longer there'" in capsys.readouterr().err
     develop = (tmp_path / "docs" / "develop.md").read_text()
     assert develop.startswith("# Run the tests\n\nFor contributors.") and "Writing a method" not in develop
     readme = (tmp_path / "README.md").read_text()
