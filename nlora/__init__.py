@@ -3,25 +3,49 @@
     from nlora import RunConfig, run
     metrics = run(RunConfig(model="tiny-t5", tasks=["a", "b"], data_dir="data", output_dir="runs/x"))
 
-The names below are imported on first use, so `import nlora` (and `nlora --help`, `nlora status`) stays light:
-torch, transformers and peft load only with what needs them.
+The public API is `__all__`, in three parts; every other module is internal.
+- Running: RunConfig, load_config, run, NloraError; study (a table of runs: nlora.studies).
+- Writing a method (the contract, hook order and resume included: `Method`'s docstring): Method, MethodContext,
+  MethodOptions, option, register, METHODS (the registry by name), LossTerm and LayerFactors (a penalty on the
+  trained adapter's factors), Example (one task example), StepOutputs (a training forward's outputs),
+  ContinualAdapters (`ctx.adapters`), Objective (`ctx.objective`), TaskData (`ctx.tasks`), to_device.
+- Extra passes a method runs besides training (nlora.methods.passes): loss_gradients (of the task loss on given
+  examples), task_loss_gradients (of the task loss alone on the step being trained), per_example_squared_gradients,
+  auxiliary_outputs, layer_inputs, my_share, sum_over_processes, eval_mode.
+The conformance kit for a method, built in or not, is `nlora.testing`.
+
+The names are imported on first use, so `import nlora` (and `nlora --help`, `nlora status`) stays light: torch,
+transformers and peft load only with what needs them.
 """
 
-from importlib import import_module
+from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "load_config", "run", "study", "NloraError", "METHODS", "Method", "MethodContext", "MethodOptions",
-           "option", "register", "__version__"]
 
-_LAZY = {"RunConfig": "config", "load_config": "config", "NloraError": "errors", "METHODS": "methods",
-         "Method": "methods", "MethodContext": "methods", "register": "methods", "MethodOptions": "options",
-         "option": "options"}
+_LAZY = {
+    "RunConfig": "config", "load_config": "config", "NloraError": "errors",
+    "METHODS": "methods.registry", "register": "methods.registry",
+    "Method": "methods.base", "MethodContext": "methods.base", "MethodOptions": "options", "option": "options",
+    "LossTerm": "train.regularization", "LayerFactors": "adapters", "ContinualAdapters": "adapters",
+    "Example": "tasks.data", "TaskData": "tasks.data",
+    "StepOutputs": "objectives", "Objective": "objectives", "to_device": "objectives",
+    **{name: "methods.passes" for name in (
+        "loss_gradients", "task_loss_gradients", "per_example_squared_gradients", "auxiliary_outputs",
+        "layer_inputs", "my_share", "sum_over_processes", "eval_mode")},
+}
+__all__ = ["__version__", "run", "study", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        if _LAZY[name].startswith("methods"):
+            _import_module(".methods", __name__)  # the built-in methods registered with the registry
+        return getattr(_import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'nlora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def run(config, progress: bool = True, resume: bool = False) -> dict:

@@ -38,7 +38,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import NloraError
 from .faults import fault_point
-from .io import replace_dir_atomic, staging_dir
+from .io import naming_the_file, replace_dir_atomic, staging_dir
 from .rundir import ADAPTER_FILE, layer_scale
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
@@ -57,12 +57,16 @@ _A, _B = ".lora_A.weight", ".lora_B.weight"  # key suffixes of a saved adapter (
 
 
 @dataclass
-class LoraFactors:
-    """One adapted layer of one adapter: ΔW = scaling · B @ A."""
-    layer: str
+class LayerFactors:
+    """One adapted layer of one adapter: ΔW = scaling · B @ A (`ContinualAdapters.factors`). A loss term
+    (nlora.train.regularization) gets the trained adapter's, with `earlier_A` filled: the A of every other adapter
+    the layer holds (the frozen earlier tasks, one tensor each, or one concatenated "past" adapter where those are
+    folded; Σ_s Σ|A_s A_tᵀ| is the same either way); elsewhere it is empty."""
+    layer: str  # the module's name in the model
     A: torch.Tensor  # (r, d_in)
     B: torch.Tensor  # (d_out, r)
     scaling: float
+    earlier_A: list[torch.Tensor] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -157,6 +161,12 @@ def _mergeable(layer: LoraLayer) -> bool:
 
 
 class ContinualAdapters:
+    """The LoRA adapters of a run on one frozen base model (a method's `ctx.adapters`): `names` (every adapter
+    added, in task order), `current` (the one being trained), `model` (the model with its adapters, unwrapped),
+    `factors(name)` (each adapted layer's LayerFactors: the live tensors), `using(names)` (a block with other
+    adapters active), `scale_by(name, scale)` (an adapter's weight in every forward), `copy_frozen(source, name)`
+    (a frozen copy that only extra passes run)."""
+
     def __init__(self, model: torch.nn.Module, kind: str, r: int, alpha: float, dropout: float,
                  target_modules: list[str], merge_fp32: bool = True):
         self.base_model = model
@@ -176,6 +186,7 @@ class ContinualAdapters:
 
     @property
     def current(self) -> str:
+        """The adapter being trained: the last one added."""
         return self.names[-1]
 
     def add(self, name: str, factors: str = "both") -> str:
@@ -311,22 +322,22 @@ class ContinualAdapters:
         past = [PAST] if folded and self.fold_form == "concat" else []
         return past + [n for n in names if n not in self.folded]
 
-    def _factors(self, peft_name: str) -> list[LoraFactors]:
+    def _factors(self, peft_name: str) -> list[LayerFactors]:
         out = []
         for layer_name, layer in self.lora_layers():
             if peft_name in layer.lora_A:
                 scaling = layer.scaling[peft_name]  # a tensor where a method scales the adapter (scale_by)
-                out.append(LoraFactors(layer_name, layer.lora_A[peft_name].weight, layer.lora_B[peft_name].weight,
+                out.append(LayerFactors(layer_name, layer.lora_A[peft_name].weight, layer.lora_B[peft_name].weight,
                                        float(scaling.detach() if torch.is_tensor(scaling) else scaling)))
         return out
 
-    def factors(self, name: str) -> list[LoraFactors]:
+    def factors(self, name: str) -> list[LayerFactors]:
         """The factors of adapter `name` (one that is not folded: the current one, or any with folding off)."""
         if name in self.folded:
             raise ValueError(f"adapter {name!r} is folded into the past path; read past_factors()")
         return self._factors(name)
 
-    def past_factors(self) -> list[LoraFactors]:
+    def past_factors(self) -> list[LayerFactors]:
         """The past path, per adapted layer: A_past (r·k × d_in), B_past (d_out × r·k, each task's scaling
         folded in), scaling 1. Empty while nothing is folded."""
         return self._factors(PAST) if self.folded else []
@@ -398,12 +409,16 @@ class ContinualAdapters:
         folder = Path(folder)
         tmp = staging_dir(folder)
         state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                  str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        with naming_the_file(folder / ADAPTER_FILE):
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config = copy.copy(self.peft_model.peft_config[name])
         if config.base_model_name_or_path is None:  # PEFT records it for the first adapter only, not add_adapter's
             config.base_model_name_or_path = self.base_model.__dict__.get("name_or_path") or None
-        config.save_pretrained(str(tmp))
+        if isinstance(config.target_modules, (set, frozenset)):  # PEFT writes a set in hash order: a run's files
+            config.target_modules = sorted(config.target_modules)  # would differ between identical processes
+        with naming_the_file(folder / "adapter_config.json"):
+            config.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
         fault_point("adapter_save")

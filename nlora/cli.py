@@ -13,53 +13,50 @@ from pathlib import Path
 import yaml
 
 from .config import config_fields, load_config
-from .errors import NloraError
+from .errors import NloraError, did_you_mean
 from .io import is_disk_full
-from .options import base_type, default_of, option_fields, public_name
+from .method_catalog import method_catalog, option_spec, unknown_method
 from .studies.cli import add_parser as add_study_parser
 from .studies.cli import main as study_main
 
-# Commands whose flags include every method's options (building them imports the methods, hence torch).
+# Commands whose flags include every method's options (read from the methods' catalog: nlora.method_catalog).
 METHOD_COMMANDS = ("run", "demo")
+# Commands that read the run directory RUN_DIR names (and the model it trained: they import torch).
+RUN_DIR_COMMANDS = ("export", "predict", "rescore")
 
 
-def _add_fields(parser, cls, fields, skip: tuple[str, ...] = ()) -> None:
-    for f in fields:
-        if f.name in skip:
-            continue
-        flag = "--" + public_name(f.name).replace("_", "-")
-        dest = "cfg__" + public_name(f.name)
-        default = default_of(f)
-        help_text = f"{f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})"
-        if base_type(cls, f) is bool and default is True:  # on by default: --no-<flag> turns it off
+def _shown_default(default) -> object:
+    return default if default not in (None, []) else "unset"
+
+
+def _add_flags(parser, specs: list[dict]) -> None:
+    """One flag per option (nlora.method_catalog.option_spec)."""
+    for spec in specs:
+        flag = "--" + spec["name"].replace("_", "-")
+        dest = "cfg__" + spec["name"]
+        help_text = f"{spec['help']} (default: {_shown_default(spec['default'])})"
+        if spec["kind"] == "on":  # on by default: --no-<flag> turns it off
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
-        elif base_type(cls, f) is bool:
+        elif spec["kind"] == "flag":
             parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=dest, default=None, metavar=public_name(f.name).upper(), help=help_text)
+            parser.add_argument(flag, dest=dest, default=None, metavar=spec["name"].upper(), help=help_text)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
-                        method_modules: list[str] | None = None) -> None:
-    """The core options, then one group per method with its own (when `method_modules` is given: the methods of
-    those modules, the package's and the entry points' are listed)."""
+                        catalog: dict | None = None) -> None:
+    """The core options, then one group per method of `catalog` (nlora.method_catalog) with its own."""
     from .config import RunConfig
 
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the keys below")
-    _add_fields(parser, RunConfig, config_fields(), skip)
-    if method_modules is None:
-        return
-    from .methods import METHODS, load_methods
-
-    load_methods(method_modules)
+    _add_flags(parser, [option_spec(RunConfig, f) for f in config_fields() if f.name not in skip])
     seen: set[str] = set()
-    for name in sorted(METHODS):
-        options = METHODS[name].Options
-        fields = [f for f in option_fields(options) if public_name(f.name) not in seen]
-        if fields:
-            seen.update(public_name(f.name) for f in fields)
-            _add_fields(parser.add_argument_group(f"{name} options"), options, fields)
+    for name, entry in sorted((catalog or {}).items()):
+        specs = [o for o in entry["options"] if o["name"] not in seen]
+        if specs:
+            seen.update(o["name"] for o in specs)
+            _add_flags(parser.add_argument_group(f"{name} options"), specs)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -77,16 +74,23 @@ def _method_modules(argv: list[str]) -> list[str]:
     return out
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+def _catalog_for(argv: list[str]) -> dict | None:
+    """The methods' catalog when the command's flags include their options (run, demo), else None."""
+    return method_catalog(_method_modules(argv)) if argv and argv[0] in METHOD_COMMANDS else None
+
+
+def build_parser(argv: list[str] | None = None, catalog: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of `argv`'s command; `catalog`: the methods' (default: read for run and demo)."""
     parser = argparse.ArgumentParser(prog="nlora", description="Continual learning of language models with "
                                      "per-task LoRA adapters (N-LoRA, IncLoRA, ...).")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(command_parsers=sub.choices)  # each command's parser reports its own errors
 
     argv = list(argv or [])
-    with_methods = bool(argv) and argv[0] in METHOD_COMMANDS
-    modules = _method_modules(argv) if with_methods else None
-    p_run = sub.add_parser("run", help="train a model on a sequence of tasks and write a run directory")
-    _add_config_options(p_run, method_modules=modules if with_methods and argv[0] == "run" else None)
+    catalog = _catalog_for(argv) if catalog is None else catalog
+    p_run = sub.add_parser("run", help="train a model on a sequence of tasks and write a run directory",
+                           usage="nlora run [--config FILE.yaml] [OPTION ...]  (`nlora run --help` lists them)")
+    _add_config_options(p_run, catalog=catalog if argv[:1] == ["run"] else None)
     p_run.add_argument("--resume", action="store_true",
                        help="continue the run in --output-dir from where it stopped (same configuration)")
     p_run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -99,9 +103,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p_resume.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_launch_option(p_resume)
 
-    p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks")
+    p_demo = sub.add_parser("demo", help="the offline default job: N-LoRA vs IncLoRA on generated tasks",
+                            usage="nlora demo [--config FILE.yaml] [OPTION ...]  (`nlora demo --help` lists them)")
     _add_config_options(p_demo, skip=("method", "benchmark", "order"),
-                        method_modules=modules if with_methods and argv[0] == "demo" else None)
+                        catalog=catalog if argv[:1] == ["demo"] else None)
     p_demo.add_argument("--num-seeds", type=int, default=3, metavar="N",
                         help="run both methods on seeds SEED, SEED+1, ..., SEED+N-1 (default: 3)")
     p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -278,23 +283,38 @@ def print_presets(benchmark: str | None, order: int | None) -> None:
 
 
 def print_methods(name: str | None, modules: list[str]) -> None:
-    from .methods import METHODS, get_method, load_methods
-
+    catalog = method_catalog(modules)
     if name is None:
-        load_methods(modules)
-        for method, cls in sorted(METHODS.items()):
-            print(f"{method:12s} {cls.description}")
+        for method, entry in sorted(catalog.items()):
+            print(f"{method:12s} {entry['description']}")
         print("\n`nlora methods NAME` lists a method's options.")
         return
-    cls = get_method(name, modules)
-    print(f"{name}: {cls.description}")
-    fields = option_fields(cls.Options)
-    if not fields:
+    if name not in catalog:
+        raise unknown_method(name, list(catalog))
+    print(f"{name}: {catalog[name]['description']}")
+    if not catalog[name]["options"]:
         print("  no options of its own")
-    for f in fields:
-        default = default_of(f)
-        flag = "--" + public_name(f.name).replace("_", "-")
-        print(f"  {flag:<24} {f.metadata['help']} (default: {default if default not in (None, []) else 'unset'})")
+    for spec in catalog[name]["options"]:
+        flag = "--" + spec["name"].replace("_", "-")
+        choices = f"one of {', '.join(map(str, spec['choices']))}; " if spec["choices"] else ""
+        print(f"  {flag:<24} {spec['help']} ({choices}default: {_shown_default(spec['default'])})")
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line parsed and its names checked (before anything heavy is imported): an unknown method or
+    option is one error, with the closest names, under the usage of its command."""
+    catalog = _catalog_for(argv)
+    parser = build_parser(argv, catalog)
+    args, extras = parser.parse_known_args(argv)
+    method = getattr(args, "cfg__method", None)
+    if catalog is not None and method is not None and method not in catalog:  # its options are unknown too
+        raise unknown_method(method, list(catalog))
+    if extras:
+        command = args.command_parsers[args.command]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        typed = next((e.split("=", 1)[0] for e in extras if e.startswith("--")), "")
+        command.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(typed, flags) if typed else ''}")
+    return args
 
 
 def run_general(args: argparse.Namespace) -> None:
@@ -326,12 +346,16 @@ def _raise_terminated(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
     run_dir = None  # the run directory being written, named in the advice on how to continue it
     again = None  # or the advice on how to continue the command
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        args = parse_arguments(argv)  # loads the methods of --method-module files: their errors are named
+        if args.command in RUN_DIR_COMMANDS:  # a mistyped folder is named before torch is imported
+            from .rundir import check_run_dir
+
+            check_run_dir(args.run_dir)
         if args.command in ("run", "resume") and args.num_processes is not None \
                 and not getattr(args, "dry_run", False):
             code = _launch(argv, args.num_processes)

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ class RunConfig:
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     warmup_steps: int = _opt("linear warm-up steps at the start of each task", default=0)
     max_grad_norm: float | None = _opt("gradient clipping norm (none if unset)", default=1.0)
-    seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42)
+    seed: int = _opt("random seed (sampling, shuffling, initialisation)", default=42, minimum=0)
     device: str = _opt("cpu, cuda, cuda:N, mps or auto", default="auto")
     threads: int | None = _opt("CPU threads of torch's operations (unset: OMP_NUM_THREADS if set, else half the "
                                "cores on a CPU run, which stays fast when another job shares the machine; "
@@ -249,6 +250,8 @@ class RunConfig:
             else:
                 setattr(self, name, f.default_factory() if f.default_factory is not dataclasses.MISSING
                         else f.default)
+        if isinstance(self.task_metrics, Mapping):  # the Python form of the TASK=METRIC items
+            self.task_metrics = [f"{task}={metric}" for task, metric in self.task_metrics.items()]
         method_options.update({public_name(k): v for k, v in values.items()})  # RunConfig(lambda_=0.4)
         self.method_options = method_options
 
@@ -275,9 +278,9 @@ class RunConfig:
         rest = {k: v for k, v in values.items() if field_name(k) not in known and k != "method_options"}
         rest.update(values.get("method_options") or {})
         try:
-            _, options = split_method_options(probe.method, probe.method_module, rest, lenient, saved_run)
-        except NloraError as e:
-            raise NloraError(f"{source}: {e}") from None
+            _, options = split_method_options(probe.method, probe.method_module, rest, lenient, saved_run, source)
+        except NloraError as e:  # named once: a value's error names its source already
+            raise NloraError(str(e) if str(e).startswith(f"{source}: ") else f"{source}: {e}") from None
         return cls(**kwargs, method_options=options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,6 +348,8 @@ class RunConfig:
             bad("load_in_4bit" if self.load_in_4bit else "load_in_8bit",
                 f"the built-in '{self.model}' is built in memory, not loaded from weights; save it with "
                 "save_pretrained and pass its folder as 'model'")
+        # a .py file recorded as typed would not be found by `nlora predict` or `nlora resume` from another folder
+        self.method_module = [str(Path(m).resolve()) if m.endswith(".py") else m for m in self.method_module]
         from .methods import resolve  # methods never import this module at run time: no cycle
 
         method = resolve(self)

@@ -19,7 +19,7 @@ from .adapters import ADAPTER_FILE, concatenate_saved, quiet_peft_wrap
 from .errors import NloraError
 from .io import staged_dir, write_json_atomic
 from .paths import check_holds_no_run
-from .rundir import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
+from .trained_run import TrainedRun, read_run, read_run_config  # noqa: F401  (export's API)
 
 EXPORT_INFO = "nlora_export.json"
 

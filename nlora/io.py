@@ -66,6 +66,18 @@ def is_disk_full(error: BaseException) -> bool:
     return type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in NO_SPACE)
 
 
+@contextmanager
+def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
+    """A full disk met inside the block is reported as an OSError naming `path` (a failed write names no file of
+    itself, and safetensors' error names none either)."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e) and getattr(e, "filename", None) is None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
 def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place. An existing folder is first renamed aside, then removed, so at
     every instant either the old or the new complete folder is at `final_dir` (or, after a crash between the two

@@ -85,6 +85,9 @@ class StepOutputs:
 
 
 class Objective:
+    """How a base model of one kind (seq2seq, decoder, encoder) trains and predicts: `collate(examples)` makes a
+    batch, `forward(model, batch)` the training forward's StepOutputs, `count_terms(batch)` the batch's loss items
+    (answer tokens, or examples for encoders)."""
     kind: str
 
     def __init__(self, tokenizer, max_source_length: int = 256, max_target_length: int = 16,
@@ -166,6 +169,7 @@ class Objective:
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """A collated batch with its tensors on `device` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -30,7 +30,8 @@ from .io import write_jsonl_atomic
 from .models import Backbone, backbone_options, load_backbone
 from .objectives import make_objective
 from .provenance import recorded_tasks
-from .rundir import RunPaths, TrainedRun, read_metrics, read_run
+from .rundir import RunPaths, read_metrics
+from .trained_run import TrainedRun, read_run
 from .runner import load_tasks
 from .tasks.data import (GENERIC_INSTRUCTION, Example, TaskData, find_task_dir, load_instructions, task_family,
                    task_instruction)

@@ -152,7 +152,11 @@ def check_config_digest(run_json: Path, config: dict, config_path: Path, ignore:
     """Refuse to resume a run whose config.yaml no longer holds the configuration recorded in run.json when the
     run last started (an edit of config.yaml would train the remaining tasks with another method or options).
     A run recorded before digests were (no digest) passes; a key the record lacks may be added (a key a newer
-    nlora has)."""
+    nlora has). A run without run.json is refused: deleting it must not let an edit through."""
+    if not _sessions(run_json):
+        raise NloraError(f"cannot resume {config_path.parent}: {run_json} is missing or unreadable; it records the "
+                         f"configuration the run was started with, which {config_path.name} must still hold. Put "
+                         "it back, or pass --overwrite to start over")
     recorded = next((s["config_digest"] for s in reversed(_sessions(run_json))
                      if isinstance(s.get("config_digest"), dict)), None)
     if recorded is None:

@@ -1,7 +1,7 @@
 """The run directory's contract, in one place: where each file lives (RunPaths), what a run writes (RUN_ENTRIES),
-the checks before a run writes into a folder, reading back config.yaml and metrics.json, the saved adapters of a
-run and the model they make as of task K (`read_run`). Used by the runner and by every reader of run directories
-(export, predict, status, report, diagnose, eval-general).
+the checks before a run writes into a folder, reading back metrics.json and the saved adapters' files. Used by the
+runner and by every reader of run directories (export, predict, status, report, diagnose, eval-general); the run
+read back with its configuration and method is nlora.trained_run, above this module.
 
     config.yaml                          the fully resolved configuration (core options + the method's options)
     run.json                             versions, devices and data-file hashes of each start (nlora.provenance)
@@ -23,27 +23,24 @@ run and the model they make as of task K (`read_run`). Used by the runner and by
     general.json                         general-ability scores (`nlora eval-general`, run option general_eval)
     report/                              plots and report.md, written by `nlora report RUN_DIR`
 
-This module imports no torch: the methods (and torch) load only where a method is resolved (`read_run`,
-`read_run_config`).
+This module imports no torch, no configuration and no method: it sits low in the package, below both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import NloraError
 from .io import recover_replaced_dirs
-from .paths import check_plain_name
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: this module imports neither at run time
     from .config import RunConfig
-    from .methods import Method
+    from .methods.base import Method
 
 ADAPTER_FILE = "adapter_model.safetensors"
 MODEL_FILE = "model.safetensors"  # a whole model's weights (save_pretrained), in one shard
@@ -89,6 +86,11 @@ def check_output_dir(config: "RunConfig", resume: bool) -> RunPaths:
     if existing and not (config.overwrite or resume):
         raise NloraError(f"output dir {root} already holds a run ({', '.join(existing)}); pass --resume to "
                          "continue it, --overwrite to replace it, or choose another 'output_dir'")
+    linked = [e for e in existing if (root / e).is_symlink()]
+    if config.overwrite and linked:  # removing it would remove a link, or files outside the run, not the run's
+        raise NloraError(f"output dir {root}: {linked[0]} is a symbolic link to {os.readlink(root / linked[0])}; "
+                         "--overwrite replaces only what a run wrote there: remove the link yourself, or choose "
+                         "another 'output_dir'")
     nearest = next(p for p in (root, *root.parents) if p.exists())  # the folder the run's files will go under
     if not nearest.is_dir():
         raise NloraError(f"output dir {root} cannot be created: {nearest} is a file, not a folder")
@@ -182,39 +184,6 @@ def read_metrics(paths: RunPaths) -> dict | None:
                          "outside nlora") from None
 
 
-@dataclass
-class TrainedRun:
-    """A run directory read back: the model after its first `upto` tasks is the sum of `folders` (stacked
-    methods) or the one adapter in `folders` (snapshot methods), or the whole model saved in `folders[-1]` (a
-    method that trains the base)."""
-    root: Path
-    config: "RunConfig"
-    method: "Method"
-    upto: int  # tasks trained, 1-based: the model after task `upto`
-    folders: list[Path]  # the saved adapters that make up that model, in task order
-
-    @property
-    def phase(self) -> int:
-        return self.upto - 1
-
-    @property
-    def adapter_names(self) -> list[str]:
-        """The method's names of the adapters in `folders`, in the same order."""
-        return model_adapter_names(self.method, self.phase)
-
-    def scales(self) -> list:
-        """The multiplier of each of `folders` in the model (`Method.update_scales`, from the method's state saved
-        with the last of them); None where the adapter counts once."""
-        if not self.method.has_hook("update_scales"):
-            return [None] * len(self.folders)
-        from .method_state import load_state
-
-        state = load_state(self.folders[-1])
-        if state is not None:
-            self.method.load_state_dict(state)
-        return declared_scales(self.method, self.phase)
-
-
 def model_adapter_names(method: "Method", phase: int) -> list[str]:
     """The method's names of the saved adapters that make up its model after `phase`, in task order."""
     phases = [phase] if method.adapter_layout == "snapshot" else range(phase + 1)
@@ -254,15 +223,12 @@ def read_update_scales(folder: Path) -> list | None:
     return data["phases"]
 
 
-def read_run_config(run_dir: str | Path) -> "RunConfig":
-    """The configuration saved in a run directory, resolved as `nlora resume` resolves it (a config.yaml of an
-    older release, with every method's options, reads the same)."""
-    from .config import load_config
-
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` if it holds a run's config.yaml; an error naming it otherwise."""
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise NloraError(f"{root} is not a run directory (no config.yaml)")
-    return load_config(root / "config.yaml", {"output_dir": str(root)}, saved_run=True)
+    return root
 
 
 def model_files(folder: str | Path) -> list[Path]:
@@ -282,38 +248,3 @@ def model_files(folder: str | Path) -> list[Path]:
 def phase_saved(method: "Method", folder: Path) -> bool:
     """Whether `folder` holds a trained phase: its adapter, or for a method that trains the base its whole model."""
     return bool(model_files(folder)) if method.trains == "base" else (folder / ADAPTER_FILE).is_file()
-
-
-def read_run(run_dir: str | Path, upto: int | None = None) -> TrainedRun:
-    """The run in `run_dir` after task `upto` (default: the last task whose adapter is saved)."""
-    root = Path(run_dir)
-    config = read_run_config(root)
-    from .methods import resolve
-
-    method = resolve(config)
-    tasks, paths = config.tasks, RunPaths(root)
-    for task in tasks:  # each becomes part of an adapter's path
-        check_plain_name(task, f"{root / 'config.yaml'}: task name")
-    saved = [k for k in method.phases(len(tasks)) if phase_saved(method, paths.adapter(k, tasks[k]))]
-    if not saved:
-        raise NloraError(f"{root}: no trained {'model' if method.trains == 'base' else 'adapter'} yet (adapters/ "
-                         "is empty); nothing to use")
-    if upto is None:
-        upto = saved[-1] + 1
-        if saved[-1] != method.phases(len(tasks))[-1]:  # the run stopped, or runs, before its last task
-            print(f"nlora: warning: {root} is not finished: this is the partial model after task {upto} of "
-                  f"{len(tasks)} ({tasks[upto - 1]}), not the run's final model", file=sys.stderr)
-    if not 1 <= upto <= len(tasks):
-        raise NloraError(f"option --upto: must be between 1 and {len(tasks)} (the run's tasks), got {upto}")
-    if upto - 1 not in saved:
-        kept = (" (a method that trains the base keeps only its latest model unless its option to keep every "
-                "task's is on)") if method.trains == "base" else ""
-        raise NloraError(f"option --upto {upto}: the run has no model after task {upto} "
-                         f"({tasks[upto - 1]}); it has one after task(s) {', '.join(str(k + 1) for k in saved)}"
-                         f"{kept}")
-    k = upto - 1
-    phases = [k] if method.adapter_layout == "snapshot" else range(k + 1)
-    folders = [paths.adapter(j, tasks[j]) for j in phases]
-    return TrainedRun(root, config, method, upto, folders)
-
-

@@ -149,12 +149,13 @@ def _run(config: RunConfig, progress: bool, resume: bool, lock: RunLock) -> dict
         lock.acquire(paths.root)  # a second writer is refused here, having written nothing
         prepare_output_dir(config, resume)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not resume:
-        # overwrite was an instruction to this invocation; saved, it would make `nlora resume` refuse the run
-        write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
-    if accelerator.is_main_process:  # versions, devices, data hashes, the digest of config.yaml as it reads back
-        record_run(paths.root / "run.json", collect_provenance(tasks, config.instructions, accelerator.device,
-                                                               accelerator.num_processes), resume,
+    if accelerator.is_main_process:
+        # versions, devices, data hashes (the slow part: done first, so that config.yaml and run.json, which a
+        # resume needs both of, are written one right after the other)
+        provenance = collect_provenance(tasks, config.instructions, accelerator.device, accelerator.num_processes)
+        if not resume:  # overwrite was an instruction to this invocation; saved, `nlora resume` would refuse
+            write_yaml_atomic(paths.config, resolved.replace(overwrite=False).to_dict())
+        record_run(paths.root / "run.json", provenance, resume,  # with the digest of config.yaml as it reads back
                    config_digest(load_yaml_file(paths.config), RESUME_FREE_KEYS))
     # flushed line by line, so a crash loses nothing: closed (and the trackers finished) when the run ends
     logger = RunLogger(paths.root, accelerator, [t.name for t in tasks]).start(resolved.to_dict(), resumed=resume)

@@ -1,5 +1,8 @@
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import peft  # noqa: F401
@@ -13,6 +16,9 @@ import frozen_heap  # noqa: E402,F401  (last: after the libraries' imports)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the methods' catalog the CLI caches (nlora.method_catalog): in a folder of the test session, not the user's
+os.environ["NLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="nlora-test-cache-")
+atexit.register(shutil.rmtree, os.environ["NLORA_CACHE_DIR"], ignore_errors=True)
 
 # The benchmark data beside the repository (absent on a fresh clone: the tests that read it skip). NLORA_TEST_DATA
 # points elsewhere, e.g. at a missing folder to check that those tests skip cleanly.

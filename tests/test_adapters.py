@@ -92,6 +92,22 @@ def test_every_saved_adapter_names_the_base_model(tmp_path):
     assert recorded == ["org/base-model"] * 3  # the later ones too: AutoPeftModel loads the base from it
 
 
+class _SetInReverseOrder(set):
+    """A set that iterates in reverse name order: how a set of module names may come out in another process."""
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self), reverse=True))
+
+
+def test_saved_adapter_config_lists_target_modules_sorted(tmp_path):
+    _, ad = _adapters()
+    ad.add("task1")
+    ad.peft_model.peft_config["task1"].target_modules = _SetInReverseOrder({"query", "value"})
+    ad.save("task1", tmp_path / "1-t")
+    saved = json.loads((tmp_path / "1-t" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == ["query", "value"]  # the same bytes from identical runs, whatever the hash order
+
+
 def test_wrapping_the_model_prints_no_gradient_checkpointing_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -51,6 +51,24 @@ def test_penalty_and_gradient_match_dense_projections():
     torch.testing.assert_close(B.grad, 3.0 * (P_B @ P_B.T) @ B.detach())
 
 
+@pytest.mark.parametrize("k", [6, 512])
+def test_a_basis_that_spans_its_space_is_the_frobenius_norm(k):
+    """k ≥ a side's dimension: its basis is square and orthogonal, and the penalty, formed without it, is still the
+    dense projection's (k 6: A's side (7) projected, B's (5) complete; k 512: both complete)."""
+    method = _clora(clora_lambda=3.0, clora_k=k)
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(2, 7, generator=g, requires_grad=True)
+    B = torch.randn(5, 2, generator=g, requires_grad=True)
+    (term,) = method.loss_terms(0)
+    value = term.weight * term.per_layer(LayerFactors("enc.q", A, B, 4.0))
+    P_A, P_B = orthonormal_basis(7, k, 42, "enc.q", "A"), orthonormal_basis(5, k, 42, "enc.q", "B")
+    assert P_B.shape == (5, 5) and P_A.shape == ((7, 6) if k == 6 else (7, 7))
+    assert value.item() == pytest.approx(3.0 / 2 * _dense_penalty(A, B, P_A, P_B), rel=1e-5)
+    value.backward()
+    torch.testing.assert_close(A.grad, 3.0 * A.detach() @ (P_A @ P_A.T), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(B.grad, 3.0 * (P_B @ P_B.T) @ B.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_the_engine_penalises_each_layer_against_its_own_bases(tmp_path):
     """On a real model through nlora.train.regularization: the summed term equals the dense sum over the layers of the
     saved adapter, named as the saved file names them."""

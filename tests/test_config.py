@@ -39,7 +39,7 @@ def test_bad_types_are_named(key, value, message):
     ({"lora_r": 0}, "option 'lora_r': must be >= 1"),
     ({"epochs": 0}, "option 'epochs'"),
     ({"lora_dropout": 1.0}, "option 'lora_dropout'"),
-    ({"method": "ewd"}, "option 'method': unknown method 'ewd'; available: .*n-lora"),
+    ({"method": "ewd"}, "option 'method': unknown method 'ewd' \\(did you mean 'ewc'\\?\\); available: .*n-lora"),
     ({"penalty_form": "l2"}, "option 'penalty_form': 'l2' is not one of delta, reference, factors"),
     ({"tasks": ["a", "a"]}, "option 'tasks': a task appears twice"),
     ({"data_dir": "/nonexistent/nlora-data"}, "option 'data_dir': folder /nonexistent/nlora-data does not exist"),
@@ -86,3 +86,9 @@ def test_cached_type_hints_are_the_resolved_annotations_of_every_options_class()
         assert _type_hints(cls) == typing.get_type_hints(cls)
         assert _type_hints(cls) is _type_hints(cls)
         assert {f.name for f in option_fields(cls)} <= set(_type_hints(cls))
+
+
+def test_task_metrics_accepts_a_mapping_in_python():
+    config = RunConfig(tasks=["a", "b"], task_metrics={"b": "rouge_l", "a": "exact_match"})
+    assert config.metric_of_task() == {"b": "rouge_l", "a": "exact_match"}
+    assert config.to_dict()["task_metrics"] == ["b=rouge_l", "a=exact_match"]  # as config.yaml records it

@@ -5,6 +5,7 @@ import pytest
 from nlora.errors import NloraError
 from nlora.tasks.data import (DEFAULT_INSTRUCTIONS, carve_dev, find_task_dir, format_prompt, load_instructions,
                         load_task)
+from nlora.tasks.loading import detect_format
 from conftest import SHARED_DATA
 
 from nlora.tasks.benchmarks import BENCHMARK_ORDERS, FREE_TEXT_BENCHMARKS
@@ -84,8 +85,27 @@ def test_bad_data_gives_one_clear_error_naming_the_file(tmp_path, make_task, bre
 
 def test_unknown_task_lists_available(tmp_path, make_task):
     make_task(tmp_path, "G", "known", ["a"], [{"label": "a", "sentence": "x"}])
-    with pytest.raises(NloraError, match=r"task 'nope' not found in data folder .*available: G/known"):
+    with pytest.raises(NloraError, match=r"task 'nope' not found in data folder .*available: known$"):
         load_task(tmp_path, "nope")
+
+
+def test_an_unknown_task_lists_what_tasks_accepts_and_the_close_names(tmp_path, make_task):
+    make_task(tmp_path, "sc", "moodtask", ["a"], [{"label": "a", "sentence": "x"}])
+    make_task(tmp_path, "tc", "topictask", ["a"], [{"label": "a", "sentence": "x"}])
+    (tmp_path / "Reverse").mkdir()
+    (tmp_path / "Reverse" / "train.json").write_text('[{"prompt": "ab", "answer": "ba"}]')
+    with pytest.raises(NloraError) as e:
+        detect_format(tmp_path, "moodtsk")
+    assert f"task 'moodtsk' not found in data folder {tmp_path} (did you mean 'moodtask'?)" in str(e.value)
+    assert str(e.value).endswith("available: Reverse, moodtask, topictask")  # each accepted as it is listed
+    for name in ("moodtask", "topictask", "Reverse"):
+        detect_format(tmp_path, name)
+
+
+def test_a_task_folder_given_as_data_folder_is_named_with_format_detection(tmp_path, make_task):
+    folder = make_task(tmp_path, "SC", "yelp", ["a"], [{"label": "a", "sentence": "x"}])
+    with pytest.raises(NloraError, match=f"data folder {folder} is the folder of one task \\(yelp\\)"):
+        detect_format(folder, "yelp")  # task_format auto
 
 
 def test_a_task_folder_given_as_data_folder_names_the_folder_to_give(tmp_path, make_task):

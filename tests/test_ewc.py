@@ -2,6 +2,7 @@
 its gradient against a dense computation, online accumulation, and a run where EWC must keep the parameters with a
 large Fisher closer to the previous task's adapter than SeqLoRA does."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -139,3 +140,70 @@ def test_ewc_keeps_what_mattered_for_the_first_task_closer_than_seq_lora(tmp_pat
     seq = _distance_weighted(tmp_path / "seq", tmp_path / "ewc")
     ewc = _distance_weighted(tmp_path / "ewc", tmp_path / "ewc")
     assert ewc < 0.5 * seq
+
+
+def _squared_gradient_sums(ctx, examples, params):
+    """Σ_i (∂ log p(y_i|x_i)/∂θ)² by plain autograd through the model's own loss, one example at a time."""
+    model = ctx.adapters.model.eval()
+    sums = {k: torch.zeros_like(p) for k, p in params.items()}
+    for example in examples:
+        batch = ctx.objective.collate([example])
+        loss = ctx.objective.loss(model, batch) * ctx.objective.count_terms(batch)
+        for key, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            sums[key] += g ** 2
+    return sums
+
+
+def _fisher_case(synthetic_dir, **options):
+    ctx = _context("tiny-bert", synthetic_dir)
+    config = RunConfig(method="ewc", tasks=["harbor"], ewc_samples=3, **options)
+    config.validate()
+    return get_method("ewc")(config), ctx
+
+
+@pytest.mark.parametrize("normalize", ["none", "mean"])
+def test_the_fisher_is_the_mean_over_the_seeded_draw_scaled_by_its_mean_entry(synthetic_dir, normalize):
+    method, ctx = _fisher_case(synthetic_dir, ewc_normalize=normalize)
+    drawn = method.fisher_examples(ctx, 0)
+    assert drawn != ctx.tasks[0].train[:3]  # this seed's draw is not the first examples: the test can tell them apart
+    fisher = method.fisher(ctx, 0)
+    params = {(f.layer, s): t for f in ctx.adapters.factors("shared") for s, t in (("A", f.A), ("B", f.B))}
+    expected = {k: total / len(drawn) for k, total in _squared_gradient_sums(ctx, drawn, params).items()}
+    if normalize == "mean":  # each task's Fisher over its mean entry, over every layer and side
+        mean = torch.cat([t.reshape(-1) for t in expected.values()]).mean()
+        expected = {k: t / mean for k, t in expected.items()}
+    for (layer, side), value in expected.items():
+        torch.testing.assert_close(fisher[layer][side], value, rtol=1e-4, atol=1e-12)
+
+
+def test_the_fisher_examples_are_a_draw_of_the_seed(synthetic_dir):
+    ctx = _context("tiny-bert", synthetic_dir)
+    train = ctx.tasks[0].train
+
+    def draw(seed):
+        config = RunConfig(method="ewc", tasks=["harbor"], ewc_samples=3, seed=seed)
+        config.validate()
+        return [train.index(e) for e in get_method("ewc")(config).fisher_examples(ctx, 0)]
+    draws = {seed: draw(seed) for seed in range(8)}
+    assert all(len(set(d)) == 3 and d == sorted(d) for d in draws.values())  # 3 distinct examples, in file order
+    assert len({tuple(d) for d in draws.values()}) > 2 and draw(5) == draws[5]
+
+
+def test_the_sampled_fisher_draws_each_answer_from_the_models_distribution():
+    """`ewc_fisher sampled`: log p(ŷ|x) with ŷ drawn from the model's softmax (never an option it scores -inf),
+    not its argmax; gold: log p(y|x)."""
+    from nlora.methods.passes import sequence_log_likelihood
+
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    out = SimpleNamespace(item_logits=probs.log().unsqueeze(0), item_targets=torch.tensor([1]))
+    ctx = SimpleNamespace(device="cpu", objective=SimpleNamespace(collate=lambda examples: {},
+                                                                  forward=lambda model, batch: out))
+    assert sequence_log_likelihood(ctx, None, None, "gold").item() == pytest.approx(math.log(0.3))
+    torch.manual_seed(0)
+    draws = 4000
+    counts = torch.zeros(4)
+    for _ in range(draws):
+        value = sequence_log_likelihood(ctx, None, None, "sampled").item()
+        counts[(probs.log() - value).abs().argmin()] += 1
+    assert counts[3] == 0
+    torch.testing.assert_close(counts / draws, probs, atol=0.03, rtol=0)  # ± about 4 standard deviations

@@ -82,3 +82,13 @@ def test_every_module_imports_first():
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", done.stdout
+
+
+def test_the_import_contracts_hold():
+    """The layers written down in pyproject.toml ([tool.importlinter]), checked on grimp's import graph (imports
+    inside functions count; those under TYPE_CHECKING do not)."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())"], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+    assert "0 broken" in done.stdout

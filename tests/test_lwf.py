@@ -223,3 +223,28 @@ def test_stacked_lwf_stopped_mid_task_and_resumed_ends_the_same(tmp_path, synthe
     assert (tmp_path / "stopped" / "checkpoint").is_dir()
     assert main(["resume", str(tmp_path / "stopped"), "--quiet"]) == 0
     assert_same_run(tmp_path / "whole", tmp_path / "stopped", log=True)
+
+
+def test_the_teacher_pass_runs_without_dropout_while_the_model_trains(synthetic_dir):
+    """The teacher's outputs inside a training step (model in training mode, dropout on: T5's own and LoRA's) are
+    the eval-mode outputs of the teacher's adapters, and the model is left training."""
+    from nlora.methods.passes import auxiliary_outputs
+
+    bb = load_backbone("tiny-t5")
+    adapters = ContinualAdapters(bb.model, bb.kind, r=2, alpha=4, dropout=0.5,
+                                 target_modules=default_target_modules(bb.model_type))
+    for k, name in enumerate(("teacher", "student")):
+        adapters.add(name)
+        _randomize(adapters, name, k)
+    adapters.activate(["student"], trainable="student")
+    objective = make_objective(bb.kind, bb.tokenizer, 256, 6)
+    batch = objective.collate(load_task(synthetic_dir, "harbor", max_train=4).train)
+    with torch.no_grad(), adapters.using(["teacher"]) as model:
+        expected = objective.forward(model.eval(), batch).logits
+        torch.manual_seed(0)
+        dropped = objective.forward(model.train(), batch).logits
+    assert not torch.allclose(dropped, expected)  # dropout changes this model's outputs
+    torch.manual_seed(0)
+    teacher = auxiliary_outputs(SimpleNamespace(adapters=adapters, objective=objective), ["teacher"], batch)
+    assert adapters.model.training
+    torch.testing.assert_close(teacher.logits, expected)

@@ -36,6 +36,7 @@ def test_a_run_written_by_the_previous_release_still_works(tmp_path, synthetic_d
     capsys.readouterr()
     assert main(["resume", str(run), "--quiet"]) == 2  # resumed once, the run has a digest: the edit is named
     assert "was changed after the run started" in capsys.readouterr().err
-    (run / "run.json").unlink()  # as the previous release left it: no digest, the option's owner is named
+    (run / "run.json").write_text(json.dumps(record))  # as the previous release left it: no digest, the option's
+    # owner is named
     assert main(["resume", str(run), "--quiet"]) == 2
     assert "option 'orth_lambda' belongs to method 'o-lora'" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 import nlora.adapters
 import nlora.analysis.report
+import nlora.train.checkpoint
 from nlora import runner
 from nlora.cli import main
 from nlora.io import staged_dir, staging_dir, write_text_atomic
@@ -76,7 +77,7 @@ def test_task_names_from_a_run_directory_must_be_plain(run_copy, synthetic_dir, 
         assert code == 2 and f"{run_copy / 'config.yaml'}: task name '../../evil' is not a plain dataset name" in err
     code, err = _cli(["resume", str(run_copy), "--quiet"], capsys)  # the edit is named first
     assert code == 2 and "was changed after the run started" in err
-    (run_copy / "run.json").unlink()  # a run with no recorded digest: the name itself is refused
+    _drop_digests(run_copy / "run.json")  # a run with no recorded digest: the name itself is refused
     code, err = _cli(["resume", str(run_copy), "--quiet"], capsys)
     assert code == 2 and "option 'tasks': task name '../../evil' is not a plain dataset name" in err
 
@@ -116,10 +117,7 @@ def test_a_lock_left_by_a_dead_process_does_not_block_a_resume(stopped, capsys):
               "{'pid': os.getpid(), 'host': 'h', 'started': 's'})); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", holder, str(stopped), LOCK_FILE, HOLDER_FILE]).returncode == 9
     assert (stopped / LOCK_FILE).exists()
-    record = json.loads((stopped / "run.json").read_text())
-    for session in record["sessions"]:
-        session.pop("config_digest", None)
-    (stopped / "run.json").write_text(json.dumps(record))
+    _drop_digests(stopped / "run.json")
     code, err = _cli(["resume", str(stopped), "--quiet"], capsys)
     assert code == 0, err
     assert json.loads((stopped / "metrics.json").read_text())["complete"]
@@ -139,6 +137,25 @@ def test_a_resume_refuses_a_config_yaml_edited_since_the_run_started(stopped, ca
     assert f"cannot resume {stopped}: {stopped / 'config.yaml'} was changed after the run started" in err
     assert "(lora_dropout, method differ" in err
     assert _snapshot(stopped) == before
+
+
+def test_a_resume_without_run_json_is_refused_naming_it(stopped, capsys):
+    text = (stopped / "config.yaml").read_text()
+    (stopped / "config.yaml").write_text(text.replace("method: n-lora", "method: inc-lora"))
+    (stopped / "run.json").unlink()  # the recorded digest gone with it
+    before = _snapshot(stopped)
+    code, err = _cli(["resume", str(stopped), "--quiet"], capsys)
+    assert code == 2
+    assert f"cannot resume {stopped}: {stopped / 'run.json'} is missing or unreadable" in err
+    assert _snapshot(stopped) == before
+
+
+def _drop_digests(run_json: Path) -> None:
+    """run.json as a release that recorded no configuration digest wrote it."""
+    record = json.loads(run_json.read_text())
+    for session in record["sessions"]:
+        session.pop("config_digest", None)
+    run_json.write_text(json.dumps(record))
 
 
 # ----------------------------------------------------------------------------------------------- permissions
@@ -224,8 +241,22 @@ def test_a_full_disk_in_safetensors_is_one_error_line(synthetic_dir, tmp_path, c
     code, err = _cli(_run_argv(synthetic_dir, out), capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        f"nlora: error: no space left on device: a file in {out} could not be written; everything written before "
-        f"is complete: free some space, then `nlora resume {out}` continues the run"]
+        f"nlora: error: no space left on device: {out / 'adapters' / '0-harbor' / 'adapter_model.safetensors'} "
+        f"could not be written; everything written before is complete: free some space, then `nlora resume {out}` "
+        "continues the run"]
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file(synthetic_dir, tmp_path, capsys, monkeypatch):
+    def save_file(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(nlora.train.checkpoint, "save_file", save_file)
+    out = tmp_path / "run"
+    code, err = _cli(_run_argv(synthetic_dir, out, "--checkpoint-steps", "1"), capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"nlora: error: no space left on device: {out / 'checkpoint' / 'adapter.safetensors'} could not be "
+        f"written; everything written before is complete: free some space, then `nlora resume {out}` continues "
+        "the run"]
 
 
 # ---------------------------------------------------------------------------------------------------- signals

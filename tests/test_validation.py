@@ -127,6 +127,13 @@ def _symlink_loop(path: Path) -> Path:
     return path
 
 
+def _adapters_linked_outside(ctx) -> Path:
+    """The run with its adapters/ moved out to a folder `elsewhere` and linked back."""
+    shutil.move(ctx.run / "adapters", ctx.tmp / "elsewhere")
+    os.symlink(ctx.tmp / "elsewhere", ctx.run / "adapters")
+    return ctx.run
+
+
 CASES = {
     # data folder and tasks
     "data_dir missing from the config": lambda ctx: (
@@ -139,7 +146,7 @@ CASES = {
                                                          "not a folder"]),
     "unknown task names the folder searched": lambda ctx: (
         ctx.base("--tasks", "harbor,nope"),
-        [f"task 'nope' not found in data folder {ctx.syn}", "available: synthetic/harbor"]),
+        [f"task 'nope' not found in data folder {ctx.syn}", "available: harbor, kitchen, library, orchard"]),
     "task appears twice": _option(["--tasks", "harbor,harbor"], "option 'tasks': a task appears twice"),
     "task name that climbs out": _option(["--tasks", "../../../../x"], "option 'tasks': task name '../../../../x' "
                                          "is not a plain dataset name (it holds a path separator)"),
@@ -180,7 +187,10 @@ CASES = {
         ctx.base("--instructions", str(ctx.tmp / "prompts.json")),
         [f"option 'instructions': file {ctx.tmp / 'prompts.json'} does not exist"]),
     # method and numeric ranges
-    "unknown method": _option(["--method", "ewd"], "option 'method': unknown method 'ewd'; available:", "n-lora"),
+    "unknown method": _option(["--method", "ewd"], "option 'method': unknown method 'ewd' (did you mean 'ewc'?); "
+                              "available:", "n-lora", "--method-module"),
+    "method option not a number": _option(["--lambda", "abc"], "nlora: error: options: key 'lambda' must be a "
+                                          "number, got 'abc'"),
     "lr zero": _option(["--lr", "0"], "option 'lr': must be a positive number, got 0.0"),
     "lr negative": _option(["--lr", "-0.001"], "option 'lr': must be a positive number, got -0.001"),
     "lr infinite": _option(["--lr", "inf"], "option 'lr': must be a positive number, got inf"),
@@ -192,6 +202,7 @@ CASES = {
                                         "option 'lambda_per_task': values must be >= 0", "[0.5, -1.0]"),
     "lambda_per_task wrong length": _option(["--lambda-per-task", "0.1,0.2,0.3"],
                                             "option 'lambda_per_task': has 3 values for 1 tasks"),
+    "seed negative": _option(["--seed", "-1"], "option 'seed': must be >= 0, got -1"),
     "epochs zero": _option(["--epochs", "0"], "option 'epochs': must be >= 1, got 0"),
     "batch_size zero": _option(["--batch-size", "0"], "option 'batch_size': must be >= 1, got 0"),
     "batch_size negative": _option(["--batch-size", "-8"], "option 'batch_size': must be >= 1, got -8"),
@@ -260,6 +271,9 @@ CASES = {
     "resume with a changed config": lambda ctx: (
         ctx.base("--resume", "--lr", "0.5", overwrite=False),
         [f"cannot resume {ctx.run}: the configuration changed (lr: 0.001 in the run, 0.5 now)"]),
+    "overwrite where adapters/ is a link to a folder outside the run": lambda ctx: (
+        ctx.base(out=_adapters_linked_outside(ctx)),
+        [f"output dir {ctx.run}: adapters is a symbolic link to {ctx.tmp / 'elsewhere'}", "--overwrite"]),
     "output dir under a regular file": lambda ctx: (
         ctx.base(overwrite=False, out=ctx.yaml("x: 1\n") / "run"),
         [f"output dir {ctx.tmp / 'run.yaml' / 'run'} cannot be created: {ctx.tmp / 'run.yaml'} is a file, "

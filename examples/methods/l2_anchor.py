@@ -2,12 +2,13 @@
 towards where it stood after the previous task (L2-SP, Li et al., ICML 2018, on a LoRA adapter).
 
     nlora run --method-module examples/methods/l2_anchor.py --method l2-anchor --anchor-lambda 0.1 ...
+
+It uses only nlora's public names (`nlora.__all__`).
 """
 
 from dataclasses import dataclass
 
 import nlora
-from nlora.train.regularization import LossTerm
 
 
 @dataclass
@@ -38,7 +39,7 @@ class L2Anchor(nlora.Method):
         def per_layer(f):
             star = self.anchor[f.layer]
             return ((f.A - star["A"].to(f.A)) ** 2).sum() + ((f.B - star["B"].to(f.B)) ** 2).sum()
-        return [LossTerm("anchor", self.options.anchor_lambda / 2, per_layer)]
+        return [nlora.LossTerm("anchor", self.options.anchor_lambda / 2, per_layer)]
 
     def state_dict(self):  # saved with each task's adapter and in mid-task checkpoints
         return {"anchor": self.anchor}

@@ -1,4 +1,6 @@
-"""The methods: one file each, on the contract of `base.Method`; `registry` holds them by name."""
+"""The built-in methods: one file each, on the contract of `base.Method`; `registry` holds them by name.
+
+Internal to the package: a method author imports what they need from `nlora` (its `__all__`)."""
 
 from .base import Method, MethodContext
 from .registry import (METHODS, get_method, load_methods, option_owner, per_task_pairs, register, resolve,  # noqa: F401

@@ -10,7 +10,8 @@ span(P_B). As in the paper the scaling s is not in the penalty.
 The bases are drawn from (seed, layer name, side) on the CPU in float64 (a Gaussian matrix's QR, signs fixed by
 R's diagonal: a uniformly random orthonormal frame) and regenerated wherever they are needed, by every process and
 on resume, never saved: at k = 512 they would take 604 MB on T5-large. Each process keeps the ones it has built in
-memory.
+memory. Where k reaches a layer's dimension the basis spans the whole space, and the penalty is ‖A‖²_F (or ‖B‖²_F),
+formed without it.
 
 Layout: one shared adapter trained on every task (SeqLoRA + penalty, the paper's continual setting; `clora_base
 seq-lora`), or a new adapter per task with the penalty on the current one (`clora_base inc-lora`)."""
@@ -71,10 +72,16 @@ class CLoRA(Method):
             self._bases[key] = basis.to(like)
         return self._bases[key]
 
+    def _projected_energy(self, layer: str, side: str, X: torch.Tensor) -> torch.Tensor:
+        """‖X P‖²_F for X = A (r × d_in) or Bᵀ (r × d_out). Where k reaches the dimension the basis is a square
+        orthogonal matrix and ‖X P‖_F = ‖X‖_F: no basis and no product (MiniLM's 384 < the default k, 512)."""
+        dim = X.shape[1]
+        if self.options.clora_k >= dim:
+            return X.square().sum()
+        return (X @ self.basis(layer, side, dim, X)).square().sum()
+
     def _layer_penalty(self, f) -> torch.Tensor:
-        P_A = self.basis(f.layer, "A", f.A.shape[1], f.A)
-        P_B = self.basis(f.layer, "B", f.B.shape[0], f.B)
-        return clora_penalty(f.A, f.B, P_A, P_B)
+        return self._projected_energy(f.layer, "A", f.A) + self._projected_energy(f.layer, "B", f.B.T)
 
     def loss_terms(self, k):
         return [LossTerm("clora", self.options.clora_lambda / 2, self._layer_penalty, option="clora_lambda")]

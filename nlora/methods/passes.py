@@ -6,6 +6,9 @@
   equals the one-process pass;
 - `per_example_squared_gradients`: Σ_i (∂ log p(y_i|x_i)/∂θ)² with one example per backward (the diagonal Fisher's
   numerator: squares of batch-mean gradients would mix examples and shrink it by about the batch size);
+- `loss_gradients(ctx, examples, params)`: the gradient of the task loss on given examples (a replay memory's
+  reference gradient), and `task_loss_gradients(ctx, params)` the same on the step being trained: the task loss
+  alone, without the regularisers and the method's own loss that the trained gradients hold;
 - `auxiliary_outputs(ctx, names, batch)`: the objective's outputs with another set of adapters active (a teacher),
   on the same model, no copy, no gradient, dropout off;
 - `rng_state(device)` and `same_dropout_outputs(ctx, names, batch, state)`: the same, dropout as in training, with
@@ -27,6 +30,7 @@ from ..train.engine import evaluation_split
 
 
 def my_share(examples: list, ctx) -> list:
+    """This process's part of `examples` in a pass split over the processes (all of them under FSDP2)."""
     rank, world = evaluation_split(ctx.adapters.model, ctx.accelerator)
     return examples[rank::world]
 
@@ -118,6 +122,42 @@ def per_example_squared_gradients(ctx, examples: list, params: dict[str, torch.T
                     sums[name] += g.detach().float() ** 2
     sum_over_processes(list(sums.values()), ctx)
     return sums, len(examples)
+
+
+def loss_gradients(ctx, examples: list, params: dict[str, torch.Tensor], batch_size: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The gradient, for each of `params` (tensors that require grad), of the task loss on `examples` as training
+    defines it: the mean over all their loss items (answer tokens, or examples for encoders), at the current
+    parameters, with dropout off and the adapters active as they are. Computed in batches of `batch_size` (the
+    run's eval_batch_size) split over the processes and summed, so it is the same for any batch size and process
+    count. Neither the parameters' `.grad` nor the optimizer is touched. A parameter the loss does not reach gets
+    zeros."""
+    model = ctx.adapters.model
+    size = batch_size or ctx.config.eval_batch_size
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    names, tensors = list(params), list(params.values())
+    items = ctx.objective.count_terms(ctx.objective.collate(list(examples))) if examples else 0
+    with eval_mode(model):
+        share = my_share(examples, ctx)
+        for start in range(0, len(share), size):
+            batch = ctx.objective.collate(share[start: start + size])
+            weight = ctx.objective.count_terms(batch) / items  # this batch's part of the mean over every item
+            loss = ctx.objective.forward(model, to_device(batch, ctx.device)).loss * weight
+            for name, g in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                if g is not None:
+                    grads[name] += g.detach().float()
+    sum_over_processes(list(grads.values()), ctx)
+    return grads
+
+
+def task_loss_gradients(ctx, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of the task loss alone on the optimizer step being trained (`ctx.step_examples`: every
+    micro-batch's examples, of every process), at the parameters before the step: call it from
+    `transform_gradients`. The gradients the loop hands that hook hold the task loss plus the loss terms and
+    `batch_loss`; this is the first part only (see `loss_gradients`: dropout off)."""
+    if not ctx.step_examples:
+        raise RuntimeError("task_loss_gradients needs the step's examples: call it from transform_gradients")
+    return loss_gradients(ctx, ctx.step_examples, params)
 
 
 def layer_inputs(ctx, examples: list, layers: dict[str, torch.nn.Module],

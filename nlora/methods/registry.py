@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NloraError
+from ..method_catalog import ENTRY_POINT_GROUP, unknown_method
 from ..options import field_name, option_fields, public_name
 from .base import Method
 
 METHODS: dict[str, type[Method]] = {}
-ENTRY_POINT_GROUP = "nlora.methods"
 _loaded_entry_points = False
 
 
@@ -69,11 +69,17 @@ def import_method_modules(modules: list[str]) -> None:
                 loader = importlib.util.spec_from_file_location(module_name, path)
                 module = importlib.util.module_from_spec(loader)
                 sys.modules[module_name] = module
-                loader.loader.exec_module(module)
+                try:
+                    loader.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]  # half-imported: a later attempt runs it again
+                    raise
             else:
                 importlib.import_module(spec)
-        except NloraError:
-            raise
+        except NloraError as e:
+            if str(e).startswith("option 'method_module'"):
+                raise
+            raise NloraError(f"option 'method_module': {spec}: {e}") from None  # e.g. a name a method has
         except Exception as e:  # the user's code: say which module, keep the cause
             raise NloraError(f"option 'method_module': importing {spec!r} failed: {type(e).__name__}: {e}") from e
 
@@ -85,13 +91,13 @@ def load_entry_points() -> None:
         return
     _loaded_entry_points = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
+        try:  # another package's: when it is broken, the other methods still work
             loaded = ep.load()
+            if isinstance(loaded, type) and issubclass(loaded, Method) and loaded.name not in METHODS:
+                register(loaded)
         except Exception as e:
-            raise NloraError(f"entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP} failed to load: "
-                             f"{type(e).__name__}: {e}") from e
-        if isinstance(loaded, type) and issubclass(loaded, Method) and loaded.name not in METHODS:
-            register(loaded)
+            print(f"nlora: warning: entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP} failed to "
+                  f"load, its methods are not available: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def load_methods(modules: list[str] | None = None) -> dict[str, type[Method]]:
@@ -104,12 +110,12 @@ def load_methods(modules: list[str] | None = None) -> dict[str, type[Method]]:
 def get_method(name: str, modules: list[str] | None = None) -> type[Method]:
     load_methods(modules)
     if name not in METHODS:
-        raise NloraError(f"option 'method': unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise unknown_method(name, list(METHODS))
     return METHODS[name]
 
 
 def split_method_options(method: str, modules: list[str], values: dict[str, Any], lenient: set[str] = frozenset(),
-                         saved_run: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                         saved_run: bool = False, source: str = "options") -> tuple[dict[str, Any], dict[str, Any]]:
     """Split user keys into core keys and the options of `method` (parsed, all of them). A key of another method is an error naming that
     method, unless it is in `lenient` (a preset's) or, in a saved run (`saved_run`), it holds that method's
     default; an unknown key is an error listing the valid ones."""
@@ -136,7 +142,7 @@ def split_method_options(method: str, modules: list[str], values: dict[str, Any]
         valid = sorted(core_keys | mine)
         raise NloraError(f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)} (the "
                          f"core options and method {method!r}'s)")
-    return core, cls.Options.from_dict(options, source="options").to_dict()
+    return core, cls.Options.from_dict(options, source=source).to_dict()
 
 
 def _is_default(method: str, key: str, value: Any) -> bool:

@@ -73,9 +73,9 @@ class SLoRA(Method):
     def before_task(self, k, ctx):
         if k == 0:
             return
+        # never split before: a resumed run's state, loaded after this, is that of an earlier phase (which holds
+        # no α for task k−1) or a checkpoint of this phase, whose α_{k−1} is copied into the one made here
         name = self.adapter_name(k - 1)
-        if name in self.alphas:  # split before (a resumed run's state holds it)
-            return
         factors = ctx.adapters.factors(name)
         self.layers = [f.layer for f in factors]
         base = [self._base_scaling(ctx.adapters, f.layer, name) for f in factors]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NloraError
-from .cells import Cell, cell_config, cell_dir
+from .cells import Cell, cell_config
 from .execute import all_cells, default_study_dir
 from .ledger import Ledger, live_state
 from .spec import Study

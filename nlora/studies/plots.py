@@ -64,6 +64,7 @@ def plot_ap(results: StudyResults):
 
 def plot_sequence(results: StudyResults):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     orders = [o for o in results.study.orders if any(o == k for r in results.rows for k, _ in r.runs)]
     if not orders:
@@ -83,6 +84,7 @@ def plot_sequence(results: StudyResults):
                 curve.append(statistics.fmean(values) if values else math.nan)
             ax.plot(range(1, T + 1), curve, marker="o", markersize=3, label=row.label)
         ax.set_title("the sequence" if order is None else f"order {order}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("tasks learned")
         ax.set_ylabel("mean score on the tasks seen")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -118,11 +120,10 @@ def plot_forgetting(results: StudyResults):
             xs = [j + (k - (n - 1) / 2) * 0.8 / n for j in range(len(tasks))]
             ax.bar(xs, means, width=0.8 / n, label=label)
         ax.set_xticks(range(len(series[0][2])), series[0][2], rotation=30, ha="right", fontsize="small")
-        ax.set_ylabel("forgetting (points)")
+        ax.set_ylabel("best score minus final (points)")
         ax.set_title("the sequence" if order is None else f"order {order}")
         ax.axhline(0, color="black", linewidth=0.6)
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right center", fontsize="small")
-    figure.suptitle(f"{results.study.name}: forgetting per task (best score after training minus final; mean "
-                    "over seeds)")
+    figure.suptitle(f"{results.study.name}: forgetting per task (mean over seeds)")
     return figure

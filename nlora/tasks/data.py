@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import NloraError
+from ..errors import NloraError, did_you_mean
 from ..eval.continual import normalize_answer
 from ..paths import check_plain_name, folder_problem
 from .prompts import REFERENCE_INSTRUCTIONS, PromptSpec, build_prompt, read_instruction_file, reference_instruction
@@ -97,13 +97,18 @@ def find_task_dir(data_dir: str | Path, name: str) -> Path:
     for c in candidates:
         if (c / "labels.json").is_file() or (c / "train.json").is_file():
             return c
+    check_not_a_task_folder(root)
+    available = sorted({p.name for p in [*root.glob("*/*"), *root.glob("*")] if (p / "labels.json").is_file()})
+    raise NloraError(f"task '{name}' not found in data folder {root}{did_you_mean(name, available)}; available: "
+                     f"{', '.join(available) or 'none'}")
+
+
+def check_not_a_task_folder(root: Path) -> None:
+    """An error naming the folder to give when `root`, given as the data folder, is one task's own folder."""
     if (root / "labels.json").is_file() or (root / "train.json").is_file():
         raise NloraError(f"data folder {root} is the folder of one task ({root.name}), not a data folder: give the "
                          f"folder that holds the task family folders, {root.parent.parent} in the CL_Benchmark "
                          f"layout (<data>/{root.parent.name}/{root.name})")
-    available = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
-    available += sorted(p.name for p in root.glob("*") if (p / "labels.json").is_file())
-    raise NloraError(f"task '{name}' not found in data folder {root}; available: {', '.join(available) or 'none'}")
 
 
 def load_instructions(path: str | Path | None, prompt_format: str = "nlora") -> dict[str, str]:

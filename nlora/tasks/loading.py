@@ -23,9 +23,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..errors import NloraError
+from ..errors import NloraError, did_you_mean
 from ..paths import check_plain_name, folder_problem
-from .data import TaskData, load_instructions, load_task
+from .data import TaskData, check_not_a_task_folder, load_instructions, load_task
 from .freetext import load_superni_task, load_trace_task, split_file
 from .prompts import PromptSpec
 from .scoring import require_libraries
@@ -54,13 +54,14 @@ def detect_format(data_dir: str | Path, name: str) -> str:
             return _format_of(train)
     if any((p / name / "train.json").is_file() for p in root.iterdir() if p.is_dir()):
         return "cl_benchmark"  # a classification task's group folder, its labels.json missing: its reader says so
-    classification = sorted(p.parent.name + "/" + p.name for p in root.glob("*/*") if (p / "labels.json").is_file())
-    free_text = sorted(p.parent.name if p.parent != root else p.name for p in root.glob("*/train.json*"))
-    free_text += sorted(f"SuperNI/{p.parent.name}" for p in root.glob("SuperNI/*/train.json*"))
-    available = classification + [t for t in free_text if t not in classification]
-    raise NloraError(f"task '{name}' not found in data folder {root} (no {name}/labels.json of a classification "
-                     f"task, no {name}/train.json or .jsonl of a free-text task); available: "
-                     f"{', '.join(available) or 'none'}")
+    check_not_a_task_folder(root)
+    # what `tasks` accepts: the dataset names, whatever folder (task family, SuperNI/) holds them
+    classification = {p.name for p in root.glob("*/*") if (p / "labels.json").is_file()}
+    free_text = {p.parent.name for p in [*root.glob("*/train.json*"), *root.glob("SuperNI/*/train.json*")]}
+    available = sorted(classification | free_text)
+    raise NloraError(f"task '{name}' not found in data folder {root}{did_you_mean(name, available)} (no "
+                     f"{name}/labels.json of a classification task, no {name}/train.json or .jsonl of a free-text "
+                     f"task); available: {', '.join(available) or 'none'}")
 
 
 def _format_of(path: Path) -> str:

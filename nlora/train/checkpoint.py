@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import NloraError
 from ..faults import fault_point
-from ..io import replace_dir_atomic, staging_dir
+from ..io import naming_the_file, replace_dir_atomic, staging_dir
 from ..method_state import load_state, save_state
 from ..rundir import CHECKPOINT_DIR
 
@@ -36,16 +36,20 @@ def save_checkpoint(run_dir: Path, progress: Progress, params: dict[str, torch.T
                     method_state: dict | None = None) -> Path:
     final = Path(run_dir) / CHECKPOINT_DIR
     tmp = staging_dir(final)
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "adapter.safetensors"))
+    with naming_the_file(final / "adapter.safetensors"):
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "adapter.safetensors"))
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     buffer = io.BytesIO()  # torch.save to a file reports a full disk as an obscure RuntimeError; a write names it
     torch.save(state, buffer)
-    (tmp / "trainer_state.pt").write_bytes(buffer.getvalue())
-    save_state(method_state or {}, tmp)
-    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    with naming_the_file(final / "trainer_state.pt"):
+        (tmp / "trainer_state.pt").write_bytes(buffer.getvalue())
+    with naming_the_file(final):  # the method's state: one or two files
+        save_state(method_state or {}, tmp)
+    with naming_the_file(final / "progress.json"):
+        (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     fault_point("checkpoint_save")
     replace_dir_atomic(tmp, final)
     return final

@@ -158,8 +158,8 @@ def train_task(adapters: ContinualAdapters, objective: Objective, method: Method
                 # the regularisers once per optimizer step: their factors are the same in every micro-batch
                 regularization.enabled = group_first
                 if group_first:
-                    step_terms = objective.count_terms(
-                        objective.collate([e for batch in batches[group_start:group_end] for e in batch]))
+                    ctx.step_examples = [e for batch in batches[group_start:group_end] for e in batch]
+                    step_terms = objective.count_terms(objective.collate(ctx.step_examples))
                 local = shard(batches[b], rank, world)
                 # A process without examples (a short last batch) still runs forward and backward, weighted 0,
                 # so that every process takes part in the gradient all-reduce.

@@ -34,32 +34,23 @@ layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..adapters import LayerFactors
 from ..precision import autocast_off
 
 __all__ = ["LayerFactors", "LossTerm", "Regularization"]
 
 
-@dataclass
-class LayerFactors:
-    """What a term sees of one adapted layer during its forward: the trained adapter's factors (ΔW = scaling ·
-    B @ A) and the A of every other adapter the layer holds (the frozen earlier tasks, one tensor each, or one
-    concatenated "past" adapter where those are folded; Σ_s Σ|A_s A_tᵀ| is the same either way)."""
-    layer: str
-    A: torch.Tensor  # (r, d_in)
-    B: torch.Tensor  # (d_out, r)
-    scaling: float
-    earlier_A: list[torch.Tensor] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class LossTerm:
-    """One regulariser of a phase: `weight · Σ_layers per_layer(layer factors)` is added to the loss. `option`:
-    the method option that sets the weight (named when the term swamps the task loss)."""
+    """One regulariser of a phase (`Method.loss_terms`): `weight · Σ_layers per_layer(factors)` is added to the
+    loss of every optimizer step, `per_layer` getting each adapted layer's `LayerFactors` of the trained adapter
+    inside that layer's forward (so it works unchanged under DDP and FSDP2). `name` labels it in the log; `option`
+    is the method option that sets the weight (named when the term swamps the task loss)."""
     name: str
     weight: float
     per_layer: Callable[[LayerFactors], torch.Tensor]
