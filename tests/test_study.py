@@ -293,10 +293,10 @@ def test_shipped_studies_read_and_plan():
     assert len(dev_cells(cpu)) == 3 + 3 + 4 + 2 and len(table_cells(cpu)) == 13 * 3
 
 
-def test_the_readme_table_of_the_papers_rows_is_the_published_file():
+def test_the_docs_table_of_the_papers_rows_is_the_published_file():
     from nlora.studies.published import markdown_rows
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     for row, standard, long, how in markdown_rows("nlora-table1"):
         line = next(x for x in readme.splitlines() if x.startswith(f"| {row} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
