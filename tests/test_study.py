@@ -69,7 +69,7 @@ def table(study_dir: Path) -> dict:
     ({"baseline": "o-lora"}, "baseline 'o-lora' is not one of the study's methods"),
     ({"select": {"split": "test"}}, "select.split must be dev"),
     ({"select": {"seed": [0]}}, "unknown key 'select.seed' (did you mean 'seeds'?)"),
-    ({"axes": {"lora_rank": [4, 8]}}, "axis 'lora_rank' is not a core run option (did you mean 'lora_r'?)"),
+    ({"axes": {"lora_rank": [4, 8]}}, "axis 'lora_rank' is not a core run option (did you mean 'lora_r' or"),
     ({"seeds": [1, 1]}, "key 'seeds' repeats a value"),
     ({"methods": {"n-lora": {"lambda": [0.1, 0.1]}}}, "option 'lambda' of method 'n-lora' repeats a value"),
 ])

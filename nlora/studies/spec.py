@@ -21,7 +21,6 @@ configuration.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import yaml
 
 from ..config import config_fields, load_yaml_file
-from ..errors import NloraError
+from ..errors import NloraError, did_you_mean
 
 TOP_KEYS = ("name", "output_dir", "base", "methods", "orders", "seeds", "axes", "select", "baseline", "launch")
 SELECT_KEYS = ("tune", "metric", "mode", "seeds", "dev_samples", "train_samples", "per_order", "search", "trials",
@@ -87,10 +86,7 @@ class Study:
     def from_dict(cls, data: Any, source: str = "study") -> "Study":
         if not isinstance(data, dict):
             raise NloraError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
-        unknown = [k for k in data if k not in TOP_KEYS]
-        if unknown:
-            raise NloraError(f"{source}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], TOP_KEYS)}; keys: "
-                             f"{', '.join(TOP_KEYS)}")
+        _check_keys(data, TOP_KEYS, "", source)
         name = data.get("name") or (Path(source).stem if source != "study" else None)
         if not isinstance(name, str) or not name.strip():
             raise NloraError(f"{source}: key 'name' must be a non-empty string")
@@ -186,9 +182,17 @@ def resolve_study_path(path: str | Path) -> Path:
     raise NloraError(f"study file {path} does not exist (nlora's own studies: {', '.join(shipped)})")
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _check_keys(data: dict, keys: tuple[str, ...], prefix: str, source: str) -> None:
+    unknown = [k for k in data if k not in keys]
+    if unknown:
+        raise NloraError(f"{source}: unknown key '{prefix}{unknown[0]}'{did_you_mean(unknown[0], keys)}; keys: "
+                         f"{', '.join(keys)}")
+
+
+def _check_whole(value: Any, least: int, where: str) -> None:
+    """None, or a whole number of at least `least`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise NloraError(f"{where} must be a whole number >= {least}, got {value!r}")
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -238,7 +242,7 @@ def _axes(value: Any, source: str) -> dict[str, list[Any]]:
     for key, values in axes.items():
         name = key.replace("-", "_")
         if name not in core or name in CELL_KEYS:
-            raise NloraError(f"{source}: axis {key!r} is not a core run option{_did_you_mean(name, core)} "
+            raise NloraError(f"{source}: axis {key!r} is not a core run option{did_you_mean(name, sorted(core))} "
                              "(a method's own option goes under its method; seeds, orders and methods have their "
                              "own keys)")
         axes[key] = _values(values)
@@ -247,10 +251,7 @@ def _axes(value: Any, source: str) -> dict[str, list[Any]]:
 
 def _selection(value: Any, source: str) -> Selection:
     data = _mapping(value, f"{source}: key 'select'")
-    unknown = [k for k in data if k not in SELECT_KEYS]
-    if unknown:
-        raise NloraError(f"{source}: unknown key 'select.{unknown[0]}'{_did_you_mean(unknown[0], SELECT_KEYS)}; "
-                         f"keys: {', '.join(SELECT_KEYS)}")
+    _check_keys(data, SELECT_KEYS, "select.", source)
     if data.pop("split", "dev") != "dev":
         raise NloraError(f"{source}: select.split must be dev (carved from train): choosing on test is not "
                          "offered")
@@ -264,14 +265,9 @@ def _selection(value: Any, source: str) -> Selection:
         raise NloraError(f"{source}: select.search must be one of {', '.join(SEARCHES)}, got {select.search!r}")
     if (select.search == "optuna") != (select.trials is not None):
         raise NloraError(f"{source}: select.trials goes with select.search optuna (the points it tries)")
-    if select.trials is not None and (isinstance(select.trials, bool) or not isinstance(select.trials, int)
-                                      or select.trials < 1):
-        raise NloraError(f"{source}: select.trials must be a whole number >= 1, got {select.trials!r}")
     select.seeds = _int_list(select.seeds, f"{source}: select.seeds")
-    for key in ("dev_samples", "train_samples"):
-        n = getattr(select, key)
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise NloraError(f"{source}: select.{key} must be a whole number >= 1, got {n!r}")
+    for key in ("trials", "dev_samples", "train_samples"):
+        _check_whole(getattr(select, key), 1, f"{source}: select.{key}")
     if select.tune is not None:
         select.tune = [str(k) for k in _values(select.tune)]
     return select
@@ -279,15 +275,9 @@ def _selection(value: Any, source: str) -> Selection:
 
 def _launch(value: Any, source: str) -> Launch:
     data = _mapping(value, f"{source}: key 'launch'")
-    unknown = [k for k in data if k not in LAUNCH_KEYS]
-    if unknown:
-        raise NloraError(f"{source}: unknown key 'launch.{unknown[0]}'{_did_you_mean(unknown[0], LAUNCH_KEYS)}; "
-                         f"keys: {', '.join(LAUNCH_KEYS)}")
+    _check_keys(data, LAUNCH_KEYS, "launch.", source)
     launch = Launch(**data)
     for key in LAUNCH_KEYS:
-        n = getattr(launch, key)
-        low = 0 if key == "gpus_per_cell" else 1
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < low):
-            raise NloraError(f"{source}: launch.{key} must be a whole number >= {low}, got {n!r}")
+        _check_whole(getattr(launch, key), 0 if key == "gpus_per_cell" else 1, f"{source}: launch.{key}")
     return launch
 
