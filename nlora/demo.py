@@ -18,7 +18,7 @@ from .analysis.report import write_report
 from .analysis.summary import format_run
 from .config import DEFAULT_MODEL, RunConfig, load_config, load_yaml_file
 from .errors import NloraError
-from .rundir import RESUME_FREE_KEYS
+from .rundir import changed_options
 from .runner import run
 from .studies.compare import mean_sd, paired
 from .tasks.synthetic import TASK_NAMES, TRACE_TASKS, write_synthetic_benchmark, write_synthetic_trace
@@ -39,8 +39,6 @@ DEMO_DEFAULTS = {
     "device": "cpu",
 }
 METRICS = (("AP", "average_accuracy"), ("BWT", "bwt"))
-# Keys config.yaml records as resolved when the model loads: compared with a rerun's only where the rerun sets them.
-RESOLVED_AT_LOAD = {"model_kind": "auto", "dtype": "auto", "attn_implementation": "auto", "target_modules": None}
 
 
 def run_demo(config_path=None, overrides: dict | None = None, progress: bool = True,
@@ -103,18 +101,9 @@ def saved_state(config: RunConfig) -> str:
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     except (NloraError, OSError, ValueError):
         return "new"
-    if not isinstance(metrics, dict) or not _same_configuration(saved, config.to_dict()):
+    if not isinstance(metrics, dict) or changed_options(saved, config.to_dict()):
         return "new"
     return "finished" if metrics.get("complete") else "stopped"
-
-
-def _same_configuration(saved: dict, current: dict) -> bool:
-    for key, value in current.items():
-        if key in RESUME_FREE_KEYS or (key in RESOLVED_AT_LOAD and value == RESOLVED_AT_LOAD[key]):
-            continue
-        if saved.get(key) != value:
-            return False
-    return True
 
 
 def _duration(seconds: float) -> str:

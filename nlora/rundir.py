@@ -55,6 +55,16 @@ RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "adapters", "p
                CHECKPOINT_DIR, "run.json", LOG_FILE, TENSORBOARD_DIR, GENERAL_FILE)
 # Keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = ("overwrite", "output_dir", "log_steps", "report_to")
+# Options a run resolves when it loads the model, from these values: config.yaml records what they resolved to.
+RESOLVED_AT_LOAD = {"model_kind": "auto", "dtype": "auto", "attn_implementation": "auto", "target_modules": None}
+
+
+def changed_options(saved: dict, current: dict) -> list[str]:
+    """The options of `current` that a run's config.yaml (`saved`) holds otherwise, less those free to differ on
+    resume and those `current` leaves for the run to resolve at load."""
+    return sorted(k for k, v in current.items()
+                  if k not in RESUME_FREE_KEYS and not (k in RESOLVED_AT_LOAD and v == RESOLVED_AT_LOAD[k])
+                  and saved.get(k) != v)
 
 
 class RunPaths:

@@ -20,7 +20,8 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, `|` in a cell escaped."""
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -52,7 +53,7 @@ def report_markdown(runs: list[RunData]) -> str:
     title = runs[0].label if len(runs) == 1 else " vs ".join(r.label for r in runs)
     eps = runs[0].diagnostics["epsilon"]
     parts = [f"# Report: {title}", ""]
-    parts += [_table(["run", "method", "model", "seed", "tasks", "phases completed", "directory"],
+    parts += [markdown_table(["run", "method", "model", "seed", "tasks", "phases completed", "directory"],
                      [[r.label, r.metrics.get("method"), r.metrics.get("model"), r.metrics.get("seed"),
                        ", ".join(r.tasks), f"{len(r.metrics.get('phases_completed', []))}/"
                        f"{len(r.metrics.get('phases', r.tasks))}", str(r.path.resolve())] for r in runs]), ""]
@@ -66,14 +67,14 @@ def report_markdown(runs: list[RunData]) -> str:
               "FWT = mean over j > 1 of R[j−1][j] − the base model's score on j (needs `eval_future`); "
               "forgetting = mean over j < T of the drop from task j's best score to its final one.", ""]
     parts += scoring_notes(runs)
-    parts += [_table(["run"] + [c for c, _ in METRIC_COLUMNS],
+    parts += [markdown_table(["run"] + [c for c, _ in METRIC_COLUMNS],
                      [[r.label] + [fmt_accuracy(r.metrics.get(k)) for _, k in METRIC_COLUMNS] for r in runs]), ""]
     parts += ["## Accuracy matrices" if exact else "## Score matrices", ""]
     for r in runs:
         R = r.metrics["accuracy_matrix"]
         header = r.tasks if r.exact_match_only else [f"{t} ({m})" for t, m in zip(r.tasks, r.columns)]
         parts += [f"### {r.label}", "",
-                  _table(["after \\ on"] + header,
+                  markdown_table(["after \\ on"] + header,
                          [[t] + [fmt_accuracy(x) for x in row] for t, row in zip(r.tasks, R)]), ""]
     parts += _images("accuracy_matrix.png", "accuracy_over_sequence.png")
 
@@ -91,7 +92,7 @@ def report_markdown(runs: list[RunData]) -> str:
             parts += [f"{r.label} keeps one adapter (snapshot layout): the update of a task is the change of that "
                       "adapter over the task's phase, the first one measured from ΔW = 0; the O-LoRA measure "
                       "(between separate adapters' A matrices) does not apply.", ""]
-    parts += [_table(["run"] + [c for c, _ in DIAGNOSTIC_COLUMNS],
+    parts += [markdown_table(["run"] + [c for c, _ in DIAGNOSTIC_COLUMNS],
                      [[r.label] + [fmt_value(r.diagnostics["summary"].get(k)) for _, k in DIAGNOSTIC_COLUMNS]
                       for r in runs]), ""]
     for r in runs:
@@ -100,10 +101,10 @@ def report_markdown(runs: list[RunData]) -> str:
         if not d["per_task"]:
             parts += ["No adapter saved yet.", ""]
             continue
-        parts += [_table(["task"] + [c for c, _ in TASK_COLUMNS],
+        parts += [markdown_table(["task"] + [c for c, _ in TASK_COLUMNS],
                          [[t["task"]] + [fmt_value(t.get(k)) for _, k in TASK_COLUMNS] for t in d["per_task"]]), ""]
         if d["pairs"]:
-            parts += [_table(["pair"] + [c for c, _ in PAIR_COLUMNS],
+            parts += [markdown_table(["pair"] + [c for c, _ in PAIR_COLUMNS],
                              [[" – ".join(p["tasks"])] + [fmt_value(p.get(k)) for _, k in PAIR_COLUMNS]
                               for p in d["pairs"]]), ""]
         else:
@@ -158,7 +159,7 @@ def training_section(runs: list[RunData]) -> list[str]:
             parts += ["No training logged (no log.jsonl: a run from before training logs, or no task trained "
                       "yet).", ""]
             continue
-        parts += [_table(["task", "steps", "mean task loss", "mean regulariser", "seconds"],
+        parts += [markdown_table(["task", "steps", "mean task loss", "mean regulariser", "seconds"],
                          [[line.get("task"), line.get("steps"), fmt_value(line.get("mean_loss")),
                            fmt_value(line.get("mean_regularizer")), fmt_value(line.get("seconds"))]
                           for line in ends]), ""]
@@ -214,7 +215,7 @@ def general_section(runs: list[RunData]) -> list[str]:
                              f"{scores[b]['score']:.4f}" + (f" ({d:+.4f})" if d is not None else ""))
             cells.append("" if after == "0" else NO_VALUE if delta.get("mean") is None else f"{delta['mean']:+.4f}")
             rows.append(cells)
-        parts += [_table(["after"] + benchmarks + ["ΔG (mean)"], rows), ""]
+        parts += [markdown_table(["after"] + benchmarks + ["ΔG (mean)"], rows), ""]
     if not mixing:
         parts += [f"![General ability along the sequence]({GENERAL_PLOT})", ""]
     return parts

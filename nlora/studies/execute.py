@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 from ..config import load_config
 from ..errors import NloraError
 from ..io import write_yaml_atomic
-from ..rundir import RunPaths, read_metrics
+from ..rundir import RunPaths, changed_options, read_metrics
 from .cells import (Cell, cell_config, cell_digest, cell_dir, choice_groups, dev_cells, dev_data_dir, dev_orders,
                     table_cells, validate_cell)
 from .devsplit import pool_and_dev, write_dev_view
@@ -184,11 +184,7 @@ def _changed_keys(study: Study, cell: Cell, study_dir: Path) -> str:
     saved = RunPaths(cell_dir(study_dir, cell)).config
     if not saved.is_file():
         return ""
-    was = load_config(saved, saved_run=True).to_dict()
-    now = cell_config(study, cell, study_dir).to_dict()
-    keys = sorted(k for k in set(was) | set(now) if k not in ("output_dir", "overwrite", "model_kind", "dtype",
-                                                              "attn_implementation", "target_modules")
-                  and was.get(k) != now.get(k))
+    keys = changed_options(load_config(saved, saved_run=True).to_dict(), cell_config(study, cell, study_dir).to_dict())
     return f" ({', '.join(keys)} differ)" if keys else ""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..analysis.report_markdown import markdown_table
 from ..io import staged_dir, write_json_atomic, write_text_atomic
 from .compare import mean_sd, paired
 from .execute import saved_study
@@ -40,11 +41,6 @@ def fmt(mean_and_sd: tuple[float, float | None] | None) -> str:
 
 def summarize(values: list[float]) -> tuple[float, float | None] | None:
     return mean_sd(values) if values else None
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows])
 
 
 def study_markdown(results: StudyResults, plots: list[str]) -> str:
@@ -82,7 +78,7 @@ def main_table(results: StudyResults) -> str:
         cells += [f"{mine[c].value:.1f} ({mine[c].sure})" if c in mine else NO_VALUE for c in columns]
         cells.append(str(len(row.per_seed("average_accuracy", tuple(orders), study.seeds))))
         rows.append(cells)
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def published_notes(results: StudyResults) -> list[str]:
@@ -120,7 +116,7 @@ def paired_section(results: StudyResults) -> list[str]:
     return [f"Each pair is one order and seed: the row minus {base.label}. The interval is the 95% Student t "
             "interval of the mean difference; where it contains 0 the difference is not separated from the "
             "seeds' spread.", "",
-            table(["row", "metric", "pairs", "signs", "mean difference", "95% interval", "verdict"], rows)]
+            markdown_table(["row", "metric", "pairs", "signs", "mean difference", "95% interval", "verdict"], rows)]
 
 
 def selection_section(results: StudyResults) -> list[str]:
@@ -143,7 +139,7 @@ def selection_section(results: StudyResults) -> list[str]:
             f"task carved from a training pool of {select.train_samples or 'the base run’s training sample'} (the "
             f"test split is never read), seeds {', '.join(map(str, select.seeds))}; the {select.mode} dev "
             f"{select.metric} wins, ties to the higher dev BWT, then to the earlier grid point.", "",
-            table(["method", "order", "values", f"dev {select.metric}", "dev BWT", "seeds", ""], rows)]
+            markdown_table(["method", "order", "values", f"dev {select.metric}", "dev BWT", "seeds", ""], rows)]
 
 
 def task_section(results: StudyResults) -> list[str]:
@@ -163,7 +159,7 @@ def task_section(results: StudyResults) -> list[str]:
         heading = f"Order {order}" if order is not None else "The sequence"
         header = ["row", *(f"{t} ({metrics.get(t, 'exact_match')})" for t in tasks)]
         out += [f"{heading}: each task's score after the last task (its own metric), mean ± sd over seeds.", "",
-                table(header, rows), ""]
+                markdown_table(header, rows), ""]
     return out or ["No test cell has finished yet."]
 
 
